@@ -1,0 +1,12 @@
+//! kuvasz-streamer: change data capture from many PostgreSQL sources into one destination.
+//!
+//! Data flow, one module each: [`config`] → [`source`] (replication, decoding, initial
+//! sync) → [`apply`] (routing, batching, SQL, commit) → progress back to the source.
+//! [`daemon`] supervises the threads.
+
+pub mod apply;
+pub mod change;
+pub mod config;
+pub mod daemon;
+pub mod pg;
+pub mod source;
