@@ -1,1 +1,153 @@
-//! Changes.
+//! The unit of work that flows from a source thread to the writers, and the description
+//! of the table it lands in. Everything here is plain data: no I/O.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::pg::Lsn;
+
+/// Index of a source URL among all URLs of the running map. Cheap to copy into every
+/// change; the supervisor keeps the table from index to name.
+pub type SourceId = usize;
+
+/// The tenant id a URL's rows are tagged with in a target `sid` column.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Sid(pub Arc<str>);
+
+impl Sid {
+    pub fn new(s: &str) -> Sid {
+        Sid(Arc::from(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Sid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One replicated column of a target: shared by source and target by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetColumn {
+    pub name: String,
+    /// The destination column's type as `format_type` prints it; literals are cast to it
+    /// so that set-based statements resolve to the target's own types.
+    pub type_name: String,
+}
+
+/// A destination table as one source relation writes into it. Shared by `Arc` between
+/// all changes of that relation so the writers can batch by pointer identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetTable {
+    pub schema: String,
+    pub name: String,
+    /// The shared columns, in the order `Change::values` carries them.
+    pub columns: Vec<TargetColumn>,
+    /// Indexes into `columns` of the replica identity (empty: whole row identity).
+    pub key: Vec<usize>,
+    /// Set when the target has a `sid` column: written on insert, and every update and
+    /// delete is confined to it.
+    pub sid: Option<Sid>,
+}
+
+impl TargetTable {
+    /// `schema.table` for messages (not quoted; not for SQL).
+    pub fn display(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// A column value as the source sent it, in PostgreSQL text format.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Value {
+    Null,
+    Text(String),
+    /// An unchanged TOASTed value the source did not send: the target keeps its own.
+    Unchanged,
+}
+
+/// What a change does to its key on the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Insert the row, or update it when the key exists (at-least-once replay, anomalies).
+    Insert,
+    /// Update the row found by `old_key` (or by its own key), inserting it when missing.
+    Update,
+    /// Delete the row with `old_key`.
+    Delete,
+    /// Delete every row of this target (of this sid, when the target has one).
+    Truncate,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+            Op::Truncate => "TRUNCATE",
+        })
+    }
+}
+
+/// Where a change stands in the source's history: commit LSN of its transaction and its
+/// index inside it. Unique per source, so a writer can later record what it applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub seq: u32,
+}
+
+/// One row change, mapped onto its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub source: SourceId,
+    pub table: Arc<TargetTable>,
+    pub op: Op,
+    /// New row values aligned with `table.columns` (empty for Delete and Truncate).
+    pub values: Vec<Value>,
+    /// The key that finds the existing row, aligned with `table.key`: set for Delete and
+    /// for an Update that changes its key; None means "the key inside `values`".
+    pub old_key: Option<Vec<Value>>,
+    pub pos: Position,
+    /// Source commit timestamp, microseconds since 2000-01-01 (history mode's `T`).
+    pub commit_time: i64,
+}
+
+impl Change {
+    /// The key values that identify the row this change touches first.
+    pub fn lookup_key(&self) -> Vec<&Value> {
+        match &self.old_key {
+            Some(k) => k.iter().collect(),
+            None => self
+                .table
+                .key
+                .iter()
+                .filter_map(|&i| self.values.get(i))
+                .collect(),
+        }
+    }
+
+    /// The key as text for error reports: `(id)=(42)`.
+    pub fn describe_key(&self) -> String {
+        let names: Vec<&str> = self
+            .table
+            .key
+            .iter()
+            .filter_map(|&i| self.table.columns.get(i).map(|c| c.name.as_str()))
+            .collect();
+        let vals: Vec<String> = self
+            .lookup_key()
+            .iter()
+            .map(|v| match v {
+                Value::Null => "NULL".to_string(),
+                Value::Text(s) => s.clone(),
+                Value::Unchanged => "(unchanged)".to_string(),
+            })
+            .collect();
+        format!("({})=({})", names.join(", "), vals.join(", "))
+    }
+}

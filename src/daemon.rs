@@ -1,1 +1,367 @@
-//! Supervisor.
+//! The supervisor: starts the writer pool and one thread per source, restarts what
+//! fails with backoff, and stops everything cleanly on SIGTERM/SIGINT.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, RecvTimeoutError, Sender};
+use log::{error, info, warn};
+use postgres::NoTls;
+
+use crate::apply::writer::{RejectPolicy, SourceLabel};
+use crate::apply::{Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
+use crate::pg::quote::qualified;
+use crate::source::{self, SourceEnv, SourceSpec, StopFlag, SYNC_STATE_TABLE};
+
+/// Settings the supervisor needs, taken from the service configuration.
+#[derive(Clone)]
+pub struct DaemonSettings {
+    pub app_name: String,
+    pub dest: postgres::Config,
+    pub dest_label: String,
+    pub dest_schema: String,
+    pub num_workers: usize,
+    pub commit_delay: Duration,
+    pub on_error: RejectPolicy,
+    pub sync_rate: f64,
+    pub sync_burst: u64,
+}
+
+/// Signals, shared with the handlers.
+#[derive(Clone, Default)]
+pub struct Signals {
+    pub term: Arc<AtomicBool>,
+    pub hup: Arc<AtomicBool>,
+}
+
+impl Signals {
+    /// Installs SIGTERM/SIGINT (stop) and SIGHUP (reload) handlers.
+    pub fn install() -> std::io::Result<Signals> {
+        let s = Signals::default();
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, s.term.clone())?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, s.hup.clone())?;
+        Ok(s)
+    }
+}
+
+enum Event {
+    Source(usize, Result<(), String>),
+    Writer(usize, Result<(), String>),
+}
+
+/// Capped exponential backoff with a little jitter, so many sources failing together do
+/// not reconnect in lockstep.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+
+    fn new() -> Backoff {
+        Backoff { next: Self::MIN }
+    }
+
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let jitter = Duration::from_millis(u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|t| t.subsec_millis() % 250)
+                .unwrap_or(0),
+        ));
+        d + jitter
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+/// Sleeps up to `d`, returning early when a stop is requested.
+fn sleep_unless(term: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !term.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Creates the daemon's own destination tables when missing.
+fn prepare_destination(s: &DaemonSettings) -> Result<(), String> {
+    let mut client = s
+        .dest
+        .connect(NoTls)
+        .map_err(|e| format!("connect to destination {}: {e}", s.dest_label))?;
+    let mut sql = format!(
+        "CREATE TABLE IF NOT EXISTS {} (slot_name text NOT NULL, source_table text NOT NULL, \
+         target_table text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
+         PRIMARY KEY (slot_name, source_table))",
+        qualified(&s.dest_schema, SYNC_STATE_TABLE)
+    );
+    if s.on_error == RejectPolicy::Deadletter {
+        sql.push_str(&format!(
+            "; CREATE TABLE IF NOT EXISTS {} (sid text, source text, source_table text, lsn pg_lsn, \
+             op text, row jsonb, error text, at timestamptz NOT NULL DEFAULT now())",
+            qualified(&s.dest_schema, "kvsz_deadletter")
+        ));
+    }
+    client
+        .batch_execute(&sql)
+        .map_err(|e| format!("create the daemon's tables on the destination: {e}"))
+}
+
+struct SourceSlot {
+    spec: Arc<SourceSpec>,
+    handle: Option<JoinHandle<()>>,
+    stop: Arc<StopFlag>,
+    started: Instant,
+    restart_at: Option<Instant>,
+    backoff: Backoff,
+}
+
+/// Runs until SIGTERM/SIGINT. Returns Ok after a clean stop.
+pub fn run(
+    settings: &DaemonSettings,
+    sources: Vec<SourceSpec>,
+    signals: &Signals,
+) -> Result<(), String> {
+    let labels: Arc<Vec<SourceLabel>> = Arc::new(
+        sources
+            .iter()
+            .map(|s| SourceLabel {
+                name: s.database.clone(),
+                sid: s.sid.to_string(),
+            })
+            .collect(),
+    );
+    let sources: Vec<Arc<SourceSpec>> = sources.into_iter().map(Arc::new).collect();
+    let mut pool_backoff = Backoff::new();
+    loop {
+        if signals.term.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Err(e) = prepare_destination(settings) {
+            let d = pool_backoff.step();
+            error!("{e}; retrying in {:.0?}", d);
+            sleep_unless(&signals.term, d);
+            continue;
+        }
+        match generation(settings, &sources, &labels, signals) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let d = pool_backoff.step();
+                error!("{e}; restarting all sources and writers in {:.0?}", d);
+                sleep_unless(&signals.term, d);
+            }
+        }
+    }
+}
+
+fn spawn_source(slot: &mut SourceSpecSlotArgs, events: &Sender<Event>) {
+    let spec = slot.spec.clone();
+    let env = slot.env.clone();
+    let tx = events.clone();
+    let id = spec.id;
+    let handle = thread::Builder::new()
+        .name(format!("source-{id}"))
+        .spawn(move || {
+            let r = catch_unwind(AssertUnwindSafe(|| source::run(&spec, &env)));
+            let r = match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("source {}: thread panicked", spec.label())),
+            };
+            let _ = tx.send(Event::Source(id, r));
+        });
+    match handle {
+        Ok(h) => slot.handle = Some(h),
+        Err(e) => {
+            let _ = events.send(Event::Source(id, Err(format!("cannot start thread: {e}"))));
+        }
+    }
+}
+
+/// What spawning one source needs.
+struct SourceSpecSlotArgs {
+    spec: Arc<SourceSpec>,
+    env: SourceEnv,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// One life of the writer pool and its sources. Ok: stopped on request; Err: the pool
+/// failed and everything must start again from the slots' confirmed positions.
+fn generation(
+    settings: &DaemonSettings,
+    sources: &[Arc<SourceSpec>],
+    labels: &Arc<Vec<SourceLabel>>,
+    signals: &Signals,
+) -> Result<(), String> {
+    let n = settings.num_workers.max(1);
+    let progress = Arc::new(Progress::new(sources.len(), n));
+    let (events_tx, events) = unbounded::<Event>();
+    let mut writer_txs = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..n {
+        let (tx, rx) = bounded::<WriterMsg>(QUEUE_DEPTH);
+        writer_txs.push(tx);
+        let ws = WriterSettings {
+            dest: settings.dest.clone(),
+            schema: settings.dest_schema.clone(),
+            commit_delay: settings.commit_delay,
+            on_error: settings.on_error,
+            sources: labels.clone(),
+            progress: progress.clone(),
+        };
+        let etx = events_tx.clone();
+        let h = thread::Builder::new()
+            .name(format!("writer-{i}"))
+            .spawn(move || {
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    Writer::connect(i, ws, rx).and_then(|w| w.run())
+                }));
+                let r = match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("writer {i}: thread panicked")),
+                };
+                let _ = etx.send(Event::Writer(i, r));
+            })
+            .map_err(|e| format!("cannot start writer thread: {e}"))?;
+        writers.push(Some(h));
+    }
+    let router = Router::new(writer_txs.clone());
+    let mut slots: Vec<SourceSlot> = Vec::new();
+    for spec in sources {
+        let stop = Arc::new(StopFlag::default());
+        let mut args = SourceSpecSlotArgs {
+            spec: spec.clone(),
+            env: source_env(settings, &router, &progress, &stop),
+            handle: None,
+        };
+        spawn_source(&mut args, &events_tx);
+        slots.push(SourceSlot {
+            spec: spec.clone(),
+            handle: args.handle,
+            stop,
+            started: Instant::now(),
+            restart_at: None,
+            backoff: Backoff::new(),
+        });
+    }
+    info!("started {} source(s) and {n} writer(s)", sources.len());
+
+    let mut stopping = false;
+    let result = loop {
+        match events.recv_timeout(Duration::from_millis(200)) {
+            Ok(Event::Source(id, r)) => {
+                let slot = &mut slots[id];
+                if let Some(h) = slot.handle.take() {
+                    let _ = h.join();
+                }
+                if !stopping {
+                    match r {
+                        Err(e) => error!("{e}"),
+                        Ok(()) => warn!("source {}: stopped unexpectedly", slot.spec.label()),
+                    }
+                    if slot.started.elapsed() > Duration::from_secs(120) {
+                        slot.backoff.reset();
+                    }
+                    let d = slot.backoff.step();
+                    info!("source {}: restarting in {:.0?}", slot.spec.label(), d);
+                    slot.restart_at = Some(Instant::now() + d);
+                } else if let Err(e) = r {
+                    warn!("{e}");
+                }
+            }
+            Ok(Event::Writer(i, r)) => {
+                if let Some(h) = writers[i].take() {
+                    let _ = h.join();
+                }
+                if !stopping || r.is_err() {
+                    break Err(match r {
+                        Err(e) => e,
+                        Ok(()) => format!("writer {i} stopped unexpectedly"),
+                    });
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break Err("event channel closed".into()),
+        }
+        if signals.hup.swap(false, Ordering::Relaxed) {
+            warn!("SIGHUP: live map reload is not implemented yet; restart the service to apply map changes");
+        }
+        if !stopping && signals.term.load(Ordering::Relaxed) {
+            info!("stopping: committing what was applied and confirming it to the sources");
+            stopping = true;
+            for s in &slots {
+                s.stop.graceful();
+            }
+        }
+        if stopping {
+            if slots.iter().all(|s| s.handle.is_none()) {
+                break Ok(());
+            }
+            continue;
+        }
+        for slot in slots.iter_mut() {
+            if slot.handle.is_none() && slot.restart_at.is_some_and(|t| Instant::now() >= t) {
+                slot.restart_at = None;
+                slot.stop = Arc::new(StopFlag::default());
+                let mut args = SourceSpecSlotArgs {
+                    spec: slot.spec.clone(),
+                    env: source_env(settings, &router, &progress, &slot.stop),
+                    handle: None,
+                };
+                spawn_source(&mut args, &events_tx);
+                slot.handle = args.handle;
+                slot.started = Instant::now();
+            }
+        }
+    };
+
+    // Sources first (graceful ones have confirmed already), then the writers commit.
+    if result.is_err() {
+        for s in &slots {
+            s.stop.abort();
+        }
+    }
+    drop(router);
+    for s in slots.iter_mut() {
+        if let Some(h) = s.handle.take() {
+            let _ = h.join();
+        }
+    }
+    for tx in &writer_txs {
+        let _ = tx.try_send(WriterMsg::Stop);
+    }
+    drop(writer_txs);
+    for h in writers.iter_mut().filter_map(Option::take) {
+        let _ = h.join();
+    }
+    result
+}
+
+fn source_env(
+    settings: &DaemonSettings,
+    router: &Router,
+    progress: &Arc<Progress>,
+    stop: &Arc<StopFlag>,
+) -> SourceEnv {
+    SourceEnv {
+        dest: settings.dest.clone(),
+        dest_schema: settings.dest_schema.clone(),
+        app_name: settings.app_name.clone(),
+        router: router.clone(),
+        progress: progress.clone(),
+        stop: stop.clone(),
+        sync_rate: settings.sync_rate,
+        sync_burst: settings.sync_burst,
+    }
+}

@@ -1,1 +1,157 @@
-//! (to be written)
+//! Catalog queries on ordinary (non-replication) connections: tables, columns, keys,
+//! publications and slots. Knows nothing of the mapping.
+
+use postgres::Client;
+
+use super::Lsn;
+
+/// A column as the catalog describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`: usable as a cast target in SQL.
+    pub type_name: String,
+    /// Part of the replica identity (source) or of the primary key (target).
+    pub is_key: bool,
+}
+
+/// A table and what replication needs to know of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    /// `r` table, `p` partitioned table.
+    pub relkind: char,
+    /// `d` default (primary key), `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    /// Whether UPDATE/DELETE can be published: a primary key for `d`, an index for `i`,
+    /// always for `f`.
+    pub has_identity: bool,
+    /// Columns in attribute order, without dropped and generated ones (which neither
+    /// COPY nor pgoutput carry and which can never be written).
+    pub columns: Vec<Column>,
+}
+
+/// Looks a table up; `Ok(None)` when it does not exist.
+pub fn table_info(
+    client: &mut Client,
+    schema: &str,
+    name: &str,
+) -> Result<Option<TableInfo>, postgres::Error> {
+    let rows = client.query(
+        "SELECT c.oid, c.relkind::text, c.relreplident::text, \
+                CASE c.relreplident \
+                  WHEN 'f' THEN true \
+                  WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                  WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
+                  ELSE false END \
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+        &[&schema, &name],
+    )?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let relkind: String = row.get(1);
+    let ident: String = row.get(2);
+    let has_identity: bool = row.get(3);
+    let ident_char = ident.chars().next().unwrap_or('d');
+    // Key columns: the primary key (default identity), the replica identity index, or
+    // none for FULL (every column is then part of the identity).
+    let cols = client.query(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                COALESCE(a.attnum = ANY ((SELECT i.indkey::int2[] FROM pg_index i \
+                    WHERE i.indrelid = a.attrelid AND \
+                      CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END \
+                    LIMIT 1)), false) \
+           FROM pg_attribute a \
+          WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+            AND a.attgenerated = '' \
+          ORDER BY a.attnum",
+        &[&oid, &ident],
+    )?;
+    let columns = cols
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            type_name: r.get(1),
+            is_key: r.get(2),
+        })
+        .collect();
+    Ok(Some(TableInfo {
+        schema: schema.to_string(),
+        name: name.to_string(),
+        relkind: relkind.chars().next().unwrap_or('r'),
+        replica_identity: ident_char,
+        has_identity,
+        columns,
+    }))
+}
+
+/// `wal_level` of the server.
+pub fn wal_level(client: &mut Client) -> Result<String, postgres::Error> {
+    let row = client.query_one("SELECT current_setting('wal_level')", &[])?;
+    Ok(row.get(0))
+}
+
+/// Whether the session's role may open replication connections.
+pub fn can_replicate(client: &mut Client) -> Result<bool, postgres::Error> {
+    let row = client.query_one(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+        &[],
+    )?;
+    Ok(row.get(0))
+}
+
+/// Whether the publication exists.
+pub fn publication_exists(client: &mut Client, name: &str) -> Result<bool, postgres::Error> {
+    let row = client.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+        &[&name],
+    )?;
+    Ok(row.get(0))
+}
+
+/// The tables a publication names (not its partitions' expansion): `(schema, table)`.
+pub fn publication_tables(
+    client: &mut Client,
+    name: &str,
+) -> Result<Vec<(String, String)>, postgres::Error> {
+    let rows = client.query(
+        "SELECT n.nspname::text, c.relname::text \
+           FROM pg_publication p \
+           JOIN pg_publication_rel pr ON pr.prpubid = p.oid \
+           JOIN pg_class c ON c.oid = pr.prrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+          WHERE p.pubname = $1 ORDER BY 1, 2",
+        &[&name],
+    )?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// A logical slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+}
+
+pub fn slot_info(client: &mut Client, name: &str) -> Result<Option<SlotInfo>, postgres::Error> {
+    let rows = client.query(
+        "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text \
+           FROM pg_replication_slots WHERE slot_name = $1",
+        &[&name],
+    )?;
+    Ok(rows.first().map(|r| {
+        let lsn: Option<String> = r.get(3);
+        SlotInfo {
+            plugin: r.get(0),
+            database: r.get(1),
+            active_pid: r.get(2),
+            confirmed_flush: lsn.and_then(|l| l.parse().ok()),
+        }
+    }))
+}

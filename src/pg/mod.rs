@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod conninfo;
 pub mod lsn;
 pub mod pgoutput;
+pub mod quote;
 pub mod replication;
 
 pub use lsn::Lsn;

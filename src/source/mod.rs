@@ -1,1 +1,184 @@
-//! Source threads.
+//! One thread per source URL: prerequisites, publication and slot lifecycle, initial
+//! sync, and the streaming loop that turns decoded rows into routed Changes.
+
+pub mod mapping;
+pub mod setup;
+pub mod stream;
+pub mod sync;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::apply::{Progress, Router};
+use crate::change::{Sid, SourceId};
+use crate::config::TableMap;
+use crate::pg::conninfo::ConnInfo;
+use crate::pg::pgoutput::DecodeError;
+use crate::pg::replication::PgError;
+use crate::pg::Lsn;
+
+use mapping::MappingError;
+use sync::CopyError;
+
+/// Destination table that records, per slot and source table, whether the initial copy
+/// is done: written in the same transaction as the copy, so a crash mid-copy is redone.
+pub const SYNC_STATE_TABLE: &str = "kvsz_sync_state";
+
+/// One source URL as the map describes it.
+#[derive(Clone, Debug)]
+pub struct SourceSpec {
+    pub id: SourceId,
+    /// The map's `database`: the logical name of a family of same-schema databases.
+    pub database: String,
+    pub sid: Sid,
+    /// Name of both the slot and the publication.
+    pub slot: String,
+    pub conn: ConnInfo,
+    pub tables: Vec<TableMap>,
+}
+
+impl SourceSpec {
+    /// `database/sid`, the name used in every message about this source.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.database, self.sid)
+    }
+}
+
+/// How the supervisor asks a source thread to stop.
+#[derive(Default)]
+pub struct StopFlag(AtomicU8);
+
+impl StopFlag {
+    const RUN: u8 = 0;
+    const GRACEFUL: u8 = 1;
+    const ABORT: u8 = 2;
+
+    /// Stop reading, wait for the writers to commit what was routed, confirm it, exit.
+    pub fn graceful(&self) {
+        let _ = self.0.compare_exchange(
+            Self::RUN,
+            Self::GRACEFUL,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+    /// Exit at once (the writer pool is gone); what was confirmed stays confirmed.
+    pub fn abort(&self) {
+        self.0.store(Self::ABORT, Ordering::Release);
+    }
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire) != Self::RUN
+    }
+    pub fn is_abort(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::ABORT
+    }
+}
+
+/// What a source thread shares with the rest of the daemon.
+#[derive(Clone)]
+pub struct SourceEnv {
+    pub dest: postgres::Config,
+    pub dest_schema: String,
+    pub app_name: String,
+    pub router: Router,
+    pub progress: Arc<Progress>,
+    pub stop: Arc<StopFlag>,
+    pub sync_rate: f64,
+    pub sync_burst: u64,
+}
+
+#[derive(Debug)]
+pub enum SourceError {
+    /// Connecting or talking to the source or destination over SQL.
+    Sql {
+        source: String,
+        context: String,
+        error: postgres::Error,
+    },
+    Replication {
+        source: String,
+        context: String,
+        error: Box<PgError>,
+    },
+    /// The server lacks something the daemon needs; the message says what to change.
+    Prerequisite { source: String, message: String },
+    Sync {
+        source: String,
+        table: String,
+        error: CopyError,
+    },
+    Decode {
+        source: String,
+        lsn: Lsn,
+        error: DecodeError,
+    },
+    Mapping {
+        source: String,
+        table: String,
+        error: MappingError,
+    },
+    /// The writer pool went away under us.
+    PoolClosed { source: String },
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceError::Sql {
+                source,
+                context,
+                error,
+            } => {
+                write!(f, "source {source}: {context}: {error}")?;
+                if let Some(db) = error.as_db_error() {
+                    if let Some(d) = db.detail() {
+                        write!(f, " ({d})")?;
+                    }
+                    if let Some(h) = db.hint() {
+                        write!(f, " (hint: {h})")?;
+                    }
+                }
+                Ok(())
+            }
+            SourceError::Replication {
+                source,
+                context,
+                error,
+            } => write!(f, "source {source}: {context}: {error}"),
+            SourceError::Prerequisite { source, message } => {
+                write!(f, "source {source}: {message}")
+            }
+            SourceError::Sync {
+                source,
+                table,
+                error,
+            } => write!(f, "source {source}: initial sync of {table}: {error}"),
+            SourceError::Decode { source, lsn, error } => {
+                write!(
+                    f,
+                    "source {source}: cannot decode change at LSN {lsn}: {error}"
+                )
+            }
+            SourceError::Mapping {
+                source,
+                table,
+                error,
+            } => write!(f, "source {source}: table {table}: {error}"),
+            SourceError::PoolClosed { source } => {
+                write!(f, "source {source}: writer pool stopped")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+/// Runs one source until stopped or failed: set-up (with initial sync), then streaming.
+pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
+    let start = setup::prepare(spec, env)?;
+    if env.stop.is_set() {
+        return Ok(());
+    }
+    stream::stream(spec, env, start)
+}

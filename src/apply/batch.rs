@@ -1,0 +1,199 @@
+//! Grouping a writer's queue into runs that one statement can apply (pure logic).
+//!
+//! A run holds consecutive changes of one target, one kind and one column shape, with
+//! no key twice: then the changes commute and a single set-based statement applies them
+//! all, while every key still sees its changes in source order.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::change::{Change, Op, TargetTable, Value};
+
+/// Most changes one statement carries; keeps statements a few MB at most.
+pub const MAX_RUN: usize = 1000;
+
+/// How a run is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// INSERTs, applied as insert-or-update (anomaly: the key already existed).
+    Insert,
+    /// UPDATEs that carry the whole row, applied as update-or-insert (anomaly: missing).
+    Update,
+    /// DELETEs by key (anomaly: missing).
+    Delete,
+    /// An UPDATE with unchanged TOAST values: only the sent columns, by its old key.
+    InPlace,
+    /// All rows of the target for this source.
+    Truncate,
+}
+
+impl Kind {
+    /// Whether several changes of this kind can share one statement.
+    fn batches(self) -> bool {
+        matches!(self, Kind::Insert | Kind::Update | Kind::Delete)
+    }
+}
+
+/// The kind of a change and the columns its statement writes.
+pub fn classify(c: &Change) -> (Kind, Vec<usize>) {
+    let present = || -> Vec<usize> {
+        c.values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !matches!(v, Value::Unchanged))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    match c.op {
+        Op::Insert => (Kind::Insert, present()),
+        Op::Update => {
+            let cols = present();
+            if cols.len() == c.values.len() && c.old_key.is_none() {
+                (Kind::Update, cols)
+            } else {
+                (Kind::InPlace, cols)
+            }
+        }
+        Op::Delete => (Kind::Delete, Vec::new()),
+        Op::Truncate => (Kind::Truncate, Vec::new()),
+    }
+}
+
+/// A fingerprint of the key a change touches; a collision only ends a run early.
+fn key_hash(c: &Change) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for v in c.lookup_key() {
+        v.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Changes that one statement will apply.
+#[derive(Debug)]
+pub struct Run {
+    pub table: Arc<TargetTable>,
+    pub kind: Kind,
+    pub cols: Vec<usize>,
+    pub changes: Vec<Change>,
+    keys: HashSet<u64>,
+}
+
+impl Run {
+    pub fn new(c: Change, kind: Kind, cols: Vec<usize>) -> Run {
+        let mut keys = HashSet::new();
+        keys.insert(key_hash(&c));
+        Run {
+            table: c.table.clone(),
+            kind,
+            cols,
+            changes: vec![c],
+            keys,
+        }
+    }
+
+    /// Adds the change if it fits this run; gives it back otherwise.
+    pub fn try_push(&mut self, c: Change, kind: Kind, cols: &[usize]) -> Result<(), Change> {
+        if !kind.batches()
+            || kind != self.kind
+            || self.changes.len() >= MAX_RUN
+            || !Arc::ptr_eq(&c.table, &self.table)
+            || cols != self.cols.as_slice()
+        {
+            return Err(c);
+        }
+        if !self.keys.insert(key_hash(&c)) {
+            return Err(c);
+        }
+        self.changes.push(c);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.changes.len() >= MAX_RUN || !self.kind.batches()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Position, TargetColumn};
+
+    fn table() -> Arc<TargetTable> {
+        Arc::new(TargetTable {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![
+                TargetColumn {
+                    name: "id".into(),
+                    type_name: "integer".into(),
+                },
+                TargetColumn {
+                    name: "v".into(),
+                    type_name: "text".into(),
+                },
+            ],
+            key: vec![0],
+            sid: None,
+        })
+    }
+
+    fn ins(t: &Arc<TargetTable>, id: &str, v: Value) -> Change {
+        Change {
+            source: 0,
+            table: t.clone(),
+            op: Op::Insert,
+            values: vec![Value::Text(id.into()), v],
+            old_key: None,
+            pos: Position::default(),
+            commit_time: 0,
+        }
+    }
+
+    fn push(run: &mut Run, c: Change) -> bool {
+        let (k, cols) = classify(&c);
+        run.try_push(c, k, &cols).is_ok()
+    }
+
+    #[test]
+    fn same_shape_batches_until_a_key_repeats() {
+        let t = table();
+        let first = ins(&t, "1", Value::Null);
+        let (k, cols) = classify(&first);
+        let mut run = Run::new(first, k, cols);
+        assert!(push(&mut run, ins(&t, "2", Value::Text("x".into()))));
+        assert!(!push(&mut run, ins(&t, "1", Value::Null)), "key 1 twice");
+        assert_eq!(run.len(), 2);
+    }
+
+    #[test]
+    fn other_kind_or_table_ends_the_run() {
+        let t = table();
+        let first = ins(&t, "1", Value::Null);
+        let (k, cols) = classify(&first);
+        let mut run = Run::new(first, k, cols);
+        let mut upd = ins(&t, "2", Value::Null);
+        upd.op = Op::Update;
+        assert!(!push(&mut run, upd));
+        let other = Arc::new((*t).clone());
+        assert!(!push(&mut run, ins(&other, "3", Value::Null)));
+    }
+
+    #[test]
+    fn unchanged_toast_makes_an_in_place_update() {
+        let t = table();
+        let mut c = ins(&t, "1", Value::Unchanged);
+        c.op = Op::Update;
+        assert_eq!(classify(&c), (Kind::InPlace, vec![0]));
+        c.values[1] = Value::Null;
+        assert_eq!(classify(&c), (Kind::Update, vec![0, 1]));
+    }
+}

@@ -1,0 +1,455 @@
+//! One writer thread: applies its queue in destination transactions (group commit) and
+//! acknowledges markers once what preceded them is committed.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use log::{debug, info, warn};
+
+use crate::change::{Change, SourceId, Value};
+use crate::pg::quote::{literal, qualified};
+use crate::pg::Lsn;
+
+use super::batch::{classify, Kind, Run};
+use super::progress::Progress;
+use super::sql;
+use super::WriterMsg;
+
+/// Most changes in one destination transaction; bounds the redo of a failed batch.
+const MAX_TXN: usize = 50_000;
+
+/// What a rejected row does to its source (SPEC §4 `app.on_error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectPolicy {
+    Stop,
+    Deadletter,
+}
+
+/// Names of the sources, indexed by `SourceId`, for reports.
+#[derive(Clone, Debug)]
+pub struct SourceLabel {
+    pub name: String,
+    pub sid: String,
+}
+
+/// Everything a writer needs besides its queue.
+#[derive(Clone)]
+pub struct WriterSettings {
+    pub dest: postgres::Config,
+    pub schema: String,
+    pub commit_delay: Duration,
+    pub on_error: RejectPolicy,
+    pub sources: Arc<Vec<SourceLabel>>,
+    pub progress: Arc<Progress>,
+}
+
+#[derive(Debug)]
+pub enum WriterError {
+    /// The destination could not be reached or dropped the connection.
+    Connection {
+        writer: usize,
+        error: postgres::Error,
+    },
+    /// The destination refused a change and the policy is `stop`.
+    Rejected(Box<Rejection>),
+}
+
+/// A change the destination refused, with everything an operator needs to find it.
+#[derive(Debug)]
+pub struct Rejection {
+    pub writer: usize,
+    pub source: String,
+    pub sid: String,
+    pub table: String,
+    pub key: String,
+    pub op: String,
+    pub lsn: Lsn,
+    pub message: String,
+}
+
+impl fmt::Display for WriterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriterError::Connection { writer, error } => {
+                write!(f, "writer {writer}: destination connection: {error}")
+            }
+            WriterError::Rejected(r) => write!(
+                f,
+                "writer {writer}: destination rejected {op} from source {source} (sid {sid}) \
+                 on {table} key {key} at LSN {lsn}: {message}",
+                writer = r.writer,
+                op = r.op,
+                source = r.source,
+                sid = r.sid,
+                table = r.table,
+                key = r.key,
+                lsn = r.lsn,
+                message = r.message
+            ),
+        }
+    }
+}
+
+impl std::error::Error for WriterError {}
+
+/// Server message with detail, for reports.
+fn db_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{}: {}", db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                m.push_str(&format!(" ({d})"));
+            }
+            m
+        }
+        None => e.to_string(),
+    }
+}
+
+/// A statement error that is about the data (not the connection or the server's state).
+fn is_rejection(e: &postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => false,
+        Some(db) => {
+            let code = db.code().code();
+            // 08: connection, 57: operator intervention, 53: resources, 40: rollback
+            // (serialization, deadlock): all transient, retried by reconnecting.
+            !(code.starts_with("08")
+                || code.starts_with("57")
+                || code.starts_with("53")
+                || code.starts_with("40"))
+        }
+    }
+}
+
+pub struct Writer {
+    id: usize,
+    client: postgres::Client,
+    settings: WriterSettings,
+    rx: Receiver<WriterMsg>,
+    run: Option<Run>,
+    txn_open: bool,
+    txn_started: Instant,
+    txn_changes: usize,
+    markers: Vec<(SourceId, Lsn)>,
+    flushes: Vec<Sender<()>>,
+}
+
+impl Writer {
+    /// Connects to the destination and prepares the session.
+    pub fn connect(
+        id: usize,
+        settings: WriterSettings,
+        rx: Receiver<WriterMsg>,
+    ) -> Result<Writer, WriterError> {
+        let conn = |error| WriterError::Connection { writer: id, error };
+        let mut client = settings.dest.connect(postgres::NoTls).map_err(conn)?;
+        client
+            .batch_execute(
+                "SET standard_conforming_strings = on; SET synchronous_commit = on; \
+                 SET DateStyle = ISO; SET IntervalStyle = postgres",
+            )
+            .map_err(conn)?;
+        // Like PostgreSQL's own apply worker: no triggers, no FK checks on our writes.
+        if let Err(e) = client.batch_execute("SET session_replication_role = replica") {
+            if id == 0 {
+                warn!(
+                    "destination: cannot SET session_replication_role = replica ({}); \
+                     triggers and foreign keys of target tables will fire. Grant it with \
+                     GRANT SET ON PARAMETER session_replication_role TO <role> (PostgreSQL 15+) \
+                     or run as superuser",
+                    db_message(&e)
+                );
+            }
+        }
+        Ok(Writer {
+            id,
+            client,
+            settings,
+            rx,
+            run: None,
+            txn_open: false,
+            txn_started: Instant::now(),
+            txn_changes: 0,
+            markers: Vec::new(),
+            flushes: Vec::new(),
+        })
+    }
+
+    /// Applies the queue until told to stop or until the queue is closed.
+    pub fn run(mut self) -> Result<(), WriterError> {
+        loop {
+            let busy = self.txn_open || self.run.is_some();
+            let msg = if busy {
+                match self.rx.try_recv() {
+                    Ok(m) => m,
+                    // The queue ran dry: commit now (group commit).
+                    Err(TryRecvError::Empty) => {
+                        self.commit()?;
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => return self.commit(),
+                }
+            } else {
+                match self.rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            };
+            match msg {
+                WriterMsg::Change(c) => self.push(c)?,
+                WriterMsg::Marker { source, lsn } => {
+                    if self.txn_open || self.run.is_some() {
+                        self.markers.push((source, lsn));
+                    } else {
+                        self.settings.progress.ack(source, self.id, lsn);
+                    }
+                }
+                WriterMsg::Flush(tx) => {
+                    self.flushes.push(tx);
+                    self.commit()?;
+                }
+                WriterMsg::Stop => return self.commit(),
+            }
+            if self.txn_changes >= MAX_TXN
+                || (self.txn_open && self.txn_started.elapsed() >= self.settings.commit_delay)
+            {
+                self.commit()?;
+            }
+        }
+    }
+
+    fn push(&mut self, c: Change) -> Result<(), WriterError> {
+        let (kind, cols) = classify(&c);
+        let c = match self.run.as_mut() {
+            Some(run) => run.try_push(c, kind, &cols).err(),
+            None => Some(c),
+        };
+        if let Some(c) = c {
+            self.flush_run()?;
+            self.run = Some(Run::new(c, kind, cols));
+        }
+        if self.run.as_ref().is_some_and(|r| r.is_full()) {
+            self.flush_run()?;
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self) -> Result<(), WriterError> {
+        if !self.txn_open {
+            self.client
+                .batch_execute("BEGIN")
+                .map_err(|error| WriterError::Connection {
+                    writer: self.id,
+                    error,
+                })?;
+            self.txn_open = true;
+            self.txn_started = Instant::now();
+            self.txn_changes = 0;
+        }
+        Ok(())
+    }
+
+    /// Applies the pending run inside the open transaction.
+    fn flush_run(&mut self) -> Result<(), WriterError> {
+        let Some(run) = self.run.take() else {
+            return Ok(());
+        };
+        self.begin()?;
+        self.txn_changes += run.len();
+        let refs: Vec<&Change> = run.changes.iter().collect();
+        self.apply(&run, &refs)
+    }
+
+    /// Applies `changes` (a subset of `run`) under a savepoint; on a rejection, halves the
+    /// set until the offending change is alone, applies the rest, and hands that change
+    /// to the policy.
+    fn apply(&mut self, run: &Run, changes: &[&Change]) -> Result<(), WriterError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let table = &run.table;
+        let statement = match run.kind {
+            Kind::Insert | Kind::Update => sql::upsert(table, &run.cols, changes),
+            Kind::Delete => sql::delete(table, changes),
+            Kind::InPlace => sql::update_in_place(table, &run.cols, changes[0]),
+            Kind::Truncate => sql::truncate(table),
+        };
+        let guarded = format!("SAVEPOINT kvsz; {statement}; RELEASE SAVEPOINT kvsz");
+        match self.client.simple_query(&guarded) {
+            Ok(msgs) => {
+                self.count_anomalies(run, changes.len(), &msgs);
+                Ok(())
+            }
+            Err(e) if is_rejection(&e) => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
+                    .map_err(|error| WriterError::Connection {
+                        writer: self.id,
+                        error,
+                    })?;
+                if changes.len() == 1 {
+                    return self.reject(changes[0], &e);
+                }
+                let (a, b) = changes.split_at(changes.len() / 2);
+                self.apply(run, a)?;
+                self.apply(run, b)
+            }
+            Err(error) => Err(WriterError::Connection {
+                writer: self.id,
+                error,
+            }),
+        }
+    }
+
+    /// Logs the anomalies SPEC §4 asks to count: an insert that found its key, an update
+    /// that did not, a delete of a missing key.
+    fn count_anomalies(&self, run: &Run, n: usize, msgs: &[postgres::SimpleQueryMessage]) {
+        use postgres::SimpleQueryMessage as M;
+        let table = run.table.display();
+        match run.kind {
+            Kind::Insert | Kind::Update => {
+                let row = msgs.iter().find_map(|m| match m {
+                    M::Row(r) => Some((
+                        r.get(0).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
+                        r.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
+                    )),
+                    _ => None,
+                });
+                if let Some((updated, inserted)) = row {
+                    if run.kind == Kind::Insert && updated > 0 {
+                        info!("{table}: {updated} inserted row(s) already existed; updated them");
+                    }
+                    if run.kind == Kind::Update && inserted > 0 {
+                        info!("{table}: {inserted} updated row(s) were missing; inserted them");
+                    }
+                }
+            }
+            Kind::Delete => {
+                // CommandComplete of the DELETE is the second of SAVEPOINT; stmt; RELEASE.
+                let counts: Vec<u64> = msgs
+                    .iter()
+                    .filter_map(|m| match m {
+                        M::CommandComplete(k) => Some(*k),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(&deleted) = counts.get(1) {
+                    if (deleted as usize) < n {
+                        info!(
+                            "{table}: {} deleted row(s) were already missing",
+                            n - deleted as usize
+                        );
+                    }
+                }
+            }
+            Kind::InPlace | Kind::Truncate => {}
+        }
+        debug!("writer {}: applied {n} change(s) to {table}", self.id);
+    }
+
+    fn reject(&mut self, c: &Change, e: &postgres::Error) -> Result<(), WriterError> {
+        let label = self
+            .settings
+            .sources
+            .get(c.source)
+            .cloned()
+            .unwrap_or(SourceLabel {
+                name: format!("#{}", c.source),
+                sid: String::new(),
+            });
+        let message = db_message(e);
+        let table = c.table.display();
+        match self.settings.on_error {
+            RejectPolicy::Stop => Err(WriterError::Rejected(Box::new(Rejection {
+                writer: self.id,
+                source: label.name,
+                sid: label.sid,
+                table,
+                key: c.describe_key(),
+                op: c.op.to_string(),
+                lsn: c.pos.commit_lsn,
+                message,
+            }))),
+            RejectPolicy::Deadletter => {
+                warn!(
+                    "destination rejected {} from source {} (sid {}) on {table} key {} at LSN {}: \
+                     {message}; written to kvsz_deadletter",
+                    c.op,
+                    label.name,
+                    label.sid,
+                    c.describe_key(),
+                    c.pos.commit_lsn
+                );
+                let row = row_json(c);
+                let stmt = format!(
+                    "INSERT INTO {} (sid, source, source_table, lsn, op, row, error, at) \
+                     VALUES ({}, {}, {}, {}::pg_lsn, {}, {}, {}, now())",
+                    qualified(&self.settings.schema, "kvsz_deadletter"),
+                    literal(&label.sid),
+                    literal(&label.name),
+                    literal(&table),
+                    literal(&c.pos.commit_lsn.to_string()),
+                    literal(&c.op.to_string()),
+                    row,
+                    literal(&message),
+                );
+                self.client
+                    .batch_execute(&stmt)
+                    .map_err(|error| WriterError::Connection {
+                        writer: self.id,
+                        error,
+                    })
+            }
+        }
+    }
+
+    /// Commits the open transaction, then acknowledges markers and barriers.
+    fn commit(&mut self) -> Result<(), WriterError> {
+        self.flush_run()?;
+        if self.txn_open {
+            self.client
+                .batch_execute("COMMIT")
+                .map_err(|error| WriterError::Connection {
+                    writer: self.id,
+                    error,
+                })?;
+            self.txn_open = false;
+            self.txn_changes = 0;
+        }
+        for (source, lsn) in self.markers.drain(..) {
+            self.settings.progress.ack(source, self.id, lsn);
+        }
+        for tx in self.flushes.drain(..) {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+}
+
+/// The change's row as a `jsonb` expression (column name → text value).
+fn row_json(c: &Change) -> String {
+    let mut names = Vec::new();
+    let mut vals = Vec::new();
+    let (cols, values): (Vec<usize>, Vec<&Value>) = match &c.old_key {
+        Some(k) if c.values.is_empty() => (c.table.key.clone(), k.iter().collect()),
+        _ => ((0..c.values.len()).collect(), c.values.iter().collect()),
+    };
+    for (i, v) in cols.iter().zip(values) {
+        if let Some(col) = c.table.columns.get(*i) {
+            names.push(literal(&col.name));
+            vals.push(match v {
+                Value::Text(s) => literal(s),
+                Value::Null | Value::Unchanged => "NULL".to_string(),
+            });
+        }
+    }
+    format!(
+        "json_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::jsonb",
+        names.join(","),
+        vals.join(",")
+    )
+}

@@ -1,0 +1,242 @@
+//! The command line (SPEC §6). Parsed by hand: the grammar is tiny and the
+//! `--section.param` options are open-ended, which argument crates handle poorly.
+
+use std::path::PathBuf;
+
+use super::error::ConfigError;
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run the daemon in the foreground.
+    Run(Args),
+    /// Validate everything, print a report, exit.
+    Check(Args),
+    Version,
+    Help,
+}
+
+/// The options of `Run` and `Check`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Args {
+    /// `--conf FILE`; `None` means search the default locations.
+    pub conf: Option<PathBuf>,
+    /// `--section.param=value` in command-line order (a later one wins), e.g.
+    /// `("app.num_workers", "4")`. Keys are checked by [`super::Config::load`].
+    pub overrides: Vec<(String, String)>,
+}
+
+/// Parses argv without the program name:
+/// `[check] [--conf FILE] [--section.param=value | --section.param value]...`,
+/// or `--version`/`-V`, `--help`/`-h`.
+pub fn parse_cli(args: impl IntoIterator<Item = String>) -> Result<Command, ConfigError> {
+    let mut it = args.into_iter();
+    let mut check = false;
+    let mut parsed = Args::default();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--help" | "-h" => return Ok(Command::Help),
+            "--version" | "-V" => return Ok(Command::Version),
+            "check" if !check => check = true,
+            _ => {
+                let Some(body) = arg.strip_prefix("--") else {
+                    return Err(usage_error(format!("unexpected argument {arg:?}")));
+                };
+                let (name, inline) = match body.split_once('=') {
+                    Some((name, value)) => (name, Some(value.to_string())),
+                    None => (body, None),
+                };
+                if name != "conf" && !is_key(name) {
+                    return Err(usage_error(format!("unknown option --{name}")));
+                }
+                let value = match inline {
+                    Some(v) => v,
+                    None => next_value(&mut it, name)?,
+                };
+                if name == "conf" {
+                    if parsed.conf.is_some() {
+                        return Err(usage_error("--conf given twice".into()));
+                    }
+                    if value.is_empty() {
+                        return Err(usage_error("--conf needs a file name".into()));
+                    }
+                    parsed.conf = Some(PathBuf::from(value));
+                } else {
+                    parsed.overrides.push((name.to_string(), value));
+                }
+            }
+        }
+    }
+    Ok(if check {
+        Command::Check(parsed)
+    } else {
+        Command::Run(parsed)
+    })
+}
+
+/// `section.param`: two non-empty words of letters, digits and `_`.
+fn is_key(name: &str) -> bool {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    matches!(name.split_once('.'), Some((s, p)) if word(s) && word(p))
+}
+
+/// The value of `--name value`: the next argument, unless it is another option.
+/// (`-1` is a value, so a negative number reaches validation and gets a real message.)
+fn next_value(it: &mut impl Iterator<Item = String>, name: &str) -> Result<String, ConfigError> {
+    match it.next() {
+        Some(v) if !v.starts_with("--") => Ok(v),
+        _ => Err(usage_error(format!("--{name} needs a value"))),
+    }
+}
+
+fn usage_error(message: String) -> ConfigError {
+    ConfigError::Usage(message)
+}
+
+/// The `--help` text.
+pub fn usage() -> &'static str {
+    USAGE
+}
+
+const USAGE: &str = "\
+kuvasz-streamer: change data capture from many PostgreSQL sources into one destination
+
+Usage:
+  kuvasz-streamer [--conf FILE] [--SECTION.PARAM=VALUE ...]
+  kuvasz-streamer check [--conf FILE] [--SECTION.PARAM=VALUE ...]
+  kuvasz-streamer --version | --help
+
+  Without a command the daemon runs in the foreground and logs to stderr.
+  check validates the configuration, the map, both connections, the source
+  prerequisites and the target tables, prints a report, and exits non-zero on
+  any problem.
+
+Options:
+  --conf FILE             configuration file; default: the first that exists of
+                          ./kuvasz-streamer.toml, ./conf/kuvasz-streamer.toml,
+                          /etc/kuvasz/kuvasz-streamer.toml
+  --SECTION.PARAM=VALUE   set one key (also --SECTION.PARAM VALUE); overrides the
+                          environment variable KUVASZ_SECTION_PARAM, which
+                          overrides the file
+  -h, --help              print this help
+  -V, --version           print the version
+
+Keys (default):
+  server.name         name in logs and the destination's application_name (kuvasz-streamer)
+  server.address      HTTP address for /healthz, /readyz, /metrics, /api/status (127.0.0.1:8000)
+  logs.level          error, warn, info, debug or trace (info)
+  logs.format         text or json (text)
+  database.url        destination connection string, postgres://... or key=value (required)
+  database.schema     destination schema of the target tables (public)
+  app.map_file        the mapping file (/etc/kuvasz/map.toml)
+  app.num_workers     writer threads, one destination connection each (2)
+  app.commit_delay    seconds a change may wait before its destination commit (1.0)
+  app.default_schema  source schema of map tables given without one (public)
+  app.sync_rate       initial-sync rows per second, all sources together (1e9)
+  app.sync_burst      rows the initial sync may burst above that rate (1000)
+  app.on_error        a row the destination rejects: stop or deadletter (stop)
+
+Exit status: 0 on success, 2 on a configuration or command-line error.
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+        parse_cli(args.iter().map(|s| s.to_string()))
+    }
+
+    fn run(conf: Option<&str>, overrides: &[(&str, &str)]) -> Command {
+        Command::Run(Args {
+            conf: conf.map(PathBuf::from),
+            overrides: overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn no_arguments_runs_with_defaults() {
+        assert_eq!(parse(&[]).unwrap(), run(None, &[]));
+    }
+
+    #[test]
+    fn conf_and_overrides_in_both_forms() {
+        let c = parse(&[
+            "--conf",
+            "/etc/k.toml",
+            "--app.num_workers=4",
+            "--server.name",
+            "kv",
+            "--app.commit_delay",
+            "-1",
+            "--database.url=postgres://h/d?a=b",
+        ])
+        .unwrap();
+        assert_eq!(
+            c,
+            run(
+                Some("/etc/k.toml"),
+                &[
+                    ("app.num_workers", "4"),
+                    ("server.name", "kv"),
+                    ("app.commit_delay", "-1"),
+                    ("database.url", "postgres://h/d?a=b"),
+                ]
+            )
+        );
+        assert_eq!(parse(&["--conf=x.toml"]).unwrap(), run(Some("x.toml"), &[]));
+    }
+
+    #[test]
+    fn check_command() {
+        let c = parse(&["check", "--conf", "a.toml"]).unwrap();
+        assert_eq!(
+            c,
+            Command::Check(Args {
+                conf: Some("a.toml".into()),
+                overrides: vec![]
+            })
+        );
+        assert!(matches!(
+            parse(&["--conf", "a", "check"]),
+            Ok(Command::Check(_))
+        ));
+        assert!(parse(&["check", "check"]).is_err());
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse(&["--help"]).unwrap(), Command::Help);
+        assert_eq!(parse(&["-h"]).unwrap(), Command::Help);
+        assert_eq!(parse(&["--version"]).unwrap(), Command::Version);
+        assert_eq!(parse(&["check", "-V"]).unwrap(), Command::Version);
+        assert!(usage().contains("--conf"));
+    }
+
+    #[test]
+    fn errors() {
+        for bad in [
+            &["run"][..],
+            &["--conf"],
+            &["--conf", "--app.x=1"],
+            &["--conf", "a", "--conf", "b"],
+            &["--bogus"],
+            &["--app.num_workers"],
+            &["--app."],
+            &["--.x=1"],
+            &["-x"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(matches!(e, ConfigError::Usage(_)), "{bad:?}");
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("--help"), "{e}");
+        }
+    }
+}

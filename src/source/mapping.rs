@@ -1,0 +1,361 @@
+//! Turning a source relation into its target table, and decoded tuples into Changes.
+//! Pure logic: the catalog facts come in as arguments.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::change::{Change, Op, Position, Sid, SourceId, TargetColumn, TargetTable, Value};
+use crate::pg::catalog::Column;
+use crate::pg::pgoutput::{OldTuple, Tuple, TupleValue};
+
+/// Why a source relation cannot be written to its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MappingError {
+    /// A replica identity column has no counterpart on the target.
+    KeyColumnMissing { column: String },
+    /// The source has no replica identity, so updates and deletes cannot be applied.
+    NoKey,
+    /// Source and target share no column at all.
+    NoSharedColumns,
+    /// A tuple did not have as many columns as its relation.
+    TupleShape { expected: usize, found: usize },
+}
+
+impl fmt::Display for MappingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MappingError::KeyColumnMissing { column } => write!(
+                f,
+                "replica identity column {column:?} does not exist on the target table"
+            ),
+            MappingError::NoKey => f.write_str(
+                "the source table has no replica identity (primary key, REPLICA IDENTITY \
+                 USING INDEX or FULL)",
+            ),
+            MappingError::NoSharedColumns => {
+                f.write_str("source and target tables have no column name in common")
+            }
+            MappingError::TupleShape { expected, found } => {
+                write!(f, "tuple has {found} columns, relation has {expected}")
+            }
+        }
+    }
+}
+
+/// How the columns of one source relation land in one target table.
+#[derive(Debug, Clone)]
+pub struct RelationMap {
+    pub table: Arc<TargetTable>,
+    /// For each target column of `table.columns`, its index in the source relation.
+    pub source_index: Vec<usize>,
+    /// Number of columns of the source relation (tuples must have that many).
+    pub source_width: usize,
+}
+
+/// Builds the mapping from the source relation's columns (`is_key` = part of the
+/// replica identity) and the target's columns. The shared columns keep the source's
+/// order; a target `sid` column is ours and never copied from the source.
+pub fn map_relation(
+    source: &[Column],
+    target_schema: &str,
+    target_name: &str,
+    target: &[Column],
+    sid: &Sid,
+) -> Result<RelationMap, MappingError> {
+    let has_sid = target.iter().any(|c| c.name == "sid");
+    let mut columns = Vec::new();
+    let mut source_index = Vec::new();
+    let mut key = Vec::new();
+    for (i, sc) in source.iter().enumerate() {
+        if has_sid && sc.name == "sid" {
+            continue;
+        }
+        match target.iter().find(|t| t.name == sc.name) {
+            Some(tc) => {
+                if sc.is_key {
+                    key.push(columns.len());
+                }
+                columns.push(TargetColumn {
+                    name: tc.name.clone(),
+                    type_name: tc.type_name.clone(),
+                });
+                source_index.push(i);
+            }
+            None if sc.is_key => {
+                return Err(MappingError::KeyColumnMissing {
+                    column: sc.name.clone(),
+                })
+            }
+            None => {}
+        }
+    }
+    if columns.is_empty() {
+        return Err(MappingError::NoSharedColumns);
+    }
+    if key.is_empty() {
+        return Err(MappingError::NoKey);
+    }
+    Ok(RelationMap {
+        table: Arc::new(TargetTable {
+            schema: target_schema.to_string(),
+            name: target_name.to_string(),
+            columns,
+            key,
+            sid: has_sid.then(|| sid.clone()),
+        }),
+        source_index,
+        source_width: source.len(),
+    })
+}
+
+fn value(v: &TupleValue) -> Value {
+    match v {
+        TupleValue::Null => Value::Null,
+        TupleValue::Unchanged => Value::Unchanged,
+        TupleValue::Text(s) => Value::Text(s.clone()),
+        // We never ask for binary; if it came anyway, hex is what bytea's text form is.
+        TupleValue::Binary(b) => {
+            let mut s = String::with_capacity(2 + b.len() * 2);
+            s.push_str("\\x");
+            for byte in b {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            Value::Text(s)
+        }
+    }
+}
+
+impl RelationMap {
+    fn check(&self, t: &Tuple) -> Result<(), MappingError> {
+        if t.0.len() != self.source_width {
+            return Err(MappingError::TupleShape {
+                expected: self.source_width,
+                found: t.0.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn row(&self, t: &Tuple) -> Vec<Value> {
+        self.source_index.iter().map(|&i| value(&t.0[i])).collect()
+    }
+
+    fn key_of(&self, t: &Tuple) -> Vec<Value> {
+        self.table
+            .key
+            .iter()
+            .map(|&k| value(&t.0[self.source_index[k]]))
+            .collect()
+    }
+
+    fn change(&self, source: SourceId, op: Op, pos: Position, commit_time: i64) -> Change {
+        Change {
+            source,
+            table: self.table.clone(),
+            op,
+            values: Vec::new(),
+            old_key: None,
+            pos,
+            commit_time,
+        }
+    }
+
+    pub fn insert(
+        &self,
+        source: SourceId,
+        new: &Tuple,
+        pos: Position,
+        commit_time: i64,
+    ) -> Result<Change, MappingError> {
+        self.check(new)?;
+        let mut c = self.change(source, Op::Insert, pos, commit_time);
+        c.values = self.row(new);
+        Ok(c)
+    }
+
+    /// An UPDATE. When it moves the row to a new key and carries the whole row, it
+    /// becomes a DELETE of the old key and an INSERT of the new row: two independent keys,
+    /// each routed to its own writer, so per-key order holds on both.
+    pub fn update(
+        &self,
+        source: SourceId,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+        pos: Position,
+        commit_time: i64,
+    ) -> Result<Vec<Change>, MappingError> {
+        self.check(new)?;
+        let values = self.row(new);
+        let old_key = match old {
+            Some(o) => {
+                self.check(&o.tuple)?;
+                let k = self.key_of(&o.tuple);
+                let new_key: Vec<Value> =
+                    self.table.key.iter().map(|&i| values[i].clone()).collect();
+                (k != new_key).then_some(k)
+            }
+            None => None,
+        };
+        let complete = !values.iter().any(|v| matches!(v, Value::Unchanged));
+        match old_key {
+            Some(k) if complete => {
+                let mut del = self.change(source, Op::Delete, pos, commit_time);
+                del.old_key = Some(k);
+                let mut ins = self.change(source, Op::Insert, pos, commit_time);
+                ins.values = values;
+                Ok(vec![del, ins])
+            }
+            old_key => {
+                let mut c = self.change(source, Op::Update, pos, commit_time);
+                c.values = values;
+                c.old_key = old_key;
+                Ok(vec![c])
+            }
+        }
+    }
+
+    pub fn delete(
+        &self,
+        source: SourceId,
+        old: &OldTuple,
+        pos: Position,
+        commit_time: i64,
+    ) -> Result<Change, MappingError> {
+        self.check(&old.tuple)?;
+        let mut c = self.change(source, Op::Delete, pos, commit_time);
+        c.old_key = Some(self.key_of(&old.tuple));
+        Ok(c)
+    }
+
+    pub fn truncate(&self, source: SourceId, pos: Position, commit_time: i64) -> Change {
+        self.change(source, Op::Truncate, pos, commit_time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::pgoutput::OldKind;
+
+    fn col(name: &str, key: bool) -> Column {
+        Column {
+            name: name.into(),
+            type_name: "text".into(),
+            is_key: key,
+        }
+    }
+
+    fn t(vals: &[Option<&str>]) -> Tuple {
+        Tuple(
+            vals.iter()
+                .map(|v| match v {
+                    Some(s) => TupleValue::Text(s.to_string()),
+                    None => TupleValue::Null,
+                })
+                .collect(),
+        )
+    }
+
+    fn txt(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    #[test]
+    fn shared_columns_in_source_order_and_sid() {
+        let src = [
+            col("id", true),
+            col("extra", false),
+            col("name", false),
+            col("sid", false),
+        ];
+        let dst = [
+            col("name", false),
+            col("id", true),
+            col("sid", false),
+            col("added", false),
+        ];
+        let m = map_relation(&src, "public", "t", &dst, &Sid::new("s1")).unwrap();
+        let names: Vec<&str> = m.table.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "name"]);
+        assert_eq!(m.source_index, [0, 2]);
+        assert_eq!(m.table.key, [0]);
+        assert_eq!(m.table.sid, Some(Sid::new("s1")));
+        let c = m
+            .insert(
+                3,
+                &t(&[Some("1"), Some("x"), Some("n"), Some("zz")]),
+                Position::default(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(c.values, [txt("1"), txt("n")]);
+        assert_eq!(c.source, 3);
+    }
+
+    #[test]
+    fn key_missing_on_target_is_an_error() {
+        let src = [col("id", true), col("v", false)];
+        let dst = [col("v", false)];
+        assert_eq!(
+            map_relation(&src, "s", "t", &dst, &Sid::new("a")).unwrap_err(),
+            MappingError::KeyColumnMissing {
+                column: "id".into()
+            }
+        );
+        let nokey = [col("id", false), col("v", false)];
+        assert_eq!(
+            map_relation(&nokey, "s", "t", &src, &Sid::new("a")).unwrap_err(),
+            MappingError::NoKey
+        );
+    }
+
+    #[test]
+    fn key_change_splits_into_delete_and_insert() {
+        let src = [col("id", true), col("v", false)];
+        let m = map_relation(&src, "s", "t", &src, &Sid::new("a")).unwrap();
+        let old = OldTuple {
+            kind: OldKind::Key,
+            tuple: t(&[Some("1"), None]),
+        };
+        let out = m
+            .update(
+                0,
+                Some(&old),
+                &t(&[Some("2"), Some("v")]),
+                Position::default(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].op, Op::Delete);
+        assert_eq!(out[0].old_key, Some(vec![txt("1")]));
+        assert_eq!(out[1].op, Op::Insert);
+        assert_eq!(out[1].values, [txt("2"), txt("v")]);
+        // Same key in the old tuple (REPLICA IDENTITY FULL sends it always): plain update.
+        let same = OldTuple {
+            kind: OldKind::Full,
+            tuple: t(&[Some("2"), Some("old")]),
+        };
+        let out = m
+            .update(
+                0,
+                Some(&same),
+                &t(&[Some("2"), Some("v")]),
+                Position::default(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].op, Op::Update);
+        assert_eq!(out[0].old_key, None);
+    }
+
+    #[test]
+    fn wrong_tuple_width_is_an_error() {
+        let src = [col("id", true), col("v", false)];
+        let m = map_relation(&src, "s", "t", &src, &Sid::new("a")).unwrap();
+        assert!(m
+            .insert(0, &t(&[Some("1")]), Position::default(), 0)
+            .is_err());
+    }
+}

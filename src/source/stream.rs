@@ -1,0 +1,409 @@
+//! The streaming loop: decode pgoutput, map rows onto targets, route them to writers,
+//! and confirm to the slot what every writer has committed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use postgres::Client;
+
+use crate::apply::route::PoolClosed;
+use crate::change::{Change, Position};
+use crate::config::{Mode, TableMap};
+use crate::pg::catalog::{self, Column};
+use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
+use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
+use crate::pg::Lsn;
+
+use super::mapping::{map_relation, RelationMap};
+use super::setup::{connect_dest, StartPoint};
+use super::{SourceEnv, SourceError, SourceSpec};
+
+/// How often routed progress is announced to the writers.
+const MARK_EVERY: Duration = Duration::from_millis(100);
+/// Standby status at least this often, so the server never times us out.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How long a graceful stop waits for the writers to commit what was routed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A relation of the stream and where it lands (None: not mapped, its rows are skipped).
+struct Mapped {
+    map: RelationMap,
+    mode: Mode,
+    source_name: String,
+}
+
+struct Streamer<'a> {
+    spec: &'a SourceSpec,
+    env: &'a SourceEnv,
+    repl: ReplicationConnection,
+    dest: Client,
+    decoder: Decoder,
+    relations: HashMap<u32, Option<Mapped>>,
+    in_txn: bool,
+    txn_lsn: Lsn,
+    txn_time: i64,
+    seq: u32,
+    /// Highest WAL position received.
+    received: Lsn,
+    /// Everything before this position has been routed.
+    routed: Lsn,
+    /// Last position announced to the writers.
+    marked: Lsn,
+    /// Last position confirmed to the slot.
+    confirmed: Lsn,
+    last_mark: Instant,
+    last_status: Instant,
+}
+
+pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<(), SourceError> {
+    let StartPoint {
+        mut repl,
+        start,
+        server_version,
+    } = start;
+    let proto = if server_version >= 140000 { 2 } else { 1 };
+    repl.start_replication(&spec.slot, start, &spec.slot, proto, false)
+        .map_err(|error| SourceError::Replication {
+            source: spec.label(),
+            context: format!("start replication from slot {}", spec.slot),
+            error: Box::new(error),
+        })?;
+    info!(
+        "source {}: streaming from slot {} at {start}",
+        spec.label(),
+        spec.slot
+    );
+    let dest = connect_dest(spec, env)?;
+    let s = Streamer {
+        spec,
+        env,
+        repl,
+        dest,
+        decoder: Decoder::new(),
+        relations: HashMap::new(),
+        in_txn: false,
+        txn_lsn: Lsn::ZERO,
+        txn_time: 0,
+        seq: 0,
+        received: start,
+        routed: start,
+        marked: start,
+        confirmed: start,
+        last_mark: Instant::now(),
+        last_status: Instant::now(),
+    };
+    s.run()
+}
+
+impl Streamer<'_> {
+    fn label(&self) -> String {
+        self.spec.label()
+    }
+
+    fn repl_err(
+        &self,
+        context: &str,
+    ) -> impl FnOnce(crate::pg::replication::PgError) -> SourceError {
+        let source = self.label();
+        let context = context.to_string();
+        move |error| SourceError::Replication {
+            source,
+            context,
+            error: Box::new(error),
+        }
+    }
+
+    fn closed(&self) -> impl FnOnce(PoolClosed) -> SourceError {
+        let source = self.label();
+        move |_| SourceError::PoolClosed { source }
+    }
+
+    fn run(mut self) -> Result<(), SourceError> {
+        loop {
+            if self.env.stop.is_abort() {
+                return Ok(());
+            }
+            if self.env.stop.is_set() {
+                return self.drain();
+            }
+            match self
+                .repl
+                .recv(Duration::from_millis(100))
+                .map_err(self.repl_err("receive"))?
+            {
+                Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
+                    self.received = self.received.max(wal_end);
+                    let msg = self
+                        .decoder
+                        .decode(&data)
+                        .map_err(|error| SourceError::Decode {
+                            source: self.label(),
+                            lsn: wal_end,
+                            error,
+                        })?;
+                    self.handle(msg)?;
+                }
+                Some(ReplicationMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                }) => {
+                    self.received = self.received.max(wal_end);
+                    // Between transactions everything up to the server's position has been
+                    // received, so a quiet publication does not pin WAL.
+                    if !self.in_txn {
+                        self.routed = self.routed.max(wal_end);
+                    }
+                    if reply_requested {
+                        self.send_status(true)?;
+                    }
+                }
+                None => {}
+            }
+            self.mark(false)?;
+            self.send_status(false)?;
+        }
+    }
+
+    /// Announces routed progress to the writers (at most every MARK_EVERY).
+    fn mark(&mut self, now: bool) -> Result<(), SourceError> {
+        if self.routed > self.marked && (now || self.last_mark.elapsed() >= MARK_EVERY) {
+            self.env
+                .router
+                .mark(self.spec.id, self.routed)
+                .map_err(self.closed())?;
+            self.marked = self.routed;
+            self.last_mark = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Confirms to the slot what every writer has committed.
+    fn send_status(&mut self, force: bool) -> Result<(), SourceError> {
+        let ok = self.env.progress.confirmable(self.spec.id).min(self.routed);
+        let advanced = ok > self.confirmed;
+        if advanced {
+            self.confirmed = ok;
+        }
+        if force || advanced || self.last_status.elapsed() >= STATUS_EVERY {
+            self.repl
+                .send_standby_status(self.received, self.confirmed, self.confirmed, false)
+                .map_err(self.repl_err("send standby status"))?;
+            self.last_status = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Graceful stop: wait until the writers committed what was routed, confirm it.
+    fn drain(mut self) -> Result<(), SourceError> {
+        self.mark(true)?;
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.env.progress.confirmable(self.spec.id) < self.routed
+            && Instant::now() < deadline
+            && !self.env.stop.is_abort()
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.send_status(true)?;
+        info!(
+            "source {}: stopped; confirmed {} to slot {}",
+            self.label(),
+            self.confirmed,
+            self.spec.slot
+        );
+        let _ = self.repl.finish();
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: PgOutput) -> Result<(), SourceError> {
+        match msg {
+            PgOutput::Begin {
+                final_lsn,
+                commit_time,
+                ..
+            } => {
+                self.in_txn = true;
+                self.txn_lsn = final_lsn;
+                self.txn_time = commit_time;
+                self.seq = 0;
+            }
+            PgOutput::Commit { end_lsn, .. } => {
+                self.in_txn = false;
+                self.routed = self.routed.max(end_lsn);
+            }
+            PgOutput::Relation(rel) => self.relation(rel)?,
+            PgOutput::Insert { rel, new } => {
+                let pos = self.pos();
+                if let Some(m) = self.mapped(rel)? {
+                    let c = m
+                        .map
+                        .insert(self.spec.id, &new, pos, self.txn_time)
+                        .map_err(|e| self.mapping_error(rel, e))?;
+                    self.route(c)?;
+                }
+            }
+            PgOutput::Update { rel, old, new } => {
+                let pos = self.pos();
+                if let Some(m) = self.mapped(rel)? {
+                    let changes = m
+                        .map
+                        .update(self.spec.id, old.as_ref(), &new, pos, self.txn_time)
+                        .map_err(|e| self.mapping_error(rel, e))?;
+                    for c in changes {
+                        self.route(c)?;
+                    }
+                }
+            }
+            PgOutput::Delete { rel, old } => {
+                let pos = self.pos();
+                if let Some(m) = self.mapped(rel)? {
+                    if m.mode == Mode::Append {
+                        return Ok(());
+                    }
+                    let c = m
+                        .map
+                        .delete(self.spec.id, &old, pos, self.txn_time)
+                        .map_err(|e| self.mapping_error(rel, e))?;
+                    self.route(c)?;
+                }
+            }
+            PgOutput::Truncate { rels, .. } => {
+                for rel in rels {
+                    let pos = self.pos();
+                    let Some(m) = self.mapped(rel)? else { continue };
+                    if m.mode != Mode::Clone {
+                        debug!("{}: TRUNCATE ignored ({:?} mode)", m.source_name, m.mode);
+                        continue;
+                    }
+                    let c = m.map.truncate(self.spec.id, pos, self.txn_time);
+                    info!(
+                        "source {}: TRUNCATE {} at {}",
+                        self.label(),
+                        m.source_name,
+                        self.txn_lsn
+                    );
+                    // Touches every key: everything routed before must be committed first.
+                    self.env.router.flush_all().map_err(self.closed())?;
+                    self.env.router.apply_alone(c).map_err(self.closed())?;
+                }
+            }
+            PgOutput::Origin { .. }
+            | PgOutput::Type { .. }
+            | PgOutput::Message { .. }
+            | PgOutput::StreamStart { .. }
+            | PgOutput::StreamStop
+            | PgOutput::StreamCommit { .. }
+            | PgOutput::StreamAbort { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn pos(&mut self) -> Position {
+        let p = Position {
+            commit_lsn: self.txn_lsn,
+            seq: self.seq,
+        };
+        self.seq += 1;
+        p
+    }
+
+    fn route(&self, c: Change) -> Result<(), SourceError> {
+        self.env.router.route(c).map_err(self.closed())
+    }
+
+    fn mapping_error(&self, rel: u32, error: super::mapping::MappingError) -> SourceError {
+        let table = match self.relations.get(&rel) {
+            Some(Some(m)) => m.source_name.clone(),
+            _ => format!("relation {rel}"),
+        };
+        SourceError::Mapping {
+            source: self.label(),
+            table,
+            error,
+        }
+    }
+
+    fn mapped(&self, rel: u32) -> Result<Option<&Mapped>, SourceError> {
+        match self.relations.get(&rel) {
+            Some(m) => Ok(m.as_ref()),
+            None => Err(SourceError::Replication {
+                source: self.label(),
+                context: "stream".into(),
+                error: Box::new(crate::pg::replication::PgError::Protocol(format!(
+                    "change for relation {rel} before its Relation message"
+                ))),
+            }),
+        }
+    }
+
+    fn table_map(&self, rel: &Relation) -> Option<&TableMap> {
+        self.spec
+            .tables
+            .iter()
+            .find(|t| t.schema == rel.namespace && t.table == rel.name)
+    }
+
+    /// A Relation message: (re)builds its mapping from the target's current columns, so
+    /// a schema change on either side is picked up.
+    fn relation(&mut self, rel: Relation) -> Result<(), SourceError> {
+        let source_name = format!("{}.{}", rel.namespace, rel.name);
+        let Some(t) = self.table_map(&rel).cloned() else {
+            warn!(
+                "source {}: {source_name} is published but not mapped; its changes are skipped",
+                self.label()
+            );
+            self.relations.insert(rel.id, None);
+            return Ok(());
+        };
+        let schema = self.env.dest_schema.clone();
+        let target = catalog::table_info(&mut self.dest, &schema, &t.target)
+            .map_err(|error| SourceError::Sql {
+                source: self.label(),
+                context: format!("look up target {schema}.{}", t.target),
+                error,
+            })?
+            .ok_or_else(|| SourceError::Prerequisite {
+                source: self.label(),
+                message: format!(
+                    "target table {schema}.{} does not exist on the destination",
+                    t.target
+                ),
+            })?;
+        let source_cols: Vec<Column> = rel
+            .columns
+            .iter()
+            .map(|c| Column {
+                name: c.name.clone(),
+                type_name: String::new(),
+                is_key: c.is_key,
+            })
+            .collect();
+        let map = map_relation(
+            &source_cols,
+            &schema,
+            &t.target,
+            &target.columns,
+            &self.spec.sid,
+        )
+        .map_err(|error| SourceError::Mapping {
+            source: self.label(),
+            table: source_name.clone(),
+            error,
+        })?;
+        debug!(
+            "source {}: relation {source_name} → {schema}.{}",
+            self.label(),
+            t.target
+        );
+        self.relations.insert(
+            rel.id,
+            Some(Mapped {
+                map,
+                mode: t.mode,
+                source_name,
+            }),
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! Initial sync: COPY a table from a source snapshot into its target, passing the COPY
+//! text through untouched except for the `sid` appended to each row.
+
+use std::io::{Read, Write};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use postgres::Client;
+
+use crate::change::Sid;
+use crate::pg::quote::{ident, literal, qualified};
+
+/// What to copy: the shared columns of one source table into its target.
+#[derive(Clone, Debug)]
+pub struct CopyPlan {
+    pub source_schema: String,
+    pub source_table: String,
+    pub target_schema: String,
+    pub target_table: String,
+    pub columns: Vec<String>,
+    /// Set when the target has a `sid` column.
+    pub sid: Option<Sid>,
+}
+
+impl CopyPlan {
+    pub fn copy_out_sql(&self) -> String {
+        let cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
+        format!(
+            "COPY (SELECT {} FROM {}) TO STDOUT",
+            cols.join(", "),
+            qualified(&self.source_schema, &self.source_table)
+        )
+    }
+
+    pub fn copy_in_sql(&self) -> String {
+        let mut cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
+        if self.sid.is_some() {
+            cols.push(ident("sid"));
+        }
+        format!(
+            "COPY {} ({}) FROM STDIN",
+            qualified(&self.target_schema, &self.target_table),
+            cols.join(", ")
+        )
+    }
+
+    /// Clears what an earlier copy of this source left in the target, so a re-sync
+    /// (after a crash mid-copy, or a repaired slot) starts from the snapshot alone.
+    pub fn clear_sql(&self) -> String {
+        let t = qualified(&self.target_schema, &self.target_table);
+        match &self.sid {
+            Some(sid) => format!(
+                "DELETE FROM {t} WHERE {} = {}",
+                ident("sid"),
+                literal(sid.as_str())
+            ),
+            None => format!("DELETE FROM {t}"),
+        }
+    }
+}
+
+/// The sid as a COPY text field.
+pub fn copy_escape(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+/// Copies `chunk` to `out`, inserting `\t<field>` before every row-ending newline (in
+/// COPY text format a raw newline always ends a row; chunks may split rows anywhere).
+/// Returns the number of rows ended in this chunk.
+pub fn append_field(chunk: &[u8], field: Option<&[u8]>, out: &mut Vec<u8>) -> u64 {
+    let mut rows = 0;
+    let mut start = 0;
+    for (i, &b) in chunk.iter().enumerate() {
+        if b == b'\n' {
+            rows += 1;
+            if let Some(f) = field {
+                out.extend_from_slice(&chunk[start..i]);
+                out.push(b'\t');
+                out.extend_from_slice(f);
+                start = i;
+            }
+        }
+    }
+    out.extend_from_slice(&chunk[start..]);
+    rows
+}
+
+/// Token bucket over rows: `rate` rows per second with `burst` rows of credit.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, burst: u64) -> RateLimiter {
+        RateLimiter {
+            rate: rate.max(1e-9),
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `n` rows of credit, sleeping for as long as the debt needs.
+    pub fn take(&mut self, n: u64) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        self.tokens -= n as f64;
+        if self.tokens < 0.0 {
+            let wait = -self.tokens / self.rate;
+            thread::sleep(Duration::from_secs_f64(wait.min(60.0)));
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum CopyError {
+    Source(postgres::Error),
+    Destination(postgres::Error),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for CopyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyError::Source(e) => write!(f, "source: {e}"),
+            CopyError::Destination(e) => write!(f, "destination: {e}"),
+            CopyError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Copies one table. The source must already be inside the snapshot's transaction; the
+/// destination work (clear, COPY, `done_sql`) commits as one transaction, so a table is
+/// either fully copied and marked done, or not at all.
+pub fn copy_table(
+    src: &mut Client,
+    dest: &mut Client,
+    plan: &CopyPlan,
+    done_sql: &str,
+    limiter: &mut RateLimiter,
+) -> Result<(u64, u64), CopyError> {
+    let mut tx = dest.transaction().map_err(CopyError::Destination)?;
+    tx.batch_execute(&plan.clear_sql())
+        .map_err(CopyError::Destination)?;
+    let field = plan.sid.as_ref().map(|s| copy_escape(s.as_str()));
+    let mut rows = 0u64;
+    let mut bytes = 0u64;
+    {
+        let mut reader = src
+            .copy_out(plan.copy_out_sql().as_str())
+            .map_err(CopyError::Source)?;
+        let mut writer = tx
+            .copy_in(plan.copy_in_sql().as_str())
+            .map_err(CopyError::Destination)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut out = Vec::with_capacity(320 * 1024);
+        loop {
+            let n = reader.read(&mut buf).map_err(CopyError::Io)?;
+            if n == 0 {
+                break;
+            }
+            out.clear();
+            let r = append_field(&buf[..n], field.as_deref(), &mut out);
+            rows += r;
+            bytes += n as u64;
+            limiter.take(r);
+            writer.write_all(&out).map_err(CopyError::Io)?;
+        }
+        writer.finish().map_err(CopyError::Destination)?;
+    }
+    tx.batch_execute(done_sql).map_err(CopyError::Destination)?;
+    tx.commit().map_err(CopyError::Destination)?;
+    Ok((rows, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sid_is_appended_to_rows_split_across_chunks() {
+        let field = copy_escape("t\\1\t");
+        assert_eq!(field, b"t\\\\1\\t");
+        let mut out = Vec::new();
+        let a = append_field(b"1\tx\n2\ty", Some(&field), &mut out);
+        let b = append_field(b"y\n", Some(&field), &mut out);
+        assert_eq!((a, b), (1, 1));
+        assert_eq!(out, b"1\tx\tt\\\\1\\t\n2\tyy\tt\\\\1\\t\n");
+    }
+
+    #[test]
+    fn without_sid_the_chunk_passes_through() {
+        let mut out = Vec::new();
+        assert_eq!(append_field(b"a\\nb\nc\n", None, &mut out), 2);
+        assert_eq!(out, b"a\\nb\nc\n");
+    }
+
+    #[test]
+    fn statements_quote_names() {
+        let p = CopyPlan {
+            source_schema: "s".into(),
+            source_table: "My T".into(),
+            target_schema: "public".into(),
+            target_table: "t\"2".into(),
+            columns: vec!["id".into(), "Na me".into()],
+            sid: Some(Sid::new("o'k")),
+        };
+        assert_eq!(
+            p.copy_out_sql(),
+            "COPY (SELECT \"id\", \"Na me\" FROM \"s\".\"My T\") TO STDOUT"
+        );
+        assert_eq!(
+            p.copy_in_sql(),
+            "COPY \"public\".\"t\"\"2\" (\"id\", \"Na me\", \"sid\") FROM STDIN"
+        );
+        assert_eq!(
+            p.clear_sql(),
+            "DELETE FROM \"public\".\"t\"\"2\" WHERE \"sid\" = 'o''k'"
+        );
+    }
+}

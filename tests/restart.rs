@@ -1,0 +1,123 @@
+//! Crash safety: SIGKILL the daemon while a workload runs, start it again, and the
+//! destination ends equal to the source for every sid.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::daemon::Daemon;
+use support::{destination, source, unique_name, wait_for};
+
+fn killed_during_workload(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let family = unique_name("crash");
+    let dbs = [unique_name("ca"), unique_name("cb")];
+    let db_dst = unique_name("cdst");
+    for db in &dbs {
+        src.create_database(db);
+        src.execute(
+            db,
+            "CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL, note text)",
+        );
+        src.execute(
+            db,
+            "INSERT INTO acct SELECT g, 0, 'init' FROM generate_series(1, 2000) g",
+        );
+    }
+    dest.create_database(&db_dst);
+    dest.execute(
+        &db_dst,
+        "CREATE TABLE acct (sid text, id int, balance bigint NOT NULL, note text, PRIMARY KEY (sid, id))",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"x\" }}, {{ url = \"{}\", sid = \"y\" }} ]\n[source.tables]\nacct = {{}}\n",
+        src.url(&dbs[0]),
+        src.url(&dbs[1])
+    );
+
+    // The workload: transactions of inserts, updates and deletes, until told to stop.
+    let done = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = dbs
+        .iter()
+        .map(|db| {
+            let mut client = src.client(db);
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut i: i64 = 0;
+                while !done.load(Ordering::Relaxed) {
+                    i += 1;
+                    client
+                        .batch_execute(&format!(
+                            "BEGIN; \
+                             UPDATE acct SET balance = balance + {i}, note = 'u{i}' WHERE id = {}; \
+                             INSERT INTO acct VALUES ({}, {i}, 'i{i}'); \
+                             DELETE FROM acct WHERE id = {}; \
+                             COMMIT",
+                            1 + i % 2000,
+                            100_000 + i,
+                            100_000 + i - 7
+                        ))
+                        .expect("workload");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                i
+            })
+        })
+        .collect();
+
+    let mut daemon = Daemon::start(&dest.url(&db_dst), &map, &[]);
+    for pause in [2500u64, 1200, 3000, 700] {
+        std::thread::sleep(Duration::from_millis(pause));
+        assert!(
+            daemon.running(),
+            "daemon died on its own:\n{}",
+            daemon.log()
+        );
+        let dir = daemon.kill();
+        daemon = Daemon::spawn(dir);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    done.store(true, Ordering::Relaxed);
+    let counts: Vec<i64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(
+        counts.iter().all(|&n| n > 100),
+        "workload too small: {counts:?}"
+    );
+
+    for (db, sid) in dbs.iter().zip(["x", "y"]) {
+        let expected = src.query(
+            db,
+            &format!("SELECT '{sid}', id::text, balance::text, note FROM acct ORDER BY id"),
+        );
+        let got = wait_for(
+            &format!("sid {sid} converges"),
+            Duration::from_secs(90),
+            || {
+                let actual = dest.query(
+                &db_dst,
+                &format!("SELECT sid, id::text, balance::text, note FROM acct WHERE sid = '{sid}' ORDER BY id"),
+            );
+                (actual == expected).then_some(actual)
+            },
+        );
+        assert_eq!(got.len(), expected.len());
+    }
+    daemon.stop_ok();
+}
+
+#[test]
+fn sigkill_during_workload_pg12() {
+    if support::versions().contains(&12) {
+        killed_during_workload(12);
+    }
+}
+
+#[test]
+fn sigkill_during_workload_pg18() {
+    if support::versions().contains(&18) {
+        killed_during_workload(18);
+    }
+}

@@ -1,0 +1,133 @@
+//! The daemon binary as a child process with its own config and map in a temp dir.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `kuvasz-streamer`. Killed (SIGKILL) on drop if still running.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A fresh directory for one daemon's files.
+pub fn work_dir() -> PathBuf {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kvsz-daemon-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create daemon dir");
+    dir
+}
+
+impl Daemon {
+    /// Writes `kuvasz-streamer.toml` (destination URL, map path, a fast commit delay and
+    /// `extra` lines appended to `[app]`) and `map.toml`, and starts the binary.
+    pub fn start(dest_url: &str, map: &str, extra_app: &[&str]) -> Daemon {
+        let dir = work_dir();
+        fs::write(dir.join("map.toml"), map).expect("write map");
+        let mut conf = format!(
+            "[server]\naddress = \"127.0.0.1:0\"\n[logs]\nlevel = \"info\"\n[database]\nurl = \"{dest_url}\"\n\
+             [app]\nmap_file = \"{}\"\ncommit_delay = 0.2\n",
+            dir.join("map.toml").display()
+        );
+        for line in extra_app {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        fs::write(dir.join("kuvasz-streamer.toml"), conf).expect("write config");
+        Self::spawn(dir)
+    }
+
+    /// Starts the binary again on the files of an earlier daemon.
+    pub fn spawn(dir: PathBuf) -> Daemon {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .expect("open log");
+        let child = Command::new(env!("CARGO_BIN_EXE_kuvasz-streamer"))
+            .arg("--conf")
+            .arg(dir.join("kuvasz-streamer.toml"))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start kuvasz-streamer");
+        Daemon {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// SIGTERM, then waits for exit; asserts a clean stop (status 0) within 30 s.
+    /// Returns the directory so the same files can start it again.
+    pub fn stop_ok(mut self) -> PathBuf {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "daemon exited with {status}; log:\n{}",
+                    self.log()
+                );
+                return self.dir.clone();
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                panic!(
+                    "daemon did not stop within 30 s of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to commit or confirm anything.
+    pub fn kill(mut self) -> PathBuf {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.dir.clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            if std::thread::panicking() {
+                eprintln!("daemon log ({}):\n{}", self.dir.display(), self.log());
+            }
+        }
+    }
+}
