@@ -13,6 +13,7 @@ use postgres::NoTls;
 
 use crate::apply::writer::{RejectPolicy, SourceLabel};
 use crate::apply::{Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
+use crate::pg::describe;
 use crate::pg::quote::qualified;
 use crate::source::{self, SourceEnv, SourceSpec, StopFlag, SYNC_STATE_TABLE};
 
@@ -98,7 +99,7 @@ fn prepare_destination(s: &DaemonSettings) -> Result<(), String> {
     let mut client = s
         .dest
         .connect(NoTls)
-        .map_err(|e| format!("connect to destination {}: {e}", s.dest_label))?;
+        .map_err(|e| format!("connect to destination {}: {}", s.dest_label, describe(&e)))?;
     let mut sql = format!(
         "CREATE TABLE IF NOT EXISTS {} (slot_name text NOT NULL, source_table text NOT NULL, \
          target_table text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
@@ -112,9 +113,12 @@ fn prepare_destination(s: &DaemonSettings) -> Result<(), String> {
             qualified(&s.dest_schema, "kvsz_deadletter")
         ));
     }
-    client
-        .batch_execute(&sql)
-        .map_err(|e| format!("create the daemon's tables on the destination: {e}"))
+    client.batch_execute(&sql).map_err(|e| {
+        format!(
+            "create the daemon's tables on the destination: {}",
+            describe(&e)
+        )
+    })
 }
 
 struct SourceSlot {

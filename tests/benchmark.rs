@@ -14,7 +14,7 @@ use support::daemon::Daemon;
 use support::{destination, source, unique_name, Cluster};
 
 const SRC_TABLE: &str =
-    "CREATE TABLE bench (id bigint PRIMARY KEY, account int NOT NULL, amount numeric(12,2), note text, at timestamptz NOT NULL DEFAULT now())";
+    "SET ROLE kuvasz; CREATE TABLE bench (id bigint PRIMARY KEY, account int NOT NULL, amount numeric(12,2), note text, at timestamptz NOT NULL DEFAULT now())";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

@@ -10,11 +10,12 @@ use support::{destination, source, unique_name, Cluster};
 
 type Rows = Vec<Vec<Option<String>>>;
 
-const ITEMS_SRC: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, note text)";
+const ITEMS_SRC: &str =
+    "SET ROLE kuvasz; CREATE TABLE items (id int PRIMARY KEY, name text, qty int, note text)";
 const ITEMS_DST: &str =
-    "CREATE TABLE items (sid text NOT NULL, id int NOT NULL, name text, qty int, extra text DEFAULT 'x', PRIMARY KEY (sid, id))";
-const PLAIN_SRC: &str = "CREATE TABLE plain (id bigint PRIMARY KEY, v text)";
-const PLAIN_DST: &str = "CREATE TABLE plain_copy (id bigint PRIMARY KEY, v text)";
+    "SET ROLE kuvasz; CREATE TABLE items (sid text NOT NULL, id int NOT NULL, name text, qty int, extra text DEFAULT 'x', PRIMARY KEY (sid, id))";
+const PLAIN_SRC: &str = "SET ROLE kuvasz; CREATE TABLE plain (id bigint PRIMARY KEY, v text)";
+const PLAIN_DST: &str = "SET ROLE kuvasz; CREATE TABLE plain_copy (id bigint PRIMARY KEY, v text)";
 
 /// Source rows of `items` as the destination should hold them for `sid`.
 fn items_expected(c: &Cluster, db: &str, sid: &str) -> Rows {

@@ -163,3 +163,10 @@ fn wait_for_polls_until_some() {
     });
     assert!(timed_out.is_err());
 }
+
+#[test]
+fn scratch_dirs_are_fresh_and_distinct() {
+    let (a, b) = (support::scratch_dir("cfg"), support::scratch_dir("cfg"));
+    assert_ne!(a, b);
+    assert!(a.is_dir() && std::fs::read_dir(&a).unwrap().next().is_none());
+}

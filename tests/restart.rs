@@ -20,7 +20,7 @@ fn killed_during_workload(version: u32) {
         src.create_database(db);
         src.execute(
             db,
-            "CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL, note text)",
+            "SET ROLE kuvasz; CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL, note text)",
         );
         src.execute(
             db,
@@ -30,7 +30,7 @@ fn killed_during_workload(version: u32) {
     dest.create_database(&db_dst);
     dest.execute(
         &db_dst,
-        "CREATE TABLE acct (sid text, id int, balance bigint NOT NULL, note text, PRIMARY KEY (sid, id))",
+        "SET ROLE kuvasz; CREATE TABLE acct (sid text, id int, balance bigint NOT NULL, note text, PRIMARY KEY (sid, id))",
     );
     let map = format!(
         "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"x\" }}, {{ url = \"{}\", sid = \"y\" }} ]\n[source.tables]\nacct = {{}}\n",

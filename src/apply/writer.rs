@@ -10,7 +10,7 @@ use log::{debug, info, warn};
 
 use crate::change::{Change, SourceId, Value};
 use crate::pg::quote::{literal, qualified};
-use crate::pg::Lsn;
+use crate::pg::{describe, Lsn};
 
 use super::batch::{classify, Kind, Run};
 use super::progress::Progress;
@@ -73,7 +73,7 @@ impl fmt::Display for WriterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WriterError::Connection { writer, error } => {
-                write!(f, "writer {writer}: destination connection: {error}")
+                write!(f, "writer {writer}: destination: {}", describe(error))
             }
             WriterError::Rejected(r) => write!(
                 f,
@@ -96,16 +96,7 @@ impl std::error::Error for WriterError {}
 
 /// Server message with detail, for reports.
 fn db_message(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut m = format!("{}: {}", db.code().code(), db.message());
-            if let Some(d) = db.detail() {
-                m.push_str(&format!(" ({d})"));
-            }
-            m
-        }
-        None => e.to_string(),
-    }
+    describe(e)
 }
 
 /// A statement error that is about the data (not the connection or the server's state).

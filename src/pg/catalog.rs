@@ -61,10 +61,9 @@ pub fn table_info(
     // none for FULL (every column is then part of the identity).
     let cols = client.query(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
-                COALESCE(a.attnum = ANY ((SELECT i.indkey::int2[] FROM pg_index i \
-                    WHERE i.indrelid = a.attrelid AND \
-                      CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END \
-                    LIMIT 1)), false) \
+                EXISTS (SELECT 1 FROM pg_index i \
+                    WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey::int2[]) \
+                      AND CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END) \
            FROM pg_attribute a \
           WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
             AND a.attgenerated = '' \

@@ -9,3 +9,21 @@ pub mod quote;
 pub mod replication;
 
 pub use lsn::Lsn;
+
+/// A `postgres::Error` with the server's code, message, detail and hint: its Display
+/// says only "db error", which tells an operator nothing.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                m.push_str(&format!("; detail: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                m.push_str(&format!("; hint: {h}"));
+            }
+            m
+        }
+        None => conninfo::redact_url(&e.to_string()),
+    }
+}

@@ -16,7 +16,7 @@ use crate::config::TableMap;
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::pgoutput::DecodeError;
 use crate::pg::replication::PgError;
-use crate::pg::Lsn;
+use crate::pg::{describe, Lsn};
 
 use mapping::MappingError;
 use sync::CopyError;
@@ -129,18 +129,7 @@ impl fmt::Display for SourceError {
                 source,
                 context,
                 error,
-            } => {
-                write!(f, "source {source}: {context}: {error}")?;
-                if let Some(db) = error.as_db_error() {
-                    if let Some(d) = db.detail() {
-                        write!(f, " ({d})")?;
-                    }
-                    if let Some(h) = db.hint() {
-                        write!(f, " (hint: {h})")?;
-                    }
-                }
-                Ok(())
-            }
+            } => write!(f, "source {source}: {context}: {}", describe(error)),
             SourceError::Replication {
                 source,
                 context,

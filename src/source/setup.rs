@@ -201,8 +201,13 @@ fn reconcile_publication(
                 table_list(&list)
             )
         };
-        src.batch_execute(&sql)
-            .map_err(sql_err(spec, format!("create publication {}", spec.slot)))?;
+        src.batch_execute(&sql).map_err(sql_err(
+            spec,
+            format!(
+                "create publication {} (the role must own the mapped tables, or be superuser)",
+                spec.slot
+            ),
+        ))?;
         info!("source {}: created publication {}", spec.label(), spec.slot);
         return Ok(wanted.clone());
     }
@@ -229,7 +234,10 @@ fn reconcile_publication(
             "ALTER PUBLICATION {pubname} ADD TABLE {}",
             table_list(&add)
         ))
-        .map_err(sql_err(spec, "add tables to the publication"))?;
+        .map_err(sql_err(
+            spec,
+            "add tables to the publication (the role must own them, or be superuser)",
+        ))?;
         info!(
             "source {}: added {} to publication",
             spec.label(),

@@ -24,7 +24,7 @@ const MARK_EVERY: Duration = Duration::from_millis(100);
 /// Standby status at least this often, so the server never times us out.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How long a graceful stop waits for the writers to commit what was routed.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// A relation of the stream and where it lands (None: not mapped, its rows are skipped).
 struct Mapped {
@@ -161,14 +161,14 @@ impl Streamer<'_> {
                 }
                 None => {}
             }
-            self.mark(false)?;
+            self.mark()?;
             self.send_status(false)?;
         }
     }
 
     /// Announces routed progress to the writers (at most every MARK_EVERY).
-    fn mark(&mut self, now: bool) -> Result<(), SourceError> {
-        if self.routed > self.marked && (now || self.last_mark.elapsed() >= MARK_EVERY) {
+    fn mark(&mut self) -> Result<(), SourceError> {
+        if self.routed > self.marked && self.last_mark.elapsed() >= MARK_EVERY {
             self.env
                 .router
                 .mark(self.spec.id, self.routed)
@@ -197,7 +197,12 @@ impl Streamer<'_> {
 
     /// Graceful stop: wait until the writers committed what was routed, confirm it.
     fn drain(mut self) -> Result<(), SourceError> {
-        self.mark(true)?;
+        // Always a fresh marker: the acknowledgements of this run may not have reached
+        // even the start position yet.
+        self.env
+            .router
+            .mark(self.spec.id, self.routed)
+            .map_err(self.closed())?;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.env.progress.confirmable(self.spec.id) < self.routed
             && Instant::now() < deadline

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use crate::change::Sid;
+use crate::pg::describe;
 use crate::pg::quote::{ident, literal, qualified};
 
 /// What to copy: the shared columns of one source table into its target.
@@ -137,8 +138,8 @@ pub enum CopyError {
 impl std::fmt::Display for CopyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CopyError::Source(e) => write!(f, "source: {e}"),
-            CopyError::Destination(e) => write!(f, "destination: {e}"),
+            CopyError::Source(e) => write!(f, "source: {}", describe(e)),
+            CopyError::Destination(e) => write!(f, "destination: {}", describe(e)),
             CopyError::Io(e) => write!(f, "{e}"),
         }
     }

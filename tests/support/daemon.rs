@@ -11,15 +11,9 @@ pub struct Daemon {
     pub dir: PathBuf,
 }
 
-static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// A fresh directory for one daemon's files.
+/// A fresh directory for one daemon's files, removed when the test process exits.
 pub fn work_dir() -> PathBuf {
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("kvsz-daemon-{}-{n}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create daemon dir");
-    dir
+    super::scratch_dir("daemon")
 }
 
 impl Daemon {

@@ -164,6 +164,14 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{clean}_{}_{n}", std::process::id())
 }
 
+/// A new empty directory for a test's own files (configs, logs), removed with the
+/// clusters when the test process exits.
+pub fn scratch_dir(prefix: &str) -> PathBuf {
+    let dir = process::root().join(unique_name(prefix));
+    fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
 /// Calls `f` every 100 ms until it returns `Some`; panics naming `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
