@@ -51,6 +51,9 @@ pub struct TargetTable {
     /// Set when the target has a `sid` column: written on insert, and every update and
     /// delete is confined to it.
     pub sid: Option<Sid>,
+    /// The target has a unique index on exactly the key columns (and `sid`): upserts
+    /// then use `INSERT … ON CONFLICT`, one index probe per row.
+    pub arbiter: bool,
 }
 
 impl TargetTable {

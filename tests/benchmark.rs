@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo test --release --test benchmark -- --ignored --nocapture`
 //! Environment: KVSZ_BENCH_ROWS (default 1000000), KVSZ_BENCH_SOURCE (major, default 15),
-//! KVSZ_BENCH_WORKERS (default 2).
+//! KVSZ_BENCH_WORKERS (default 2), KVSZ_BENCH_ONLY (kuvasz or native).
 
 mod support;
 
@@ -132,8 +132,18 @@ fn insert_backlog_vs_native_logical_replication() {
     let workers: usize = env_or("KVSZ_BENCH_WORKERS", 2);
     let src = source(version);
     let dest = destination();
-    let k = kuvasz(src, dest, rows, workers);
-    let n = native(src, dest, rows);
+    // KVSZ_BENCH_ONLY=kuvasz|native runs one side (for profiling); both by default.
+    let only = std::env::var("KVSZ_BENCH_ONLY").unwrap_or_default();
+    let k = if only == "native" {
+        Duration::ZERO
+    } else {
+        kuvasz(src, dest, rows, workers)
+    };
+    let n = if only == "kuvasz" {
+        Duration::ZERO
+    } else {
+        native(src, dest, rows)
+    };
     let kr = rows as f64 / k.as_secs_f64();
     let nr = rows as f64 / n.as_secs_f64();
     println!();

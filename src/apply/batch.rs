@@ -143,6 +143,7 @@ mod tests {
             ],
             key: vec![0],
             sid: None,
+            arbiter: false,
         })
     }
 

@@ -126,6 +126,7 @@ mod tests {
             ],
             key: vec![0],
             sid: None,
+            arbiter: false,
         });
         let mk = |id: u32, v: &str| Change {
             source: 0,

@@ -77,10 +77,98 @@ fn push_key_match(out: &mut String, table: &TargetTable, cols: &[usize], left: &
 
 /// Insert-or-update of rows that carry the columns `cols` (which include the key).
 ///
-/// One statement: update the rows whose key exists, insert the others. It returns one
-/// row `(updated, inserted)` so the writer can count anomalies (an INSERT that found its
-/// key, an UPDATE that did not). Works without any unique index on the target.
+/// Returns one row with one column: how many rows were inserted (the others found their
+/// key and were updated), so the writer can count anomalies — an INSERT that found its
+/// key, an UPDATE that did not.
 pub fn upsert(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
+    if table.arbiter {
+        upsert_on_conflict(table, cols, rows)
+    } else {
+        upsert_without_index(table, cols, rows)
+    }
+}
+
+/// `(c1, c2[, sid])` insert column list.
+fn push_insert_columns(s: &mut String, table: &TargetTable, cols: &[usize]) {
+    s.push('(');
+    for (n, &c) in cols.iter().enumerate() {
+        if n > 0 {
+            s.push(',');
+        }
+        push_ident(s, &table.columns[c].name);
+    }
+    if table.sid.is_some() {
+        s.push(',');
+        push_ident(s, "sid");
+    }
+    s.push(')');
+}
+
+/// ` SELECT d.*[, 'sid'] FROM (VALUES …) AS d(c0,…)`.
+fn push_select_values(s: &mut String, table: &TargetTable, cols: &[usize], rows: &[&Change]) {
+    s.push_str(" SELECT d.*");
+    if let Some(sid) = &table.sid {
+        s.push_str(", ");
+        push_literal(s, sid.as_str());
+    }
+    s.push_str(" FROM (");
+    push_values(
+        s,
+        table,
+        cols,
+        rows.iter()
+            .map(|c| cols.iter().map(|&i| &c.values[i]).collect()),
+    );
+    s.push_str(") AS ");
+    push_alias(s, cols.len());
+}
+
+/// With a unique index on the key: one `INSERT … ON CONFLICT`, one index probe a row.
+fn upsert_on_conflict(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
+    let mut s = String::with_capacity(256 + rows.len() * 16 * cols.len());
+    s.push_str("WITH i AS (INSERT INTO ");
+    s.push_str(&qualified(&table.schema, &table.name));
+    s.push_str(" AS t ");
+    push_insert_columns(&mut s, table, cols);
+    push_select_values(&mut s, table, cols, rows);
+    s.push_str(" ON CONFLICT (");
+    for (n, &k) in table.key.iter().enumerate() {
+        if n > 0 {
+            s.push(',');
+        }
+        push_ident(&mut s, &table.columns[k].name);
+    }
+    if table.sid.is_some() {
+        s.push(',');
+        push_ident(&mut s, "sid");
+    }
+    s.push(')');
+    let non_key: Vec<usize> = cols
+        .iter()
+        .copied()
+        .filter(|c| !table.key.contains(c))
+        .collect();
+    if non_key.is_empty() {
+        s.push_str(" DO NOTHING");
+    } else {
+        s.push_str(" DO UPDATE SET ");
+        for (n, &c) in non_key.iter().enumerate() {
+            if n > 0 {
+                s.push_str(", ");
+            }
+            push_ident(&mut s, &table.columns[c].name);
+            s.push_str(" = EXCLUDED.");
+            push_ident(&mut s, &table.columns[c].name);
+        }
+    }
+    // xmax is 0 on a freshly inserted row version, set on one that conflicted.
+    s.push_str(" RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i");
+    s
+}
+
+/// Without such an index: update the rows whose key exists, insert the others, in one
+/// statement. Works on any target, at the price of two probes a row.
+fn upsert_without_index(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
     let target = qualified(&table.schema, &table.name);
     let mut s = String::with_capacity(256 + rows.len() * 16 * cols.len());
     s.push_str("WITH ");
@@ -120,18 +208,9 @@ pub fn upsert(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
     push_sid_filter(&mut s, table);
     s.push_str(" RETURNING d.*), i AS (INSERT INTO ");
     s.push_str(&target);
-    s.push_str(" (");
-    for (n, &c) in cols.iter().enumerate() {
-        if n > 0 {
-            s.push(',');
-        }
-        push_ident(&mut s, &table.columns[c].name);
-    }
-    if table.sid.is_some() {
-        s.push(',');
-        push_ident(&mut s, "sid");
-    }
-    s.push_str(") SELECT d.* ");
+    s.push(' ');
+    push_insert_columns(&mut s, table, cols);
+    s.push_str(" SELECT d.*");
     if let Some(sid) = &table.sid {
         s.push_str(", ");
         push_literal(&mut s, sid.as_str());
@@ -145,7 +224,7 @@ pub fn upsert(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
         let pos = cols.iter().position(|c| c == k).unwrap_or(0);
         s.push_str(&format!("u.c{pos} = d.c{pos}"));
     }
-    s.push_str(") RETURNING 1) SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM i)");
+    s.push_str(") RETURNING 1) SELECT count(*) FROM i");
     s
 }
 
@@ -243,6 +322,7 @@ mod tests {
             ],
             key: vec![0],
             sid: sid.map(Sid::new),
+            arbiter: false,
         })
     }
 
@@ -279,9 +359,9 @@ mod tests {
             upsert(&t, &[0, 1], &[&a, &b]),
             "WITH d(c0,c1) AS (VALUES ('1'::integer,'it''s'::text),('2',NULL)), \
              u AS (UPDATE \"public\".\"T x\" AS t SET \"na\"\"me\" = d.c1 FROM d WHERE t.\"id\" = d.c0 RETURNING d.*), \
-             i AS (INSERT INTO \"public\".\"T x\" (\"id\",\"na\"\"me\") SELECT d.*  FROM d \
+             i AS (INSERT INTO \"public\".\"T x\" (\"id\",\"na\"\"me\") SELECT d.* FROM d \
              WHERE NOT EXISTS (SELECT 1 FROM u WHERE u.c0 = d.c0) RETURNING 1) \
-             SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM i)"
+             SELECT count(*) FROM i"
         );
     }
 
@@ -291,7 +371,31 @@ mod tests {
         let a = change(&t, Op::Update, &[Some("1"), Some("x")]);
         let sql = upsert(&t, &[0, 1], &[&a]);
         assert!(sql.contains("WHERE t.\"id\" = d.c0 AND t.\"sid\" = 'ten''ant' RETURNING"));
-        assert!(sql.contains("(\"id\",\"na\"\"me\",\"sid\") SELECT d.* , 'ten''ant' FROM d"));
+        assert!(sql.contains("(\"id\",\"na\"\"me\",\"sid\") SELECT d.*, 'ten''ant' FROM d"));
+    }
+
+    #[test]
+    fn upsert_with_unique_key_index_uses_on_conflict() {
+        let t = Arc::new(TargetTable {
+            arbiter: true,
+            ..(*table(Some("s1"))).clone()
+        });
+        let a = change(&t, Op::Insert, &[Some("1"), Some("x")]);
+        let b = change(&t, Op::Insert, &[Some("2"), None]);
+        assert_eq!(
+            upsert(&t, &[0, 1], &[&a, &b]),
+            "WITH i AS (INSERT INTO \"public\".\"T x\" AS t (\"id\",\"na\"\"me\",\"sid\") \
+             SELECT d.*, 's1' FROM (VALUES ('1'::integer,'x'::text),('2',NULL)) AS d(c0,c1) \
+             ON CONFLICT (\"id\",\"sid\") DO UPDATE SET \"na\"\"me\" = EXCLUDED.\"na\"\"me\" \
+             RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i"
+        );
+        let key_only = Arc::new(TargetTable {
+            columns: vec![t.columns[0].clone()],
+            ..(*t).clone()
+        });
+        let c = change(&key_only, Op::Insert, &[Some("3")]);
+        assert!(upsert(&key_only, &[0], &[&c])
+            .contains("ON CONFLICT (\"id\",\"sid\") DO NOTHING RETURNING"));
     }
 
     #[test]

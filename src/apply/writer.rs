@@ -137,10 +137,14 @@ impl Writer {
     ) -> Result<Writer, WriterError> {
         let conn = |error| WriterError::Connection { writer: id, error };
         let mut client = settings.dest.connect(postgres::NoTls).map_err(conn)?;
+        // Every statement joins a batch of keys to a possibly huge target: nested loops over
+        // the key index, never a hash join that scans the whole target per batch when the
+        // planner's statistics lag behind a fast-growing table.
         client
             .batch_execute(
                 "SET standard_conforming_strings = on; SET synchronous_commit = on; \
-                 SET DateStyle = ISO; SET IntervalStyle = postgres",
+                 SET DateStyle = ISO; SET IntervalStyle = postgres; \
+                 SET enable_hashjoin = off; SET enable_mergejoin = off",
             )
             .map_err(conn)?;
         // Like PostgreSQL's own apply worker: no triggers, no FK checks on our writes.
@@ -303,14 +307,12 @@ impl Writer {
         let table = run.table.display();
         match run.kind {
             Kind::Insert | Kind::Update => {
-                let row = msgs.iter().find_map(|m| match m {
-                    M::Row(r) => Some((
-                        r.get(0).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
-                        r.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
-                    )),
+                let inserted = msgs.iter().find_map(|m| match m {
+                    M::Row(r) => r.get(0).and_then(|v| v.parse::<usize>().ok()),
                     _ => None,
                 });
-                if let Some((updated, inserted)) = row {
+                if let Some(inserted) = inserted {
+                    let updated = n.saturating_sub(inserted);
                     if run.kind == Kind::Insert && updated > 0 {
                         info!("{table}: {updated} inserted row(s) already existed; updated them");
                     }

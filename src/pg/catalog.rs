@@ -88,6 +88,27 @@ pub fn table_info(
     }))
 }
 
+/// Column names of each valid, non-partial unique index of a table (primary key too),
+/// as candidates for `ON CONFLICT`.
+pub fn unique_indexes(
+    client: &mut Client,
+    schema: &str,
+    name: &str,
+) -> Result<Vec<Vec<String>>, postgres::Error> {
+    let rows = client.query(
+        "SELECT array_agg(a.attname::text ORDER BY a.attname) \
+           FROM pg_index i \
+           JOIN pg_class c ON c.oid = i.indrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey::int2[]) \
+          WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indisvalid \
+            AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
+          GROUP BY i.indexrelid",
+        &[&schema, &name],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// `wal_level` of the server.
 pub fn wal_level(client: &mut Client) -> Result<String, postgres::Error> {
     let row = client.query_one("SELECT current_setting('wal_level')", &[])?;

@@ -60,6 +60,7 @@ pub fn map_relation(
     target_schema: &str,
     target_name: &str,
     target: &[Column],
+    unique_indexes: &[Vec<String>],
     sid: &Sid,
 ) -> Result<RelationMap, MappingError> {
     let has_sid = target.iter().any(|c| c.name == "sid");
@@ -95,6 +96,16 @@ pub fn map_relation(
     if key.is_empty() {
         return Err(MappingError::NoKey);
     }
+    let mut key_names: Vec<&str> = key.iter().map(|&k| columns[k].name.as_str()).collect();
+    if has_sid {
+        key_names.push("sid");
+    }
+    key_names.sort_unstable();
+    let arbiter = unique_indexes.iter().any(|idx| {
+        let mut cols: Vec<&str> = idx.iter().map(String::as_str).collect();
+        cols.sort_unstable();
+        cols == key_names
+    });
     Ok(RelationMap {
         table: Arc::new(TargetTable {
             schema: target_schema.to_string(),
@@ -102,6 +113,7 @@ pub fn map_relation(
             columns,
             key,
             sid: has_sid.then(|| sid.clone()),
+            arbiter,
         }),
         source_index,
         source_width: source.len(),
@@ -274,12 +286,21 @@ mod tests {
             col("sid", false),
             col("added", false),
         ];
-        let m = map_relation(&src, "public", "t", &dst, &Sid::new("s1")).unwrap();
+        let m = map_relation(
+            &src,
+            "public",
+            "t",
+            &dst,
+            &[vec!["sid".into(), "id".into()]],
+            &Sid::new("s1"),
+        )
+        .unwrap();
         let names: Vec<&str> = m.table.columns.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["id", "name"]);
         assert_eq!(m.source_index, [0, 2]);
         assert_eq!(m.table.key, [0]);
         assert_eq!(m.table.sid, Some(Sid::new("s1")));
+        assert!(m.table.arbiter, "unique (sid, id) is the key");
         let c = m
             .insert(
                 3,
@@ -297,14 +318,14 @@ mod tests {
         let src = [col("id", true), col("v", false)];
         let dst = [col("v", false)];
         assert_eq!(
-            map_relation(&src, "s", "t", &dst, &Sid::new("a")).unwrap_err(),
+            map_relation(&src, "s", "t", &dst, &[], &Sid::new("a")).unwrap_err(),
             MappingError::KeyColumnMissing {
                 column: "id".into()
             }
         );
         let nokey = [col("id", false), col("v", false)];
         assert_eq!(
-            map_relation(&nokey, "s", "t", &src, &Sid::new("a")).unwrap_err(),
+            map_relation(&nokey, "s", "t", &src, &[], &Sid::new("a")).unwrap_err(),
             MappingError::NoKey
         );
     }
@@ -312,7 +333,11 @@ mod tests {
     #[test]
     fn key_change_splits_into_delete_and_insert() {
         let src = [col("id", true), col("v", false)];
-        let m = map_relation(&src, "s", "t", &src, &Sid::new("a")).unwrap();
+        let m = map_relation(&src, "s", "t", &src, &[vec!["v".into()]], &Sid::new("a")).unwrap();
+        assert!(
+            !m.table.arbiter,
+            "a unique index on another column is no arbiter"
+        );
         let old = OldTuple {
             kind: OldKind::Key,
             tuple: t(&[Some("1"), None]),
@@ -353,7 +378,7 @@ mod tests {
     #[test]
     fn wrong_tuple_width_is_an_error() {
         let src = [col("id", true), col("v", false)];
-        let m = map_relation(&src, "s", "t", &src, &Sid::new("a")).unwrap();
+        let m = map_relation(&src, "s", "t", &src, &[vec!["v".into()]], &Sid::new("a")).unwrap();
         assert!(m
             .insert(0, &t(&[Some("1")]), Position::default(), 0)
             .is_err());

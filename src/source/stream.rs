@@ -384,11 +384,20 @@ impl Streamer<'_> {
                 is_key: c.is_key,
             })
             .collect();
+        let unique =
+            catalog::unique_indexes(&mut self.dest, &schema, &t.target).map_err(|error| {
+                SourceError::Sql {
+                    source: self.label(),
+                    context: format!("look up unique indexes of {schema}.{}", t.target),
+                    error,
+                }
+            })?;
         let map = map_relation(
             &source_cols,
             &schema,
             &t.target,
             &target.columns,
+            &unique,
             &self.spec.sid,
         )
         .map_err(|error| SourceError::Mapping {
