@@ -104,6 +104,9 @@ pub struct Position {
     pub seq: u32,
 }
 
+/// FNV-1a offset basis: the seed of [`Change::key_hash`].
+pub const FNV_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// One row change, mapped onto its target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -121,6 +124,39 @@ pub struct Change {
 }
 
 impl Change {
+    /// The `n`-th key value of the row this change touches first (no allocation: this is
+    /// on the routing and batching hot path).
+    pub fn key_value(&self, n: usize) -> Option<&Value> {
+        match &self.old_key {
+            Some(k) => k.get(n),
+            None => self.table.key.get(n).and_then(|&i| self.values.get(i)),
+        }
+    }
+
+    /// FNV-1a over the key values, continuing from `seed`: stable across runs and Rust
+    /// versions (routing must be deterministic), cheap on the hot path.
+    pub fn key_hash(&self, seed: u64) -> u64 {
+        let mut h = seed;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        let mut n = 0;
+        while let Some(v) = self.key_value(n) {
+            n += 1;
+            match v {
+                Value::Text(s) => {
+                    eat(&[1]);
+                    eat(s.as_bytes());
+                }
+                Value::Null | Value::Unchanged => eat(&[0]),
+            }
+        }
+        h
+    }
+
     /// The key values that identify the row this change touches first.
     pub fn lookup_key(&self) -> Vec<&Value> {
         match &self.old_key {

@@ -5,10 +5,9 @@
 //! all, while every key still sees its changes in source order.
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::change::{Change, Op, TargetTable, Value};
+use crate::change::{Change, Op, TargetTable, Value, FNV_SEED};
 
 /// Most changes one statement carries; keeps statements a few MB at most.
 pub const MAX_RUN: usize = 1000;
@@ -35,38 +34,51 @@ impl Kind {
     }
 }
 
-/// The kind of a change and the columns its statement writes.
-pub fn classify(c: &Change) -> (Kind, Vec<usize>) {
-    let present = || -> Vec<usize> {
-        c.values
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| !matches!(v, Value::Unchanged))
-            .map(|(i, _)| i)
-            .collect()
-    };
+/// The kind of a change.
+pub fn kind_of(c: &Change) -> Kind {
     match c.op {
-        Op::Insert => (Kind::Insert, present()),
+        Op::Insert => Kind::Insert,
         Op::Update => {
-            let cols = present();
-            if cols.len() == c.values.len() && c.old_key.is_none() {
-                (Kind::Update, cols)
+            if c.old_key.is_none() && !c.values.iter().any(|v| matches!(v, Value::Unchanged)) {
+                Kind::Update
             } else {
-                (Kind::InPlace, cols)
+                Kind::InPlace
             }
         }
-        Op::Delete => (Kind::Delete, Vec::new()),
-        Op::Truncate => (Kind::Truncate, Vec::new()),
+        Op::Delete => Kind::Delete,
+        Op::Truncate => Kind::Truncate,
     }
+}
+
+/// The columns a change's statement writes: those it carries a value for.
+pub fn columns_of(c: &Change) -> Vec<usize> {
+    c.values
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !matches!(v, Value::Unchanged))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Whether the change carries values for exactly `cols` (without allocating).
+fn has_columns(c: &Change, cols: &[usize]) -> bool {
+    let mut expected = cols.iter();
+    for (i, v) in c.values.iter().enumerate() {
+        if !matches!(v, Value::Unchanged) && expected.next() != Some(&i) {
+            return false;
+        }
+    }
+    expected.next().is_none()
+}
+
+/// The kind of a change and the columns its statement writes.
+pub fn classify(c: &Change) -> (Kind, Vec<usize>) {
+    (kind_of(c), columns_of(c))
 }
 
 /// A fingerprint of the key a change touches; a collision only ends a run early.
 fn key_hash(c: &Change) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for v in c.lookup_key() {
-        v.hash(&mut h);
-    }
-    h.finish()
+    c.key_hash(FNV_SEED)
 }
 
 /// Changes that one statement will apply.
@@ -80,6 +92,12 @@ pub struct Run {
 }
 
 impl Run {
+    /// A run that starts with `c`.
+    pub fn start(c: Change) -> Run {
+        let (kind, cols) = classify(&c);
+        Run::new(c, kind, cols)
+    }
+
     pub fn new(c: Change, kind: Kind, cols: Vec<usize>) -> Run {
         let mut keys = HashSet::new();
         keys.insert(key_hash(&c));
@@ -93,12 +111,12 @@ impl Run {
     }
 
     /// Adds the change if it fits this run; gives it back otherwise.
-    pub fn try_push(&mut self, c: Change, kind: Kind, cols: &[usize]) -> Result<(), Change> {
-        if !kind.batches()
-            || kind != self.kind
+    pub fn try_push(&mut self, c: Change) -> Result<(), Change> {
+        if !self.kind.batches()
             || self.changes.len() >= MAX_RUN
             || !Arc::ptr_eq(&c.table, &self.table)
-            || cols != self.cols.as_slice()
+            || kind_of(&c) != self.kind
+            || !has_columns(&c, &self.cols)
         {
             return Err(c);
         }
@@ -160,16 +178,13 @@ mod tests {
     }
 
     fn push(run: &mut Run, c: Change) -> bool {
-        let (k, cols) = classify(&c);
-        run.try_push(c, k, &cols).is_ok()
+        run.try_push(c).is_ok()
     }
 
     #[test]
     fn same_shape_batches_until_a_key_repeats() {
         let t = table();
-        let first = ins(&t, "1", Value::Null);
-        let (k, cols) = classify(&first);
-        let mut run = Run::new(first, k, cols);
+        let mut run = Run::start(ins(&t, "1", Value::Null));
         assert!(push(&mut run, ins(&t, "2", Value::Text("x".into()))));
         assert!(!push(&mut run, ins(&t, "1", Value::Null)), "key 1 twice");
         assert_eq!(run.len(), 2);
@@ -178,9 +193,7 @@ mod tests {
     #[test]
     fn other_kind_or_table_ends_the_run() {
         let t = table();
-        let first = ins(&t, "1", Value::Null);
-        let (k, cols) = classify(&first);
-        let mut run = Run::new(first, k, cols);
+        let mut run = Run::start(ins(&t, "1", Value::Null));
         let mut upd = ins(&t, "2", Value::Null);
         upd.op = Op::Update;
         assert!(!push(&mut run, upd));
@@ -196,5 +209,6 @@ mod tests {
         assert_eq!(classify(&c), (Kind::InPlace, vec![0]));
         c.values[1] = Value::Null;
         assert_eq!(classify(&c), (Kind::Update, vec![0, 1]));
+        assert!(has_columns(&c, &[0, 1]) && !has_columns(&c, &[0]) && !has_columns(&c, &[0, 1, 2]));
     }
 }

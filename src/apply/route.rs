@@ -3,7 +3,7 @@
 
 use crossbeam_channel::{bounded, Sender};
 
-use crate::change::{Change, SourceId, Value};
+use crate::change::{Change, SourceId, FNV_SEED};
 use crate::pg::Lsn;
 
 use super::WriterMsg;
@@ -14,27 +14,20 @@ pub fn writer_for(c: &Change, writers: usize) -> usize {
     if writers <= 1 {
         return 0;
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(c.table.schema.as_bytes());
-    eat(b".");
-    eat(c.table.name.as_bytes());
+    let mut h = FNV_SEED;
+    for b in c
+        .table
+        .schema
+        .bytes()
+        .chain([b'.'])
+        .chain(c.table.name.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
     // Tables whose key is the whole row route by table only (DESIGN: no stable key).
     if !c.table.key.is_empty() && c.table.key.len() < c.table.columns.len() {
-        for v in c.lookup_key() {
-            match v {
-                Value::Text(s) => {
-                    eat(&[1]);
-                    eat(s.as_bytes());
-                }
-                Value::Null | Value::Unchanged => eat(&[0]),
-            }
-        }
+        h = c.key_hash(h);
     }
     (h % writers as u64) as usize
 }
@@ -106,7 +99,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Op, Position, TargetColumn, TargetTable};
+    use crate::change::{Op, Position, TargetColumn, TargetTable, Value};
     use std::sync::Arc;
 
     #[test]

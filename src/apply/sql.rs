@@ -6,7 +6,7 @@
 //! column's type and PostgreSQL resolves the remaining rows to the same types.
 
 use crate::change::{Change, TargetTable, Value};
-use crate::pg::quote::{push_ident, push_literal, qualified};
+use crate::pg::quote::{push_copy_field, push_ident, push_literal, qualified};
 
 /// Appends a `VALUES (..), (..)` list: for each row, the values of `cols`.
 fn push_values<'a>(
@@ -228,6 +228,37 @@ fn upsert_without_index(table: &TargetTable, cols: &[usize], rows: &[&Change]) -
     s
 }
 
+/// `COPY target (cols[, sid]) FROM STDIN`: the fast path for a run of INSERTs into a
+/// target whose unique key index would refuse a row that already exists.
+pub fn copy_in(table: &TargetTable, cols: &[usize]) -> String {
+    let mut s = String::from("COPY ");
+    s.push_str(&qualified(&table.schema, &table.name));
+    s.push(' ');
+    push_insert_columns(&mut s, table, cols);
+    s.push_str(" FROM STDIN");
+    s
+}
+
+/// The rows of a run in COPY text format, the sid appended when the target has one.
+pub fn copy_rows(table: &TargetTable, cols: &[usize], rows: &[&Change], out: &mut Vec<u8>) {
+    for c in rows {
+        for (n, &i) in cols.iter().enumerate() {
+            if n > 0 {
+                out.push(b'\t');
+            }
+            match &c.values[i] {
+                Value::Text(v) => push_copy_field(out, v),
+                Value::Null | Value::Unchanged => out.extend_from_slice(b"\\N"),
+            }
+        }
+        if let Some(sid) = &table.sid {
+            out.push(b'\t');
+            push_copy_field(out, sid.as_str());
+        }
+        out.push(b'\n');
+    }
+}
+
 /// Delete rows by key; the command tag's row count tells how many existed.
 pub fn delete(table: &TargetTable, rows: &[&Change]) -> String {
     let key_cols: Vec<usize> = table.key.clone();
@@ -409,6 +440,20 @@ mod tests {
         });
         let a = change(&t, Op::Insert, &[Some("7")]);
         assert!(upsert(&t, &[0], &[&a]).contains("SET \"id\" = d.c0 FROM d"));
+    }
+
+    #[test]
+    fn copy_of_an_insert_run() {
+        let t = table(Some("s\t1"));
+        let a = change(&t, Op::Insert, &[Some("1"), Some("a\\b")]);
+        let b = change(&t, Op::Insert, &[Some("2"), None]);
+        assert_eq!(
+            copy_in(&t, &[0, 1]),
+            "COPY \"public\".\"T x\" (\"id\",\"na\"\"me\",\"sid\") FROM STDIN"
+        );
+        let mut out = Vec::new();
+        copy_rows(&t, &[0, 1], &[&a, &b], &mut out);
+        assert_eq!(out, b"1\ta\\\\b\ts\\t1\n2\t\\N\ts\\t1\n");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! acknowledges markers once what preceded them is committed.
 
 use std::fmt;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use crate::change::{Change, SourceId, Value};
 use crate::pg::quote::{literal, qualified};
 use crate::pg::{describe, Lsn};
 
-use super::batch::{classify, Kind, Run};
+use super::batch::{Kind, Run};
 use super::progress::Progress;
 use super::sql;
 use super::WriterMsg;
@@ -126,6 +127,8 @@ pub struct Writer {
     txn_changes: usize,
     markers: Vec<(SourceId, Lsn)>,
     flushes: Vec<Sender<()>>,
+    /// Reused buffer for COPY data.
+    copy_buf: Vec<u8>,
 }
 
 impl Writer {
@@ -170,6 +173,7 @@ impl Writer {
             txn_changes: 0,
             markers: Vec::new(),
             flushes: Vec::new(),
+            copy_buf: Vec::new(),
         })
     }
 
@@ -218,14 +222,13 @@ impl Writer {
     }
 
     fn push(&mut self, c: Change) -> Result<(), WriterError> {
-        let (kind, cols) = classify(&c);
         let c = match self.run.as_mut() {
-            Some(run) => run.try_push(c, kind, &cols).err(),
+            Some(run) => run.try_push(c).err(),
             None => Some(c),
         };
         if let Some(c) = c {
             self.flush_run()?;
-            self.run = Some(Run::new(c, kind, cols));
+            self.run = Some(Run::start(c));
         }
         if self.run.as_ref().is_some_and(|r| r.is_full()) {
             self.flush_run()?;
@@ -267,6 +270,15 @@ impl Writer {
             return Ok(());
         }
         let table = &run.table;
+        // New rows into a target with a unique key index: COPY, the cheapest way in. A row
+        // that exists already (a replay) fails it, and the run goes the upsert way.
+        if run.kind == Kind::Insert
+            && table.arbiter
+            && changes.len() > 1
+            && self.copy(run, changes)?
+        {
+            return Ok(());
+        }
         let statement = match run.kind {
             Kind::Insert | Kind::Update => sql::upsert(table, &run.cols, changes),
             Kind::Delete => sql::delete(table, changes),
@@ -292,6 +304,49 @@ impl Writer {
                 let (a, b) = changes.split_at(changes.len() / 2);
                 self.apply(run, a)?;
                 self.apply(run, b)
+            }
+            Err(error) => Err(WriterError::Connection {
+                writer: self.id,
+                error,
+            }),
+        }
+    }
+
+    /// Tries a run of inserts as one COPY under a savepoint; false when the destination
+    /// refused it (then nothing of it was applied).
+    fn copy(&mut self, run: &Run, changes: &[&Change]) -> Result<bool, WriterError> {
+        let conn = |writer| move |error| WriterError::Connection { writer, error };
+        self.copy_buf.clear();
+        sql::copy_rows(&run.table, &run.cols, changes, &mut self.copy_buf);
+        self.client
+            .batch_execute("SAVEPOINT kvsz")
+            .map_err(conn(self.id))?;
+        let result = (|| {
+            let mut w = self
+                .client
+                .copy_in(sql::copy_in(&run.table, &run.cols).as_str())?;
+            // A write error surfaces again, with the server's reason, from finish().
+            let _ = w.write_all(&self.copy_buf);
+            w.finish()
+        })();
+        match result {
+            Ok(_) => {
+                self.client
+                    .batch_execute("RELEASE SAVEPOINT kvsz")
+                    .map_err(conn(self.id))?;
+                debug!(
+                    "writer {}: copied {} row(s) into {}",
+                    self.id,
+                    changes.len(),
+                    run.table.display()
+                );
+                Ok(true)
+            }
+            Err(e) if is_rejection(&e) => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
+                    .map_err(conn(self.id))?;
+                Ok(false)
             }
             Err(error) => Err(WriterError::Connection {
                 writer: self.id,

@@ -48,6 +48,29 @@ pub fn push_literal(out: &mut String, value: &str) {
     out.push('\'');
 }
 
+/// Appends a field in COPY text format: backslash, tab, newline and carriage return
+/// escaped (NULL is written by the caller as `\N`).
+pub fn push_copy_field(out: &mut Vec<u8>, value: &str) {
+    let bytes = value.as_bytes();
+    // Most values need no escaping: copy them whole.
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +82,8 @@ mod tests {
         assert_eq!(qualified("s p", "T"), "\"s p\".\"T\"");
         assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(literal("back\\slash"), "'back\\slash'");
+        let mut out = Vec::new();
+        push_copy_field(&mut out, "a\tb\\c\nd\re");
+        assert_eq!(out, b"a\\tb\\\\c\\nd\\re");
     }
 }

@@ -120,11 +120,12 @@ pub fn map_relation(
     })
 }
 
-fn value(v: &TupleValue) -> Value {
+/// Moves a decoded value into a Change value (no copy of the text).
+fn value(v: TupleValue) -> Value {
     match v {
         TupleValue::Null => Value::Null,
         TupleValue::Unchanged => Value::Unchanged,
-        TupleValue::Text(s) => Value::Text(s.clone()),
+        TupleValue::Text(s) => Value::Text(s),
         // We never ask for binary; if it came anyway, hex is what bytea's text form is.
         TupleValue::Binary(b) => {
             let mut s = String::with_capacity(2 + b.len() * 2);
@@ -148,15 +149,22 @@ impl RelationMap {
         Ok(())
     }
 
-    fn row(&self, t: &Tuple) -> Vec<Value> {
-        self.source_index.iter().map(|&i| value(&t.0[i])).collect()
+    /// Takes the target's columns out of a decoded tuple (which is consumed).
+    fn row(&self, t: &mut Tuple) -> Vec<Value> {
+        self.source_index
+            .iter()
+            .map(|&i| value(std::mem::replace(&mut t.0[i], TupleValue::Null)))
+            .collect()
     }
 
-    fn key_of(&self, t: &Tuple) -> Vec<Value> {
+    fn key_of(&self, t: &mut Tuple) -> Vec<Value> {
         self.table
             .key
             .iter()
-            .map(|&k| value(&t.0[self.source_index[k]]))
+            .map(|&k| {
+                let i = self.source_index[k];
+                value(std::mem::replace(&mut t.0[i], TupleValue::Null))
+            })
             .collect()
     }
 
@@ -175,13 +183,13 @@ impl RelationMap {
     pub fn insert(
         &self,
         source: SourceId,
-        new: &Tuple,
+        mut new: Tuple,
         pos: Position,
         commit_time: i64,
     ) -> Result<Change, MappingError> {
-        self.check(new)?;
+        self.check(&new)?;
         let mut c = self.change(source, Op::Insert, pos, commit_time);
-        c.values = self.row(new);
+        c.values = self.row(&mut new);
         Ok(c)
     }
 
@@ -191,20 +199,19 @@ impl RelationMap {
     pub fn update(
         &self,
         source: SourceId,
-        old: Option<&OldTuple>,
-        new: &Tuple,
+        old: Option<OldTuple>,
+        mut new: Tuple,
         pos: Position,
         commit_time: i64,
-    ) -> Result<Vec<Change>, MappingError> {
-        self.check(new)?;
-        let values = self.row(new);
+    ) -> Result<(Change, Option<Change>), MappingError> {
+        self.check(&new)?;
+        let values = self.row(&mut new);
         let old_key = match old {
-            Some(o) => {
+            Some(mut o) => {
                 self.check(&o.tuple)?;
-                let k = self.key_of(&o.tuple);
-                let new_key: Vec<Value> =
-                    self.table.key.iter().map(|&i| values[i].clone()).collect();
-                (k != new_key).then_some(k)
+                let k = self.key_of(&mut o.tuple);
+                let same = self.table.key.iter().zip(&k).all(|(&i, v)| &values[i] == v);
+                (!same).then_some(k)
             }
             None => None,
         };
@@ -215,13 +222,13 @@ impl RelationMap {
                 del.old_key = Some(k);
                 let mut ins = self.change(source, Op::Insert, pos, commit_time);
                 ins.values = values;
-                Ok(vec![del, ins])
+                Ok((del, Some(ins)))
             }
             old_key => {
                 let mut c = self.change(source, Op::Update, pos, commit_time);
                 c.values = values;
                 c.old_key = old_key;
-                Ok(vec![c])
+                Ok((c, None))
             }
         }
     }
@@ -229,13 +236,13 @@ impl RelationMap {
     pub fn delete(
         &self,
         source: SourceId,
-        old: &OldTuple,
+        mut old: OldTuple,
         pos: Position,
         commit_time: i64,
     ) -> Result<Change, MappingError> {
         self.check(&old.tuple)?;
         let mut c = self.change(source, Op::Delete, pos, commit_time);
-        c.old_key = Some(self.key_of(&old.tuple));
+        c.old_key = Some(self.key_of(&mut old.tuple));
         Ok(c)
     }
 
@@ -304,7 +311,7 @@ mod tests {
         let c = m
             .insert(
                 3,
-                &t(&[Some("1"), Some("x"), Some("n"), Some("zz")]),
+                t(&[Some("1"), Some("x"), Some("n"), Some("zz")]),
                 Position::default(),
                 0,
             )
@@ -345,17 +352,18 @@ mod tests {
         let out = m
             .update(
                 0,
-                Some(&old),
-                &t(&[Some("2"), Some("v")]),
+                Some(old),
+                t(&[Some("2"), Some("v")]),
                 Position::default(),
                 0,
             )
             .unwrap();
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[0].op, Op::Delete);
-        assert_eq!(out[0].old_key, Some(vec![txt("1")]));
-        assert_eq!(out[1].op, Op::Insert);
-        assert_eq!(out[1].values, [txt("2"), txt("v")]);
+        let (del, ins) = out;
+        let ins = ins.expect("an insert of the new key");
+        assert_eq!(del.op, Op::Delete);
+        assert_eq!(del.old_key, Some(vec![txt("1")]));
+        assert_eq!(ins.op, Op::Insert);
+        assert_eq!(ins.values, [txt("2"), txt("v")]);
         // Same key in the old tuple (REPLICA IDENTITY FULL sends it always): plain update.
         let same = OldTuple {
             kind: OldKind::Full,
@@ -364,15 +372,15 @@ mod tests {
         let out = m
             .update(
                 0,
-                Some(&same),
-                &t(&[Some("2"), Some("v")]),
+                Some(same),
+                t(&[Some("2"), Some("v")]),
                 Position::default(),
                 0,
             )
             .unwrap();
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].op, Op::Update);
-        assert_eq!(out[0].old_key, None);
+        assert!(out.1.is_none());
+        assert_eq!(out.0.op, Op::Update);
+        assert_eq!(out.0.old_key, None);
     }
 
     #[test]
@@ -380,7 +388,7 @@ mod tests {
         let src = [col("id", true), col("v", false)];
         let m = map_relation(&src, "s", "t", &src, &[vec!["v".into()]], &Sid::new("a")).unwrap();
         assert!(m
-            .insert(0, &t(&[Some("1")]), Position::default(), 0)
+            .insert(0, t(&[Some("1")]), Position::default(), 0)
             .is_err());
     }
 }

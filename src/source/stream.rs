@@ -243,7 +243,7 @@ impl Streamer<'_> {
                 if let Some(m) = self.mapped(rel)? {
                     let c = m
                         .map
-                        .insert(self.spec.id, &new, pos, self.txn_time)
+                        .insert(self.spec.id, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
                     self.route(c)?;
                 }
@@ -251,11 +251,12 @@ impl Streamer<'_> {
             PgOutput::Update { rel, old, new } => {
                 let pos = self.pos();
                 if let Some(m) = self.mapped(rel)? {
-                    let changes = m
+                    let (first, second) = m
                         .map
-                        .update(self.spec.id, old.as_ref(), &new, pos, self.txn_time)
+                        .update(self.spec.id, old, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
-                    for c in changes {
+                    self.route(first)?;
+                    if let Some(c) = second {
                         self.route(c)?;
                     }
                 }
@@ -268,7 +269,7 @@ impl Streamer<'_> {
                     }
                     let c = m
                         .map
-                        .delete(self.spec.id, &old, pos, self.txn_time)
+                        .delete(self.spec.id, old, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
                     self.route(c)?;
                 }

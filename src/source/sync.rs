@@ -9,7 +9,7 @@ use postgres::Client;
 
 use crate::change::Sid;
 use crate::pg::describe;
-use crate::pg::quote::{ident, literal, qualified};
+use crate::pg::quote::{ident, literal, push_copy_field, qualified};
 
 /// What to copy: the shared columns of one source table into its target.
 #[derive(Clone, Debug)]
@@ -63,15 +63,7 @@ impl CopyPlan {
 /// The sid as a COPY text field.
 pub fn copy_escape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
-    }
+    push_copy_field(&mut out, s);
     out
 }
 
