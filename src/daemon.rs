@@ -157,9 +157,14 @@ pub fn run(
             sleep_unless(&signals.term, d);
             continue;
         }
+        let started = Instant::now();
         match generation(settings, &sources, &labels, signals) {
             Ok(()) => return Ok(()),
             Err(e) => {
+                // A pool that ran for a while failed afresh: start the backoff over.
+                if started.elapsed() > Duration::from_secs(120) {
+                    pool_backoff.reset();
+                }
                 let d = pool_backoff.step();
                 error!("{e}; restarting all sources and writers in {:.0?}", d);
                 sleep_unless(&signals.term, d);

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use kuvasz_streamer::apply::writer::RejectPolicy;
 use kuvasz_streamer::change::Sid;
-use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, OnError};
+use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, Mode, OnError};
 use kuvasz_streamer::daemon::{self, DaemonSettings, Signals};
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
 use kuvasz_streamer::source::SourceSpec;
@@ -55,6 +55,7 @@ fn load(args: &Args) -> Result<Loaded, String> {
         .map_err(|e| format!("database.url: {}", redact_url(&e.to_string())))?;
     let map =
         Map::load(&config.app.map_file, &config.app.default_schema).map_err(|e| e.to_string())?;
+    refuse_unsupported(&map, &config.app.map_file)?;
     let mut sources = Vec::new();
     for family in &map.sources {
         for url in &family.urls {
@@ -82,6 +83,36 @@ fn load(args: &Args) -> Result<Loaded, String> {
         sources,
         dest,
     })
+}
+
+/// Map features this version does not implement yet stop the program at start: running
+/// a history table as a clone, or ignoring a filter, would silently write wrong data.
+fn refuse_unsupported(map: &Map, file: &std::path::Path) -> Result<(), String> {
+    for family in &map.sources {
+        for t in &family.tables {
+            let what = if t.mode == Mode::History {
+                Some("type = \"history\"")
+            } else if t.filter.is_some() {
+                Some("filter")
+            } else if !t.set.is_empty() {
+                Some("set")
+            } else if t.partitions_regex.is_some() {
+                Some("partitions_regex")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(format!(
+                    "{}: source {} table {}.{}: {what} is not supported by this version yet",
+                    file.display(),
+                    family.database,
+                    t.schema,
+                    t.table
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Logging to stderr in text or one JSON object per line.

@@ -129,3 +129,30 @@ fn version_and_help() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--conf"));
 }
+
+#[test]
+fn unsupported_map_features_are_refused_at_start() {
+    let d = dir("history");
+    let map = d.join("map.toml");
+    fs::write(
+        &map,
+        "[[source]]\ndatabase = \"db\"\nurls = [ { url = \"postgres://u@localhost/db\", sid = \"a\" } ]\n[source.tables]\nt = { type = \"history\" }\n",
+    )
+    .unwrap();
+    let f = d.join("kuvasz-streamer.toml");
+    fs::write(
+        &f,
+        format!(
+            "[database]\nurl = \"postgres://u@localhost:1/db\"\n[app]\nmap_file = \"{}\"\n",
+            map.display()
+        ),
+    )
+    .unwrap();
+    let out = run(&["--conf", f.to_str().unwrap()], &d, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("table public.t: type = \"history\" is not supported"),
+        "{err}"
+    );
+}

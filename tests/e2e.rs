@@ -158,8 +158,27 @@ urls = [ {{ url = "{}", sid = "m" }} ]
     );
     check("streaming");
 
+    // TRUNCATE empties only that sid's rows (all rows of a target without sid), in order
+    // with the changes around it.
+    src.execute(&db_b, "BEGIN; INSERT INTO items VALUES (30000, 'before', 1, NULL); TRUNCATE items; INSERT INTO items VALUES (30001, 'after', 2, NULL); COMMIT");
+    src.execute(
+        &db_a,
+        "TRUNCATE plain; INSERT INTO plain VALUES (7, 'again')",
+    );
+    check("truncate");
+    assert_eq!(
+        items_actual(dest, &db_dst, "tenant-b"),
+        vec![vec![
+            Some("tenant-b".into()),
+            Some("30001".into()),
+            Some("after".into()),
+            Some("2".into()),
+            Some("x".into())
+        ]]
+    );
+
     // A clean stop confirms everything applied: the slots reach the source's position.
-    let lsn = src.query(&db_a, "SELECT pg_current_wal_lsn()::text")[0][0]
+    let lsn = src.query(&db_a, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
         .clone()
         .unwrap();
     // Let keepalives carry the server's position to the daemon and its writers.
@@ -185,6 +204,188 @@ urls = [ {{ url = "{}", sid = "m" }} ]
     src.execute(&db_b, "UPDATE items SET qty = -1 WHERE id = 2");
     let daemon = Daemon::start(&dest.url(&db_dst), &map, &[]);
     check("after restart");
+    daemon.stop_ok();
+}
+
+/// Rows the destination refuses are never skipped: with `on_error = stop` the source
+/// stops confirming at the change, retries it, and applies it once the cause is fixed;
+/// the report names source, sid, table, key and LSN.
+#[test]
+fn rejected_row_stops_and_resumes() {
+    let v = *support::versions().last().expect("a version");
+    let src = source(v);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("rj"), unique_name("rjd"), unique_name("rej"));
+    src.create_database(&db);
+    src.execute(&db, ITEMS_SRC);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, ITEMS_DST);
+    // The destination refuses negative quantities; the source does not.
+    dest.execute(
+        &ddb,
+        "ALTER TABLE items ADD CONSTRAINT qty_ok CHECK (qty >= 0)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t1\" }} ]\n[source.tables]\nitems = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
+    src.execute(
+        &db,
+        "INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(1, 100) g",
+    );
+    converge(
+        "good rows",
+        || items_expected(src, &db, "t1"),
+        || items_actual(dest, &ddb, "t1"),
+    );
+    // One bad row amid good ones, in one transaction.
+    src.execute(&db, "BEGIN; INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(101, 150) g; INSERT INTO items VALUES (151, 'bad', -5, NULL); INSERT INTO items VALUES (152, 'ok', 1, NULL); COMMIT");
+    let lsn = src.query(&db, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+        .clone()
+        .unwrap();
+    let log = support::wait_for("rejection report", Duration::from_secs(60), || {
+        let log = daemon.log();
+        log.contains("destination rejected INSERT").then_some(log)
+    });
+    let line = log
+        .lines()
+        .find(|l| l.contains("destination rejected INSERT"))
+        .unwrap();
+    assert!(
+        line.contains(&format!("source {family} (sid t1)")),
+        "{line}"
+    );
+    assert!(line.contains("public.items key (id)=(151)"), "{line}");
+    assert!(line.contains("qty_ok"), "{line}");
+    assert!(line.contains(" at LSN "), "{line}");
+    // Never confirmed past the refused change, so the slot keeps it.
+    std::thread::sleep(Duration::from_secs(2));
+    let slot = format!("kuvasz_{family}_t1");
+    let past = src.query(&db, &format!("SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"));
+    assert_eq!(
+        past[0][0].as_deref(),
+        Some("f"),
+        "slot {slot} confirmed {:?} past the rejected change (WAL at {lsn})",
+        past[0][1]
+    );
+    assert_eq!(
+        dest.query(&ddb, "SELECT count(*) FROM items WHERE id = 151"),
+        vec![vec![Some("0".to_string())]]
+    );
+    // The operator fixes the cause: the retry applies everything, nothing lost.
+    dest.execute(&ddb, "ALTER TABLE items DROP CONSTRAINT qty_ok");
+    converge(
+        "after the fix",
+        || items_expected(src, &db, "t1"),
+        || items_actual(dest, &ddb, "t1"),
+    );
+    daemon.stop_ok();
+}
+
+/// With `on_error = deadletter` the refused change is kept in kvsz_deadletter and the
+/// rest streams on.
+#[test]
+fn rejected_row_goes_to_deadletter() {
+    let v = *support::versions().first().expect("a version");
+    let src = source(v);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("dl"), unique_name("dld"), unique_name("dead"));
+    src.create_database(&db);
+    src.execute(&db, ITEMS_SRC);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, ITEMS_DST);
+    dest.execute(
+        &ddb,
+        "ALTER TABLE items ADD CONSTRAINT qty_ok CHECK (qty >= 0)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t2\" }} ]\n[source.tables]\nitems = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
+    // Streaming, not the initial copy, is what this test is about.
+    daemon.wait_streaming(1);
+    src.execute(&db, "BEGIN; INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(1, 50) g; INSERT INTO items VALUES (51, 'bad', -1, 'n'); COMMIT; INSERT INTO items VALUES (52, 'later', 3, NULL)");
+    let good = || {
+        src.query(
+            &db,
+            "SELECT 't2', id::text, name, qty::text, 'x' FROM items WHERE qty >= 0 ORDER BY id",
+        )
+    };
+    converge("good rows", good, || items_actual(dest, &ddb, "t2"));
+    let dead = support::wait_for("deadletter row", Duration::from_secs(30), || {
+        let rows = dest.query(&ddb, "SELECT sid, source, source_table, op, row->>'id', row->>'qty', (error LIKE '%qty_ok%')::text FROM kvsz_deadletter");
+        (!rows.is_empty()).then_some(rows)
+    });
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        dead,
+        vec![vec![
+            s("t2"),
+            s(&family),
+            s("public.items"),
+            s("INSERT"),
+            s("51"),
+            s("-1"),
+            s("true")
+        ]]
+    );
+    daemon.stop_ok();
+}
+
+/// Several servers of different major versions into one target table.
+#[test]
+fn two_servers_into_one_table() {
+    let vs = support::versions();
+    let (v1, v2) = (vs[0], *vs.last().expect("a version"));
+    let (s1, s2) = (source(v1), source(v2));
+    let dest = destination();
+    let (db1, db2, ddb, family) = (
+        unique_name("sa"),
+        unique_name("sb"),
+        unique_name("sd"),
+        unique_name("two"),
+    );
+    for (c, db) in [(s1, &db1), (s2, &db2)] {
+        c.create_database(db);
+        c.execute(db, ITEMS_SRC);
+        c.execute(
+            db,
+            "INSERT INTO items SELECT g, 'pre', g, NULL FROM generate_series(1, 20) g",
+        );
+    }
+    dest.create_database(&ddb);
+    dest.execute(&ddb, ITEMS_DST);
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"pg{v1}\" }}, {{ url = \"{}\", sid = \"pg{v2}x\" }} ]\n[source.tables]\nitems = {{}}\n",
+        s1.url(&db1),
+        s2.url(&db2)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
+    s1.execute(
+        &db1,
+        "UPDATE items SET name = 'one' WHERE id < 5; INSERT INTO items VALUES (100, 'x', 1, NULL)",
+    );
+    s2.execute(
+        &db2,
+        "DELETE FROM items WHERE id < 5; INSERT INTO items VALUES (200, 'y', 2, NULL)",
+    );
+    let (sid1, sid2) = (format!("pg{v1}"), format!("pg{v2}x"));
+    converge(
+        "first server",
+        || items_expected(s1, &db1, &sid1),
+        || items_actual(dest, &ddb, &sid1),
+    );
+    converge(
+        "second server",
+        || items_expected(s2, &db2, &sid2),
+        || items_actual(dest, &ddb, &sid2),
+    );
+    assert_eq!(
+        dest.query(&ddb, "SELECT count(*) FROM items"),
+        vec![vec![Some("38".to_string())]]
+    );
     daemon.stop_ok();
 }
 

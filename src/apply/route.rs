@@ -72,6 +72,8 @@ impl Router {
             w.send(WriterMsg::Flush(tx.clone()))
                 .map_err(|_| PoolClosed)?;
         }
+        // Only the writers hold senders now: a writer that dies unblocks us with an error.
+        drop(tx);
         for _ in &self.writers {
             rx.recv().map_err(|_| PoolClosed)?;
         }

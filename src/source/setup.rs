@@ -393,7 +393,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 server_version,
             })
         }
-        Some(_) => {
+        Some(existing) => {
             let states = sync_states(spec, env, &mut dest)?;
             let current: BTreeSet<(String, String)> =
                 catalog::publication_tables(&mut src, &spec.slot)
@@ -466,7 +466,9 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             }
             Ok(StartPoint {
                 repl,
-                start: Lsn::ZERO,
+                // The server starts at the slot's confirmed position whatever we ask;
+                // asking for it makes our own bookkeeping start there too.
+                start: existing.confirmed_flush.unwrap_or(Lsn::ZERO),
                 server_version,
             })
         }

@@ -187,6 +187,12 @@ impl Streamer<'_> {
             self.confirmed = ok;
         }
         if force || advanced || self.last_status.elapsed() >= STATUS_EVERY {
+            debug!(
+                "source {}: standby status write {} flush {}",
+                self.label(),
+                self.received,
+                self.confirmed
+            );
             self.repl
                 .send_standby_status(self.received, self.confirmed, self.confirmed, false)
                 .map_err(self.repl_err("send standby status"))?;

@@ -105,6 +105,13 @@ impl Daemon {
         self.dir.clone()
     }
 
+    /// Waits until `n` sources report streaming (their initial sync is over).
+    pub fn wait_streaming(&self, n: usize) {
+        super::wait_for("sources streaming", Duration::from_secs(60), || {
+            (self.log().matches("streaming from slot").count() >= n).then_some(())
+        });
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         match &mut self.child {
