@@ -62,7 +62,10 @@ fn time_until(dest: &Cluster, db: &str, table: &str, rows: u64, started: Instant
         if max_id() >= rows && count(dest, db, table) >= rows {
             return started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(1800), "backlog not applied in 30 min");
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "backlog not applied in 30 min"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -411,3 +411,58 @@ per_version! {
     clone_pg17 => 17,
     clone_pg18 => 18,
 }
+
+/// A transaction far larger than `logical_decoding_work_mem` (spilled to disk by the
+/// server and sent at commit) arrives whole and in order on 14+ as on older servers.
+fn large_transaction(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("big"), unique_name("bigd"), unique_name("big"));
+    src.create_database(&db);
+    src.execute(&db, ITEMS_SRC);
+    src.execute(
+        &db,
+        &format!("ALTER DATABASE {db} SET logical_decoding_work_mem = '64kB'"),
+    );
+    dest.create_database(&ddb);
+    dest.execute(&ddb, ITEMS_DST);
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"b\" }} ]\n[source.tables]\nitems = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
+    daemon.wait_streaming(1);
+    src.execute(
+        &db,
+        "BEGIN; \
+         INSERT INTO items SELECT g, repeat('n', 50), g, 'big' FROM generate_series(1, 100000) g; \
+         UPDATE items SET qty = -qty WHERE id % 3 = 0; \
+         DELETE FROM items WHERE id % 5 = 0; \
+         UPDATE items SET id = id + 1000000 WHERE id % 7 = 0; \
+         COMMIT",
+    );
+    converge(
+        "large transaction",
+        || items_expected(src, &db, "b"),
+        || items_actual(dest, &ddb, "b"),
+    );
+    assert_eq!(
+        dest.query(&ddb, "SELECT count(*) FROM items"),
+        src.query(&db, "SELECT count(*) FROM items")
+    );
+    daemon.stop_ok();
+}
+
+#[test]
+fn large_transaction_pg13() {
+    if support::versions().contains(&13) {
+        large_transaction(13);
+    }
+}
+
+#[test]
+fn large_transaction_pg18() {
+    if support::versions().contains(&18) {
+        large_transaction(18);
+    }
+}
