@@ -278,6 +278,33 @@ fn state_sql(spec: &SourceSpec, env: &SourceEnv, table: &str, target: &str, stat
     )
 }
 
+/// Records `state` for `tables` in one destination transaction (after clearing the
+/// slot's old rows when `clear` is set).
+fn record_states(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    dest: &mut Client,
+    tables: &[&Resolved],
+    state: &str,
+    clear: bool,
+) -> Result<(), SourceError> {
+    let mut batch = String::from("BEGIN;");
+    if clear {
+        batch.push_str(&format!(
+            "DELETE FROM {} WHERE slot_name = {};",
+            qualified(&env.dest_schema, SYNC_STATE_TABLE),
+            literal(&spec.slot)
+        ));
+    }
+    for r in tables {
+        batch.push_str(&state_sql(spec, env, &key(r), &r.plan.target_table, state));
+        batch.push(';');
+    }
+    batch.push_str("COMMIT");
+    dest.batch_execute(&batch)
+        .map_err(sql_err(spec, "record sync state"))
+}
+
 fn key(r: &Resolved) -> String {
     format!("{}.{}", r.source.schema, r.source.name)
 }
@@ -345,23 +372,8 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             // New slot: every table is copied from the slot's exported snapshot, so the
             // copy and the stream meet exactly at the slot's consistent point.
             reconcile_publication(spec, &mut src, &wanted)?;
-            let mut batch = format!(
-                "BEGIN; DELETE FROM {state_table} WHERE slot_name = {};",
-                literal(&spec.slot)
-            );
-            for r in &tables {
-                batch.push_str(&state_sql(
-                    spec,
-                    env,
-                    &key(r),
-                    &r.plan.target_table,
-                    "pending",
-                ));
-                batch.push(';');
-            }
-            batch.push_str("COMMIT");
-            dest.batch_execute(&batch)
-                .map_err(sql_err(spec, "record sync state"))?;
+            let all: Vec<&Resolved> = tables.iter().collect();
+            record_states(spec, env, &mut dest, &all, "pending", true)?;
             let created = repl.create_slot(&spec.slot).map_err(repl_err(
                 spec,
                 format!("create replication slot {}", spec.slot),
@@ -403,17 +415,11 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             // A slot and publication with no sync state at all were made by the Go
             // implementation (or an earlier version): their tables are taken as copied.
             if states.is_empty() {
-                let mut batch = String::from("BEGIN;");
-                for r in tables
+                let adopted: Vec<&Resolved> = tables
                     .iter()
                     .filter(|r| current.contains(&(r.source.schema.clone(), r.source.name.clone())))
-                {
-                    batch.push_str(&state_sql(spec, env, &key(r), &r.plan.target_table, "done"));
-                    batch.push(';');
-                }
-                batch.push_str("COMMIT");
-                dest.batch_execute(&batch)
-                    .map_err(sql_err(spec, "record sync state"))?;
+                    .collect();
+                record_states(spec, env, &mut dest, &adopted, "done", false)?;
                 info!(
                     "source {}: adopted existing slot {}",
                     spec.label(),
@@ -427,20 +433,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 .collect();
             // Mark before publishing: a crash between the two still leaves them pending.
             if !pending.is_empty() {
-                let mut batch = String::from("BEGIN;");
-                for r in &pending {
-                    batch.push_str(&state_sql(
-                        spec,
-                        env,
-                        &key(r),
-                        &r.plan.target_table,
-                        "pending",
-                    ));
-                    batch.push(';');
-                }
-                batch.push_str("COMMIT");
-                dest.batch_execute(&batch)
-                    .map_err(sql_err(spec, "record sync state"))?;
+                record_states(spec, env, &mut dest, &pending, "pending", false)?;
             }
             reconcile_publication(spec, &mut src, &wanted)?;
             let stale: Vec<String> = states
