@@ -54,6 +54,9 @@ pub struct TargetTable {
     /// The target has a unique index on exactly the key columns (and `sid`): upserts
     /// then use `INSERT … ON CONFLICT`, one index probe per row.
     pub arbiter: bool,
+    /// The source has REPLICA IDENTITY FULL: the "key" is the whole old row, whose values
+    /// may be NULL, so rows are matched with IS NOT DISTINCT FROM.
+    pub full_identity: bool,
 }
 
 impl TargetTable {

@@ -232,6 +232,9 @@ fn generation(
         let h = thread::Builder::new()
             .name(format!("writer-{i}"))
             .spawn(move || {
+                // Kept to drain the queue after a failure: a queued Flush holds its
+                // barrier's reply channel open, and the source waiting on it would hang.
+                let leftover = rx.clone();
                 let r = catch_unwind(AssertUnwindSafe(|| {
                     Writer::connect(i, ws, rx).and_then(|w| w.run())
                 }));
@@ -240,7 +243,11 @@ fn generation(
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("writer {i}: thread panicked")),
                 };
+                let failed = r.is_err();
                 let _ = etx.send(Event::Writer(i, r));
+                if failed {
+                    for _ in leftover.iter() {}
+                }
             })
             .map_err(|e| format!("cannot start writer thread: {e}"))?;
         writers.push(Some(h));

@@ -75,6 +75,7 @@ fn load(args: &Args) -> Result<Loaded, String> {
                 slot: family.slot_name(url),
                 conn,
                 tables: family.tables.clone(),
+                family_size: family.urls.len(),
             });
         }
     }

@@ -466,3 +466,44 @@ fn large_transaction_pg18() {
         large_transaction(18);
     }
 }
+
+/// REPLICA IDENTITY FULL on a table without a key: rows are found by their whole old
+/// value, NULLs included.
+#[test]
+fn replica_identity_full_with_nulls() {
+    let v = *support::versions().last().expect("a version");
+    let src = source(v);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("fu"), unique_name("fud"), unique_name("full"));
+    src.create_database(&db);
+    src.execute(&db, "SET ROLE kuvasz; CREATE TABLE notes (a int, b text, c date); ALTER TABLE notes REPLICA IDENTITY FULL");
+    src.execute(&db, "INSERT INTO notes VALUES (1, NULL, '2024-01-01'), (2, 'two', NULL), (3, 'three', '2024-03-03')");
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE notes (a int, b text, c date)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"f\" }} ]\n[source.tables]\nnotes = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
+    daemon.wait_streaming(1);
+    src.execute(&db, "UPDATE notes SET b = 'one' WHERE a = 1; UPDATE notes SET c = '2025-02-02' WHERE a = 2; DELETE FROM notes WHERE a = 3; INSERT INTO notes VALUES (4, NULL, NULL)");
+    src.execute(&db, "DELETE FROM notes WHERE a = 4");
+    let rows = "SELECT a::text, b, c::text FROM notes ORDER BY a";
+    converge(
+        "full identity",
+        || src.query(&db, rows),
+        || dest.query(&ddb, rows),
+    );
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        dest.query(&ddb, rows),
+        vec![
+            vec![s("1"), s("one"), s("2024-01-01")],
+            vec![s("2"), s("two"), s("2025-02-02")]
+        ]
+    );
+    daemon.stop_ok();
+}

@@ -162,6 +162,7 @@ mod tests {
             key: vec![0],
             sid: None,
             arbiter: false,
+            full_identity: false,
         })
     }
 

@@ -122,6 +122,7 @@ mod tests {
             key: vec![0],
             sid: None,
             arbiter: false,
+            full_identity: false,
         });
         let mk = |id: u32, v: &str| Change {
             source: 0,

@@ -61,6 +61,16 @@ fn push_sid_filter(out: &mut String, table: &TargetTable) {
     }
 }
 
+/// The comparison that finds a row by its key: `=` for real keys (indexable), NULL-safe
+/// for a whole-row identity, whose columns may be NULL.
+fn key_eq(table: &TargetTable) -> &'static str {
+    if table.full_identity {
+        " IS NOT DISTINCT FROM "
+    } else {
+        " = "
+    }
+}
+
 /// `t."k1" = d.c3 AND …` matching the key columns (positions in `cols`).
 fn push_key_match(out: &mut String, table: &TargetTable, cols: &[usize], left: &str) {
     for (n, k) in table.key.iter().enumerate() {
@@ -71,7 +81,8 @@ fn push_key_match(out: &mut String, table: &TargetTable, cols: &[usize], left: &
         out.push_str(left);
         out.push('.');
         push_ident(out, &table.columns[*k].name);
-        out.push_str(&format!(" = d.c{pos}"));
+        out.push_str(key_eq(table));
+        out.push_str(&format!("d.c{pos}"));
     }
 }
 
@@ -222,7 +233,7 @@ fn upsert_without_index(table: &TargetTable, cols: &[usize], rows: &[&Change]) -
             s.push_str(" AND ");
         }
         let pos = cols.iter().position(|c| c == k).unwrap_or(0);
-        s.push_str(&format!("u.c{pos} = d.c{pos}"));
+        s.push_str(&format!("u.c{pos}{}d.c{pos}", key_eq(table)));
     }
     s.push_str(") RETURNING 1) SELECT count(*) FROM i");
     s
@@ -306,7 +317,7 @@ pub fn update_in_place(table: &TargetTable, cols: &[usize], change: &Change) -> 
         }
         s.push_str("t.");
         push_ident(&mut s, &table.columns[*k].name);
-        s.push_str(" = ");
+        s.push_str(key_eq(table));
         match v {
             Value::Text(v) => push_literal(&mut s, v),
             Value::Null | Value::Unchanged => s.push_str("NULL"),
@@ -354,6 +365,7 @@ mod tests {
             key: vec![0],
             sid: sid.map(Sid::new),
             arbiter: false,
+            full_identity: false,
         })
     }
 
@@ -466,6 +478,19 @@ mod tests {
             "WITH d(c0) AS (VALUES ('1'::integer),('2')) DELETE FROM \"public\".\"T x\" AS t \
              USING d WHERE t.\"id\" = d.c0 AND t.\"sid\" = 's1'"
         );
+    }
+
+    #[test]
+    fn whole_row_identity_matches_nulls() {
+        let t = Arc::new(TargetTable {
+            full_identity: true,
+            key: vec![0, 1],
+            ..(*table(None)).clone()
+        });
+        let d = change(&t, Op::Delete, &[Some("1"), None]);
+        assert!(delete(&t, &[&d]).contains(
+            "WHERE t.\"id\" IS NOT DISTINCT FROM d.c0 AND t.\"na\"\"me\" IS NOT DISTINCT FROM d.c1"
+        ));
     }
 
     #[test]

@@ -105,13 +105,12 @@ fn is_rejection(e: &postgres::Error) -> bool {
     match e.as_db_error() {
         None => false,
         Some(db) => {
+            // Only errors about the row's data: 22 data exception, 23 integrity constraint,
+            // 21 cardinality, P0 raised by a trigger. Everything else (a dropped column, a
+            // revoked privilege, a lost connection) is about the destination, not the row:
+            // the pool restarts and retries rather than dead-lettering every row.
             let code = db.code().code();
-            // 08: connection, 57: operator intervention, 53: resources, 40: rollback
-            // (serialization, deadlock): all transient, retried by reconnecting.
-            !(code.starts_with("08")
-                || code.starts_with("57")
-                || code.starts_with("53")
-                || code.starts_with("40"))
+            ["22", "23", "21", "P0"].iter().any(|c| code.starts_with(c))
         }
     }
 }

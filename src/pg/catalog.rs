@@ -9,7 +9,9 @@ use super::Lsn;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Column {
     pub name: String,
-    /// `format_type(atttypid, atttypmod)`: usable as a cast target in SQL.
+    /// The column's type without its modifier, usable as a cast target: an explicit cast
+    /// to `varchar(20)` would silently truncate, while assigning the uncast value to the
+    /// column enforces the modifier (bit(n) is cast to `bit varying` for the same reason).
     pub type_name: String,
     /// Part of the replica identity (source) or of the primary key (target).
     pub is_key: bool,
@@ -60,7 +62,9 @@ pub fn table_info(
     // Key columns: the primary key (default identity), the replica identity index, or
     // none for FULL (every column is then part of the identity).
     let cols = client.query(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+        "SELECT a.attname::text, \
+                CASE WHEN a.atttypid = 'bit'::regtype THEN 'bit varying' \
+                     ELSE format_type(a.atttypid, NULL) END, \
                 EXISTS (SELECT 1 FROM pg_index i \
                     WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey::int2[]) \
                       AND CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END) \
@@ -100,7 +104,8 @@ pub fn unique_indexes(
            FROM pg_index i \
            JOIN pg_class c ON c.oid = i.indrelid \
            JOIN pg_namespace n ON n.oid = c.relnamespace \
-           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey::int2[]) \
+           JOIN pg_attribute a ON a.attrelid = c.oid \
+                AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1]) \
           WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indisvalid \
             AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
           GROUP BY i.indexrelid",

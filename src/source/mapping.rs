@@ -61,6 +61,7 @@ pub fn map_relation(
     target_name: &str,
     target: &[Column],
     unique_indexes: &[Vec<String>],
+    full_identity: bool,
     sid: &Sid,
 ) -> Result<RelationMap, MappingError> {
     let has_sid = target.iter().any(|c| c.name == "sid");
@@ -114,6 +115,7 @@ pub fn map_relation(
             key,
             sid: has_sid.then(|| sid.clone()),
             arbiter,
+            full_identity,
         }),
         source_index,
         source_width: source.len(),
@@ -299,6 +301,7 @@ mod tests {
             "t",
             &dst,
             &[vec!["sid".into(), "id".into()]],
+            false,
             &Sid::new("s1"),
         )
         .unwrap();
@@ -325,14 +328,14 @@ mod tests {
         let src = [col("id", true), col("v", false)];
         let dst = [col("v", false)];
         assert_eq!(
-            map_relation(&src, "s", "t", &dst, &[], &Sid::new("a")).unwrap_err(),
+            map_relation(&src, "s", "t", &dst, &[], false, &Sid::new("a")).unwrap_err(),
             MappingError::KeyColumnMissing {
                 column: "id".into()
             }
         );
         let nokey = [col("id", false), col("v", false)];
         assert_eq!(
-            map_relation(&nokey, "s", "t", &src, &[], &Sid::new("a")).unwrap_err(),
+            map_relation(&nokey, "s", "t", &src, &[], false, &Sid::new("a")).unwrap_err(),
             MappingError::NoKey
         );
     }
@@ -340,7 +343,16 @@ mod tests {
     #[test]
     fn key_change_splits_into_delete_and_insert() {
         let src = [col("id", true), col("v", false)];
-        let m = map_relation(&src, "s", "t", &src, &[vec!["v".into()]], &Sid::new("a")).unwrap();
+        let m = map_relation(
+            &src,
+            "s",
+            "t",
+            &src,
+            &[vec!["v".into()]],
+            false,
+            &Sid::new("a"),
+        )
+        .unwrap();
         assert!(
             !m.table.arbiter,
             "a unique index on another column is no arbiter"
@@ -386,7 +398,16 @@ mod tests {
     #[test]
     fn wrong_tuple_width_is_an_error() {
         let src = [col("id", true), col("v", false)];
-        let m = map_relation(&src, "s", "t", &src, &[vec!["v".into()]], &Sid::new("a")).unwrap();
+        let m = map_relation(
+            &src,
+            "s",
+            "t",
+            &src,
+            &[vec!["v".into()]],
+            false,
+            &Sid::new("a"),
+        )
+        .unwrap();
         assert!(m
             .insert(0, t(&[Some("1")]), Position::default(), 0)
             .is_err());

@@ -36,6 +36,8 @@ pub struct SourceSpec {
     pub slot: String,
     pub conn: ConnInfo,
     pub tables: Vec<TableMap>,
+    /// How many URLs the family has: several URLs into one target need a `sid` column.
+    pub family_size: usize,
 }
 
 impl SourceSpec {
@@ -165,6 +167,13 @@ impl std::error::Error for SourceError {}
 
 /// Runs one source until stopped or failed: set-up (with initial sync), then streaming.
 pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
+    // Changes a failed earlier run of this source left queued are committed before a
+    // re-copy could race them.
+    env.router
+        .flush_all()
+        .map_err(|_| SourceError::PoolClosed {
+            source: spec.label(),
+        })?;
     let start = setup::prepare(spec, env)?;
     if env.stop.is_set() {
         return Ok(());

@@ -148,6 +148,17 @@ fn resolve_tables(
             ));
         };
         let has_sid = target.columns.iter().any(|c| c.name == "sid");
+        if !has_sid && spec.family_size > 1 {
+            return Err(prerequisite(
+                spec,
+                format!(
+                    "target table {target_name} has no sid column, but {} URLs of source {} \
+                     write into it: their rows would overwrite and delete each other. Add a \
+                     column sid text to it (and to its primary key)",
+                    spec.family_size, spec.database
+                ),
+            ));
+        }
         let columns: Vec<String> = info
             .columns
             .iter()
@@ -492,7 +503,8 @@ fn copy_one(
         .map_err(sql_err(spec, format!("open snapshot for {name}")))?;
     let started = std::time::Instant::now();
     let done = state_sql(spec, env, &name, &r.plan.target_table, "done");
-    let result = copy_table(src, dest, &r.plan, &done, limiter);
+    let stop = || env.stop.is_set();
+    let result = copy_table(src, dest, &r.plan, &done, limiter, &stop);
     let _ = src.batch_execute("COMMIT");
     let (rows, bytes) = result.map_err(|error| SourceError::Sync {
         source: spec.label(),

@@ -261,6 +261,14 @@ impl Streamer<'_> {
                         .map
                         .update(self.spec.id, old, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    if second.is_none() && first.old_key.is_some() {
+                        // A row moved to a new key that cannot be rebuilt from the change
+                        // (unchanged TOAST): updated in place, so it must not overtake or
+                        // be overtaken by the changes of either key on another writer.
+                        self.env.router.flush_all().map_err(self.closed())?;
+                        self.env.router.apply_alone(first).map_err(self.closed())?;
+                        return Ok(());
+                    }
                     self.route(first)?;
                     if let Some(c) = second {
                         self.route(c)?;
@@ -360,6 +368,11 @@ impl Streamer<'_> {
     /// a schema change on either side is picked up.
     fn relation(&mut self, rel: Relation) -> Result<(), SourceError> {
         let source_name = format!("{}.{}", rel.namespace, rel.name);
+        // A changed relation may route its keys differently (a new replica identity): what
+        // was routed the old way is committed first.
+        if matches!(self.relations.get(&rel.id), Some(Some(_))) {
+            self.env.router.flush_all().map_err(self.closed())?;
+        }
         let Some(t) = self.table_map(&rel).cloned() else {
             warn!(
                 "source {}: {source_name} is published but not mapped; its changes are skipped",
@@ -405,6 +418,7 @@ impl Streamer<'_> {
             &t.target,
             &target.columns,
             &unique,
+            rel.replica_identity == b'f',
             &self.spec.sid,
         )
         .map_err(|error| SourceError::Mapping {

@@ -125,6 +125,8 @@ pub enum CopyError {
     Source(postgres::Error),
     Destination(postgres::Error),
     Io(std::io::Error),
+    /// The daemon is stopping: the copy was abandoned (and rolled back).
+    Stopped,
 }
 
 impl std::fmt::Display for CopyError {
@@ -133,6 +135,7 @@ impl std::fmt::Display for CopyError {
             CopyError::Source(e) => write!(f, "source: {}", describe(e)),
             CopyError::Destination(e) => write!(f, "destination: {}", describe(e)),
             CopyError::Io(e) => write!(f, "{e}"),
+            CopyError::Stopped => f.write_str("stopped before the copy finished"),
         }
     }
 }
@@ -146,6 +149,7 @@ pub fn copy_table(
     plan: &CopyPlan,
     done_sql: &str,
     limiter: &mut RateLimiter,
+    stop: &dyn Fn() -> bool,
 ) -> Result<(u64, u64), CopyError> {
     let mut tx = dest.transaction().map_err(CopyError::Destination)?;
     tx.batch_execute(&plan.clear_sql())
@@ -163,6 +167,10 @@ pub fn copy_table(
         let mut buf = vec![0u8; 256 * 1024];
         let mut out = Vec::with_capacity(320 * 1024);
         loop {
+            if stop() {
+                // Dropping the writer unfinished aborts the COPY; the transaction rolls back.
+                return Err(CopyError::Stopped);
+            }
             let n = reader.read(&mut buf).map_err(CopyError::Io)?;
             if n == 0 {
                 break;
