@@ -297,9 +297,8 @@ fn generation(
                 }
             }
             Ok(Event::Writer(i, r)) => {
-                if let Some(h) = writers[i].take() {
-                    let _ = h.join();
-                }
+                // Not joined here: a failed writer drains its queue until every sender is
+                // gone, which happens below, after the sources have stopped.
                 if !stopping || r.is_err() {
                     break Err(match r {
                         Err(e) => e,
