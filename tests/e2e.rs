@@ -507,3 +507,51 @@ fn replica_identity_full_with_nulls() {
     );
     daemon.stop_ok();
 }
+
+/// A refused row in a transaction that also holds a TRUNCATE barrier: the pool restarts
+/// (whether the writer failed before or after the barrier was queued behind it), and once
+/// the cause is fixed everything arrives, TRUNCATE in its place.
+#[test]
+fn rejection_before_a_truncate_barrier_recovers() {
+    let v = *support::versions().last().expect("a version");
+    let src = source(v);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("tb"), unique_name("tbd"), unique_name("bar"));
+    src.create_database(&db);
+    src.execute(&db, ITEMS_SRC);
+    src.execute(&db, PLAIN_SRC);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, ITEMS_DST);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE plain (id bigint PRIMARY KEY, v text)",
+    );
+    dest.execute(
+        &ddb,
+        "ALTER TABLE items ADD CONSTRAINT qty_ok CHECK (qty >= 0)",
+    );
+    src.execute(&db, "INSERT INTO plain VALUES (1, 'old')");
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t\" }} ]\n[source.tables]\nitems = {{}}\nplain = {{}}\n",
+        src.url(&db)
+    );
+    // One writer: the refused row and the barrier's Flush share a queue.
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 1"]);
+    daemon.wait_streaming(1);
+    src.execute(&db, "BEGIN; INSERT INTO items VALUES (1, 'bad', -1, NULL); INSERT INTO plain VALUES (2, 'x'); TRUNCATE plain; INSERT INTO plain VALUES (3, 'new'); COMMIT");
+    support::wait_for("rejection report", Duration::from_secs(60), || {
+        daemon
+            .log()
+            .contains("destination rejected INSERT")
+            .then_some(())
+    });
+    dest.execute(&ddb, "ALTER TABLE items DROP CONSTRAINT qty_ok");
+    converge(
+        "items",
+        || items_expected(src, &db, "t"),
+        || items_actual(dest, &ddb, "t"),
+    );
+    let rows = "SELECT id::text, v FROM plain ORDER BY id";
+    converge("plain", || src.query(&db, rows), || dest.query(&ddb, rows));
+    daemon.stop_ok();
+}
