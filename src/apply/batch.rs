@@ -110,21 +110,24 @@ impl Run {
         }
     }
 
-    /// Adds the change if it fits this run; gives it back otherwise.
-    pub fn try_push(&mut self, c: Change) -> Result<(), Change> {
+    /// Adds the change if it fits this run; false (and nothing added) otherwise.
+    pub fn try_push(&mut self, c: &mut Option<Change>) -> bool {
+        let Some(change) = c.as_ref() else {
+            return false;
+        };
         if !self.kind.batches()
             || self.changes.len() >= MAX_RUN
-            || !Arc::ptr_eq(&c.table, &self.table)
-            || kind_of(&c) != self.kind
-            || !has_columns(&c, &self.cols)
+            || !Arc::ptr_eq(&change.table, &self.table)
+            || kind_of(change) != self.kind
+            || !has_columns(change, &self.cols)
+            || !self.keys.insert(key_hash(change))
         {
-            return Err(c);
+            return false;
         }
-        if !self.keys.insert(key_hash(&c)) {
-            return Err(c);
+        if let Some(change) = c.take() {
+            self.changes.push(change);
         }
-        self.changes.push(c);
-        Ok(())
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -143,7 +146,7 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Position, TargetColumn};
+    use crate::change::{Position, Row, TargetColumn};
 
     fn table() -> Arc<TargetTable> {
         Arc::new(TargetTable {
@@ -171,7 +174,11 @@ mod tests {
             source: 0,
             table: t.clone(),
             op: Op::Insert,
-            values: vec![Value::Text(id.into()), v],
+            values: {
+                let mut r = Row::from_texts(&[Some(id)]);
+                r.push(v);
+                r
+            },
             old_key: None,
             pos: Position::default(),
             commit_time: 0,
@@ -179,14 +186,14 @@ mod tests {
     }
 
     fn push(run: &mut Run, c: Change) -> bool {
-        run.try_push(c).is_ok()
+        run.try_push(&mut Some(c))
     }
 
     #[test]
     fn same_shape_batches_until_a_key_repeats() {
         let t = table();
         let mut run = Run::start(ins(&t, "1", Value::Null));
-        assert!(push(&mut run, ins(&t, "2", Value::Text("x".into()))));
+        assert!(push(&mut run, ins(&t, "2", Value::Text("x"))));
         assert!(!push(&mut run, ins(&t, "1", Value::Null)), "key 1 twice");
         assert_eq!(run.len(), 2);
     }
@@ -208,7 +215,7 @@ mod tests {
         let mut c = ins(&t, "1", Value::Unchanged);
         c.op = Op::Update;
         assert_eq!(classify(&c), (Kind::InPlace, vec![0]));
-        c.values[1] = Value::Null;
+        c.values = Row::from_texts(&[Some("1"), None]);
         assert_eq!(classify(&c), (Kind::Update, vec![0, 1]));
         assert!(has_columns(&c, &[0, 1]) && !has_columns(&c, &[0]) && !has_columns(&c, &[0, 1, 2]));
     }

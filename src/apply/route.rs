@@ -101,7 +101,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Op, Position, TargetColumn, TargetTable, Value};
+    use crate::change::{Op, Position, Row, TargetColumn, TargetTable};
     use std::sync::Arc;
 
     #[test]
@@ -128,7 +128,7 @@ mod tests {
             source: 0,
             table: t.clone(),
             op: Op::Insert,
-            values: vec![Value::Text(id.to_string()), Value::Text(v.into())],
+            values: Row::from_texts(&[Some(&id.to_string()), Some(v)]),
             old_key: None,
             pos: Position::default(),
             commit_time: 0,

@@ -13,7 +13,7 @@ fn push_values<'a>(
     out: &mut String,
     table: &TargetTable,
     cols: &[usize],
-    rows: impl Iterator<Item = Vec<&'a Value>>,
+    rows: impl Iterator<Item = Vec<Value<'a>>>,
 ) {
     out.push_str("VALUES ");
     for (r, row) in rows.enumerate() {
@@ -25,7 +25,7 @@ fn push_values<'a>(
             if i > 0 {
                 out.push(',');
             }
-            match v {
+            match *v {
                 Value::Text(s) => push_literal(out, s),
                 // Unchanged never reaches a column list: runs only hold present columns.
                 Value::Null | Value::Unchanged => out.push_str("NULL"),
@@ -128,7 +128,7 @@ fn push_select_values(s: &mut String, table: &TargetTable, cols: &[usize], rows:
         table,
         cols,
         rows.iter()
-            .map(|c| cols.iter().map(|&i| &c.values[i]).collect()),
+            .map(|c| cols.iter().map(|&i| c.values.at(i)).collect()),
     );
     s.push_str(") AS ");
     push_alias(s, cols.len());
@@ -190,7 +190,7 @@ fn upsert_without_index(table: &TargetTable, cols: &[usize], rows: &[&Change]) -
         table,
         cols,
         rows.iter()
-            .map(|c| cols.iter().map(|&i| &c.values[i]).collect()),
+            .map(|c| cols.iter().map(|&i| c.values.at(i)).collect()),
     );
     s.push_str("), u AS (UPDATE ");
     s.push_str(&target);
@@ -257,7 +257,7 @@ pub fn copy_rows(table: &TargetTable, cols: &[usize], rows: &[&Change], out: &mu
             if n > 0 {
                 out.push(b'\t');
             }
-            match &c.values[i] {
+            match c.values.at(i) {
                 Value::Text(v) => push_copy_field(out, v),
                 Value::Null | Value::Unchanged => out.extend_from_slice(b"\\N"),
             }
@@ -303,7 +303,7 @@ pub fn update_in_place(table: &TargetTable, cols: &[usize], change: &Change) -> 
         }
         push_ident(&mut s, &table.columns[c].name);
         s.push_str(" = ");
-        match &change.values[c] {
+        match change.values.at(c) {
             Value::Text(v) => push_literal(&mut s, v),
             Value::Null | Value::Unchanged => s.push_str("NULL"),
         }
@@ -345,7 +345,7 @@ pub fn truncate(table: &TargetTable) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Op, Position, Sid, TargetColumn};
+    use crate::change::{Op, Position, Row, Sid, TargetColumn};
     use std::sync::Arc;
 
     fn table(sid: Option<&str>) -> Arc<TargetTable> {
@@ -370,15 +370,9 @@ mod tests {
     }
 
     fn change(t: &Arc<TargetTable>, op: Op, vals: &[Option<&str>]) -> Change {
-        let v: Vec<Value> = vals
-            .iter()
-            .map(|v| match v {
-                Some(s) => Value::Text(s.to_string()),
-                None => Value::Null,
-            })
-            .collect();
+        let v = Row::from_texts(vals);
         let (values, old_key) = if op == Op::Delete {
-            (vec![], Some(v))
+            (Row::default(), Some(v))
         } else {
             (v, None)
         };
@@ -509,7 +503,7 @@ mod tests {
     fn in_place_update_uses_old_key() {
         let t = table(None);
         let mut c = change(&t, Op::Update, &[Some("2"), Some("n")]);
-        c.old_key = Some(vec![Value::Text("1".into())]);
+        c.old_key = Some(Row::from_texts(&[Some("1")]));
         assert_eq!(
             update_in_place(&t, &[0, 1], &c),
             "UPDATE \"public\".\"T x\" AS t SET \"id\" = '2'::integer, \"na\"\"me\" = 'n'::text \

@@ -222,7 +222,11 @@ impl Writer {
 
     fn push(&mut self, c: Change) -> Result<(), WriterError> {
         let c = match self.run.as_mut() {
-            Some(run) => run.try_push(c).err(),
+            Some(run) => {
+                let mut c = Some(c);
+                run.try_push(&mut c);
+                c
+            }
             None => Some(c),
         };
         if let Some(c) = c {
@@ -481,7 +485,7 @@ impl Writer {
 fn row_json(c: &Change) -> String {
     let mut names = Vec::new();
     let mut vals = Vec::new();
-    let (cols, values): (Vec<usize>, Vec<&Value>) = match &c.old_key {
+    let (cols, values): (Vec<usize>, Vec<Value>) = match &c.old_key {
         Some(k) if c.values.is_empty() => (c.table.key.clone(), k.iter().collect()),
         _ => ((0..c.values.len()).collect(), c.values.iter().collect()),
     };

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::change::{Change, Op, Position, Sid, SourceId, TargetColumn, TargetTable, Value};
+use crate::change::{Change, Op, Position, Row, Sid, SourceId, TargetColumn, TargetTable, Value};
 use crate::pg::catalog::Column;
 use crate::pg::pgoutput::{OldTuple, Tuple, TupleValue};
 
@@ -122,12 +122,12 @@ pub fn map_relation(
     })
 }
 
-/// Moves a decoded value into a Change value (no copy of the text).
-fn value(v: TupleValue) -> Value {
+/// Appends a decoded value to a row.
+fn push_value(row: &mut Row, v: &TupleValue) {
     match v {
-        TupleValue::Null => Value::Null,
-        TupleValue::Unchanged => Value::Unchanged,
-        TupleValue::Text(s) => Value::Text(s),
+        TupleValue::Null => row.push(Value::Null),
+        TupleValue::Unchanged => row.push(Value::Unchanged),
+        TupleValue::Text(s) => row.push(Value::Text(s)),
         // We never ask for binary; if it came anyway, hex is what bytea's text form is.
         TupleValue::Binary(b) => {
             let mut s = String::with_capacity(2 + b.len() * 2);
@@ -135,9 +135,20 @@ fn value(v: TupleValue) -> Value {
             for byte in b {
                 s.push_str(&format!("{byte:02x}"));
             }
-            Value::Text(s)
+            row.push(Value::Text(&s));
         }
     }
+}
+
+/// Bytes of text a tuple carries, to size a row's buffer once.
+fn text_len(t: &Tuple) -> usize {
+    t.0.iter()
+        .map(|v| match v {
+            TupleValue::Text(s) => s.len(),
+            TupleValue::Binary(b) => 2 + 2 * b.len(),
+            TupleValue::Null | TupleValue::Unchanged => 0,
+        })
+        .sum()
 }
 
 impl RelationMap {
@@ -151,23 +162,22 @@ impl RelationMap {
         Ok(())
     }
 
-    /// Takes the target's columns out of a decoded tuple (which is consumed).
-    fn row(&self, t: &mut Tuple) -> Vec<Value> {
-        self.source_index
-            .iter()
-            .map(|&i| value(std::mem::replace(&mut t.0[i], TupleValue::Null)))
-            .collect()
+    /// The target's columns of a decoded tuple, in one buffer. The tuple's own strings
+    /// are freed here, in the thread that allocated them (cheap), not in a writer.
+    fn row(&self, t: &Tuple) -> Row {
+        let mut row = Row::with_capacity(self.source_index.len(), text_len(t));
+        for &i in &self.source_index {
+            push_value(&mut row, &t.0[i]);
+        }
+        row
     }
 
-    fn key_of(&self, t: &mut Tuple) -> Vec<Value> {
-        self.table
-            .key
-            .iter()
-            .map(|&k| {
-                let i = self.source_index[k];
-                value(std::mem::replace(&mut t.0[i], TupleValue::Null))
-            })
-            .collect()
+    fn key_of(&self, t: &Tuple) -> Row {
+        let mut row = Row::with_capacity(self.table.key.len(), 16 * self.table.key.len());
+        for &k in &self.table.key {
+            push_value(&mut row, &t.0[self.source_index[k]]);
+        }
+        row
     }
 
     fn change(&self, source: SourceId, op: Op, pos: Position, commit_time: i64) -> Change {
@@ -175,7 +185,7 @@ impl RelationMap {
             source,
             table: self.table.clone(),
             op,
-            values: Vec::new(),
+            values: Row::default(),
             old_key: None,
             pos,
             commit_time,
@@ -185,13 +195,13 @@ impl RelationMap {
     pub fn insert(
         &self,
         source: SourceId,
-        mut new: Tuple,
+        new: Tuple,
         pos: Position,
         commit_time: i64,
     ) -> Result<Change, MappingError> {
         self.check(&new)?;
         let mut c = self.change(source, Op::Insert, pos, commit_time);
-        c.values = self.row(&mut new);
+        c.values = self.row(&new);
         Ok(c)
     }
 
@@ -202,22 +212,27 @@ impl RelationMap {
         &self,
         source: SourceId,
         old: Option<OldTuple>,
-        mut new: Tuple,
+        new: Tuple,
         pos: Position,
         commit_time: i64,
     ) -> Result<(Change, Option<Change>), MappingError> {
         self.check(&new)?;
-        let values = self.row(&mut new);
+        let values = self.row(&new);
         let old_key = match old {
-            Some(mut o) => {
+            Some(o) => {
                 self.check(&o.tuple)?;
-                let k = self.key_of(&mut o.tuple);
-                let same = self.table.key.iter().zip(&k).all(|(&i, v)| &values[i] == v);
+                let k = self.key_of(&o.tuple);
+                let same = self
+                    .table
+                    .key
+                    .iter()
+                    .enumerate()
+                    .all(|(n, &i)| values.at(i) == k.at(n));
                 (!same).then_some(k)
             }
             None => None,
         };
-        let complete = !values.iter().any(|v| matches!(v, Value::Unchanged));
+        let complete = !values.has_unchanged();
         match old_key {
             Some(k) if complete => {
                 let mut del = self.change(source, Op::Delete, pos, commit_time);
@@ -238,13 +253,13 @@ impl RelationMap {
     pub fn delete(
         &self,
         source: SourceId,
-        mut old: OldTuple,
+        old: OldTuple,
         pos: Position,
         commit_time: i64,
     ) -> Result<Change, MappingError> {
         self.check(&old.tuple)?;
         let mut c = self.change(source, Op::Delete, pos, commit_time);
-        c.old_key = Some(self.key_of(&mut old.tuple));
+        c.old_key = Some(self.key_of(&old.tuple));
         Ok(c)
     }
 
@@ -275,10 +290,6 @@ mod tests {
                 })
                 .collect(),
         )
-    }
-
-    fn txt(s: &str) -> Value {
-        Value::Text(s.into())
     }
 
     #[test]
@@ -319,7 +330,7 @@ mod tests {
                 0,
             )
             .unwrap();
-        assert_eq!(c.values, [txt("1"), txt("n")]);
+        assert_eq!(c.values, Row::from_texts(&[Some("1"), Some("n")]));
         assert_eq!(c.source, 3);
     }
 
@@ -373,9 +384,9 @@ mod tests {
         let (del, ins) = out;
         let ins = ins.expect("an insert of the new key");
         assert_eq!(del.op, Op::Delete);
-        assert_eq!(del.old_key, Some(vec![txt("1")]));
+        assert_eq!(del.old_key, Some(Row::from_texts(&[Some("1")])));
         assert_eq!(ins.op, Op::Insert);
-        assert_eq!(ins.values, [txt("2"), txt("v")]);
+        assert_eq!(ins.values, Row::from_texts(&[Some("2"), Some("v")]));
         // Same key in the old tuple (REPLICA IDENTITY FULL sends it always): plain update.
         let same = OldTuple {
             kind: OldKind::Full,
