@@ -207,27 +207,62 @@ urls = [ {{ url = "{}", sid = "m" }} ]
     daemon.stop_ok();
 }
 
+/// One source database and one destination database, both with `items`, and a map of
+/// one URL (with `sid`) mapping `items` plus `more_tables` lines: most single-source
+/// tests start here.
+struct Pair {
+    src: &'static Cluster,
+    dest: &'static Cluster,
+    db: String,
+    ddb: String,
+    family: String,
+    map: String,
+}
+
+fn items_pair(version: u32, prefix: &str, sid: &str, more_tables: &str) -> Pair {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (
+        unique_name(prefix),
+        unique_name(&format!("{prefix}d")),
+        unique_name(prefix),
+    );
+    src.create_database(&db);
+    src.execute(&db, ITEMS_SRC);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, ITEMS_DST);
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"{sid}\" }} ]\n[source.tables]\nitems = {{}}\n{more_tables}",
+        src.url(&db)
+    );
+    Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        family,
+        map,
+    }
+}
+
 /// Rows the destination refuses are never skipped: with `on_error = stop` the source
 /// stops confirming at the change, retries it, and applies it once the cause is fixed;
 /// the report names source, sid, table, key and LSN.
 #[test]
 fn rejected_row_stops_and_resumes() {
     let v = *support::versions().last().expect("a version");
-    let src = source(v);
-    let dest = destination();
-    let (db, ddb, family) = (unique_name("rj"), unique_name("rjd"), unique_name("rej"));
-    src.create_database(&db);
-    src.execute(&db, ITEMS_SRC);
-    dest.create_database(&ddb);
-    dest.execute(&ddb, ITEMS_DST);
+    let Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        family,
+        map,
+    } = items_pair(v, "rj", "t1", "");
     // The destination refuses negative quantities; the source does not.
     dest.execute(
         &ddb,
         "ALTER TABLE items ADD CONSTRAINT qty_ok CHECK (qty >= 0)",
-    );
-    let map = format!(
-        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t1\" }} ]\n[source.tables]\nitems = {{}}\n",
-        src.url(&db)
     );
     let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
     src.execute(
@@ -288,20 +323,17 @@ fn rejected_row_stops_and_resumes() {
 #[test]
 fn rejected_row_goes_to_deadletter() {
     let v = *support::versions().first().expect("a version");
-    let src = source(v);
-    let dest = destination();
-    let (db, ddb, family) = (unique_name("dl"), unique_name("dld"), unique_name("dead"));
-    src.create_database(&db);
-    src.execute(&db, ITEMS_SRC);
-    dest.create_database(&ddb);
-    dest.execute(&ddb, ITEMS_DST);
+    let Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        family,
+        map,
+    } = items_pair(v, "dl", "t2", "");
     dest.execute(
         &ddb,
         "ALTER TABLE items ADD CONSTRAINT qty_ok CHECK (qty >= 0)",
-    );
-    let map = format!(
-        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t2\" }} ]\n[source.tables]\nitems = {{}}\n",
-        src.url(&db)
     );
     let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
     // Streaming, not the initial copy, is what this test is about.
@@ -415,20 +447,17 @@ per_version! {
 /// A transaction far larger than `logical_decoding_work_mem` (spilled to disk by the
 /// server and sent at commit) arrives whole and in order on 14+ as on older servers.
 fn large_transaction(version: u32) {
-    let src = source(version);
-    let dest = destination();
-    let (db, ddb, family) = (unique_name("big"), unique_name("bigd"), unique_name("big"));
-    src.create_database(&db);
-    src.execute(&db, ITEMS_SRC);
+    let Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        map,
+        ..
+    } = items_pair(version, "big", "b", "");
     src.execute(
         &db,
         &format!("ALTER DATABASE {db} SET logical_decoding_work_mem = '64kB'"),
-    );
-    dest.create_database(&ddb);
-    dest.execute(&ddb, ITEMS_DST);
-    let map = format!(
-        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"b\" }} ]\n[source.tables]\nitems = {{}}\n",
-        src.url(&db)
     );
     let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
     daemon.wait_streaming(1);
@@ -514,14 +543,16 @@ fn replica_identity_full_with_nulls() {
 #[test]
 fn rejection_before_a_truncate_barrier_recovers() {
     let v = *support::versions().last().expect("a version");
-    let src = source(v);
-    let dest = destination();
-    let (db, ddb, family) = (unique_name("tb"), unique_name("tbd"), unique_name("bar"));
-    src.create_database(&db);
-    src.execute(&db, ITEMS_SRC);
+    let Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        map,
+        ..
+    } = items_pair(v, "tb", "t", "plain = {}\n");
     src.execute(&db, PLAIN_SRC);
-    dest.create_database(&ddb);
-    dest.execute(&ddb, ITEMS_DST);
+    src.execute(&db, "INSERT INTO plain VALUES (1, 'old')");
     dest.execute(
         &ddb,
         "SET ROLE kuvasz; CREATE TABLE plain (id bigint PRIMARY KEY, v text)",
@@ -529,11 +560,6 @@ fn rejection_before_a_truncate_barrier_recovers() {
     dest.execute(
         &ddb,
         "ALTER TABLE items ADD CONSTRAINT qty_ok CHECK (qty >= 0)",
-    );
-    src.execute(&db, "INSERT INTO plain VALUES (1, 'old')");
-    let map = format!(
-        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t\" }} ]\n[source.tables]\nitems = {{}}\nplain = {{}}\n",
-        src.url(&db)
     );
     // One writer: the refused row and the barrier's Flush share a queue.
     let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 1"]);
