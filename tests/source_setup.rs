@@ -612,3 +612,43 @@ fn crash_mid_sync(version: u32) {
 on_versions! {
     crash_mid_sync_is_redone_pg18 => crash_mid_sync(18),
 }
+
+// 9. A slot and publication left by the Go implementation (no sync state of ours): the
+// daemon adopts them and streams from where they stopped, without copying again.
+
+fn adopt_existing_slot(version: u32) {
+    let src = source(version);
+    let f = Fixture::new(src, &["items"]);
+    f.src_exec("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g");
+    // What the earlier implementation left: its publication, its slot, the rows it copied.
+    f.src_exec(&format!(
+        "SET ROLE kuvasz; CREATE PUBLICATION {} FOR TABLE items",
+        f.slot
+    ));
+    f.src_exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+        f.slot
+    ));
+    f.dest_exec("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g");
+    // Changes after the slot's position while nothing ran: the slot still holds them.
+    f.src_exec(
+        "INSERT INTO items VALUES (500, 'after'); UPDATE items SET v = 'u' WHERE id = 5; \
+         DELETE FROM items WHERE id = 9",
+    );
+    let daemon = f.start(&["items"], &[]);
+    wait_log(&daemon, &[&format!("adopted existing slot {}", f.slot)]);
+    f.converge("adopted slot", "items");
+    f.wait_sync_done(&["items"]);
+    assert_eq!(
+        copies(&daemon, "items"),
+        0,
+        "an adopted table is not copied again"
+    );
+    assert_eq!(f.dest_rows("items").len(), 100);
+    daemon.stop_ok();
+}
+
+on_versions! {
+    go_deployment_is_adopted_pg12 => adopt_existing_slot(12),
+    go_deployment_is_adopted_pg18 => adopt_existing_slot(18),
+}
