@@ -279,6 +279,49 @@ impl Change {
     }
 }
 
+/// Shared by the unit tests of the modules that handle Changes.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// `public.t (id integer PRIMARY KEY, v text)`, no sid.
+    pub fn table() -> Arc<TargetTable> {
+        Arc::new(TargetTable {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![
+                TargetColumn {
+                    name: "id".into(),
+                    type_name: "integer".into(),
+                },
+                TargetColumn {
+                    name: "v".into(),
+                    type_name: "text".into(),
+                },
+            ],
+            key: vec![0],
+            sid: None,
+            arbiter: false,
+            full_identity: false,
+        })
+    }
+
+    /// An INSERT of `(id, v)` into `t`.
+    pub fn insert(t: &Arc<TargetTable>, id: &str, v: Value) -> Change {
+        let mut values = Row::from_texts(&[Some(id)]);
+        values.push(v);
+        Change {
+            source: 0,
+            table: t.clone(),
+            op: Op::Insert,
+            values,
+            old_key: None,
+            pos: Position::default(),
+            commit_time: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

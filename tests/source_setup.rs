@@ -64,6 +64,19 @@ impl<'a> Fixture<'a> {
         f
     }
 
+    /// What another consumer (or an earlier implementation) would have left: the
+    /// publication of `table` and a pgoutput slot, both under the daemon's name.
+    fn create_publication_and_slot(&self, table: &str) {
+        self.src_exec(&format!(
+            "SET ROLE kuvasz; CREATE PUBLICATION {} FOR TABLE {table}",
+            self.slot
+        ));
+        self.src_exec(&format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+            self.slot
+        ));
+    }
+
     fn src_exec(&self, sql: &str) {
         self.src.execute(&self.db, sql);
     }
@@ -377,14 +390,7 @@ fn slot_in_use(version: u32) {
     let src = source(version);
     let f = Fixture::new(src, &["items"]);
     f.src_exec("INSERT INTO items VALUES (1, 'a')");
-    f.src_exec(&format!(
-        "SET ROLE kuvasz; CREATE PUBLICATION {} FOR TABLE items",
-        f.slot
-    ));
-    f.src_exec(&format!(
-        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
-        f.slot
-    ));
+    f.create_publication_and_slot("items");
     // Another consumer holds the slot active for the whole test.
     let info = ConnInfo::parse(&src.url(&f.db)).expect("parse url");
     let mut holder = ReplicationConnection::connect(&info, "other_consumer").expect("connect");
@@ -621,14 +627,7 @@ fn adopt_existing_slot(version: u32) {
     let f = Fixture::new(src, &["items"]);
     f.src_exec("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g");
     // What the earlier implementation left: its publication, its slot, the rows it copied.
-    f.src_exec(&format!(
-        "SET ROLE kuvasz; CREATE PUBLICATION {} FOR TABLE items",
-        f.slot
-    ));
-    f.src_exec(&format!(
-        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
-        f.slot
-    ));
+    f.create_publication_and_slot("items");
     f.dest_exec("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g");
     // Changes after the slot's position while nothing ran: the slot still holds them.
     f.src_exec(

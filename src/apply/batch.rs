@@ -146,44 +146,8 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Position, Row, TargetColumn};
-
-    fn table() -> Arc<TargetTable> {
-        Arc::new(TargetTable {
-            schema: "public".into(),
-            name: "t".into(),
-            columns: vec![
-                TargetColumn {
-                    name: "id".into(),
-                    type_name: "integer".into(),
-                },
-                TargetColumn {
-                    name: "v".into(),
-                    type_name: "text".into(),
-                },
-            ],
-            key: vec![0],
-            sid: None,
-            arbiter: false,
-            full_identity: false,
-        })
-    }
-
-    fn ins(t: &Arc<TargetTable>, id: &str, v: Value) -> Change {
-        Change {
-            source: 0,
-            table: t.clone(),
-            op: Op::Insert,
-            values: {
-                let mut r = Row::from_texts(&[Some(id)]);
-                r.push(v);
-                r
-            },
-            old_key: None,
-            pos: Position::default(),
-            commit_time: 0,
-        }
-    }
+    use crate::change::fixtures::{insert, table};
+    use crate::change::Row;
 
     fn push(run: &mut Run, c: Change) -> bool {
         run.try_push(&mut Some(c))
@@ -192,27 +156,27 @@ mod tests {
     #[test]
     fn same_shape_batches_until_a_key_repeats() {
         let t = table();
-        let mut run = Run::start(ins(&t, "1", Value::Null));
-        assert!(push(&mut run, ins(&t, "2", Value::Text("x"))));
-        assert!(!push(&mut run, ins(&t, "1", Value::Null)), "key 1 twice");
+        let mut run = Run::start(insert(&t, "1", Value::Null));
+        assert!(push(&mut run, insert(&t, "2", Value::Text("x"))));
+        assert!(!push(&mut run, insert(&t, "1", Value::Null)), "key 1 twice");
         assert_eq!(run.len(), 2);
     }
 
     #[test]
     fn other_kind_or_table_ends_the_run() {
         let t = table();
-        let mut run = Run::start(ins(&t, "1", Value::Null));
-        let mut upd = ins(&t, "2", Value::Null);
+        let mut run = Run::start(insert(&t, "1", Value::Null));
+        let mut upd = insert(&t, "2", Value::Null);
         upd.op = Op::Update;
         assert!(!push(&mut run, upd));
         let other = Arc::new((*t).clone());
-        assert!(!push(&mut run, ins(&other, "3", Value::Null)));
+        assert!(!push(&mut run, insert(&other, "3", Value::Null)));
     }
 
     #[test]
     fn unchanged_toast_makes_an_in_place_update() {
         let t = table();
-        let mut c = ins(&t, "1", Value::Unchanged);
+        let mut c = insert(&t, "1", Value::Unchanged);
         c.op = Op::Update;
         assert_eq!(classify(&c), (Kind::InPlace, vec![0]));
         c.values = Row::from_texts(&[Some("1"), None]);

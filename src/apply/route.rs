@@ -101,38 +101,13 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Op, Position, Row, TargetColumn, TargetTable};
-    use std::sync::Arc;
+    use crate::change::fixtures::{insert, table};
+    use crate::change::Value;
 
     #[test]
     fn same_key_same_writer_and_keys_spread() {
-        let t = Arc::new(TargetTable {
-            schema: "public".into(),
-            name: "t".into(),
-            columns: vec![
-                TargetColumn {
-                    name: "id".into(),
-                    type_name: "int".into(),
-                },
-                TargetColumn {
-                    name: "v".into(),
-                    type_name: "text".into(),
-                },
-            ],
-            key: vec![0],
-            sid: None,
-            arbiter: false,
-            full_identity: false,
-        });
-        let mk = |id: u32, v: &str| Change {
-            source: 0,
-            table: t.clone(),
-            op: Op::Insert,
-            values: Row::from_texts(&[Some(&id.to_string()), Some(v)]),
-            old_key: None,
-            pos: Position::default(),
-            commit_time: 0,
-        };
+        let t = table();
+        let mk = |id: u32, v: &str| insert(&t, &id.to_string(), Value::Text(v));
         assert_eq!(writer_for(&mk(5, "a"), 4), writer_for(&mk(5, "b"), 4));
         let mut seen = [0usize; 4];
         for i in 0..1000 {

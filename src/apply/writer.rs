@@ -95,11 +95,6 @@ impl fmt::Display for WriterError {
 
 impl std::error::Error for WriterError {}
 
-/// Server message with detail, for reports.
-fn db_message(e: &postgres::Error) -> String {
-    describe(e)
-}
-
 /// A statement error that is about the data (not the connection or the server's state).
 fn is_rejection(e: &postgres::Error) -> bool {
     match e.as_db_error() {
@@ -157,7 +152,7 @@ impl Writer {
                      triggers and foreign keys of target tables will fire. Grant it with \
                      GRANT SET ON PARAMETER session_replication_role TO <role> (PostgreSQL 15+) \
                      or run as superuser",
-                    db_message(&e)
+                    describe(&e)
                 );
             }
         }
@@ -412,7 +407,7 @@ impl Writer {
                 name: format!("#{}", c.source),
                 sid: String::new(),
             });
-        let message = db_message(e);
+        let message = describe(e);
         let table = c.table.display();
         match self.settings.on_error {
             RejectPolicy::Stop => Err(WriterError::Rejected(Box::new(Rejection {

@@ -351,19 +351,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn key_change_splits_into_delete_and_insert() {
-        let src = [col("id", true), col("v", false)];
-        let m = map_relation(
-            &src,
+    /// `(id key, v)` onto itself, with a unique index on `v` only (no arbiter).
+    fn id_v_map(src: &[Column]) -> RelationMap {
+        map_relation(
+            src,
             "s",
             "t",
-            &src,
+            src,
             &[vec!["v".into()]],
             false,
             &Sid::new("a"),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn key_change_splits_into_delete_and_insert() {
+        let src = [col("id", true), col("v", false)];
+        let m = id_v_map(&src);
         assert!(
             !m.table.arbiter,
             "a unique index on another column is no arbiter"
@@ -409,16 +414,7 @@ mod tests {
     #[test]
     fn wrong_tuple_width_is_an_error() {
         let src = [col("id", true), col("v", false)];
-        let m = map_relation(
-            &src,
-            "s",
-            "t",
-            &src,
-            &[vec!["v".into()]],
-            false,
-            &Sid::new("a"),
-        )
-        .unwrap();
+        let m = id_v_map(&src);
         assert!(m
             .insert(0, t(&[Some("1")]), Position::default(), 0)
             .is_err());
