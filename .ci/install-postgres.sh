@@ -77,7 +77,7 @@ done
 chmod -R a+rX "$PG_DIR"
 
 for v in "${VERSIONS[@]}"; do
-    out=$(runuser -u postgres -- "$(bin "$v")/postgres" --version 2>&1) || {
+    out=$(cd / && runuser -u postgres -- "$(bin "$v")/postgres" --version 2>&1) || {
         echo "pg$v: postgres --version failed as user postgres: $out" >&2
         echo "(every directory above $PG_DIR must be searchable by postgres)" >&2
         exit 1
