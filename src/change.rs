@@ -100,6 +100,22 @@ impl Row {
         }
     }
 
+    /// The `i`-th value's bytes when it is a text (no UTF-8 boundary checks: the COPY
+    /// writer's hot path).
+    pub fn text_bytes(&self, i: usize) -> Option<&[u8]> {
+        match self.cells.get(i) {
+            Some(&Cell::Text { start, end }) => {
+                self.text.as_bytes().get(start as usize..end as usize)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the row carries a value (not Unchanged) for exactly the first `n` columns.
+    pub fn is_complete(&self, n: usize) -> bool {
+        self.cells.len() == n && !self.has_unchanged()
+    }
+
     /// A row from optional texts (None is NULL), for tests and small callers.
     pub fn from_texts(values: &[Option<&str>]) -> Row {
         let mut r = Row::default();

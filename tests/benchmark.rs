@@ -4,7 +4,12 @@
 //!
 //! Run: `cargo test --release --test benchmark -- --ignored --nocapture`
 //! Environment: KVSZ_BENCH_ROWS (default 1000000), KVSZ_BENCH_SOURCE (major, default 15),
-//! KVSZ_BENCH_WORKERS (default 2), KVSZ_BENCH_ONLY (kuvasz or native).
+//! KVSZ_BENCH_WORKERS (default 2), KVSZ_BENCH_ROUNDS (default 3), KVSZ_BENCH_ONLY (kuvasz
+//! or native).
+//!
+//! On a small shared VM one run varies by ±15 %, so the two contenders alternate for
+//! several rounds and the medians are compared. Autovacuum is off on the benchmark tables
+//! of both sides: a vacuum landing inside one measurement and not the other is noise.
 
 mod support;
 
@@ -14,7 +19,8 @@ use support::daemon::Daemon;
 use support::{destination, source, unique_name, Cluster};
 
 const SRC_TABLE: &str =
-    "SET ROLE kuvasz; CREATE TABLE bench (id bigint PRIMARY KEY, account int NOT NULL, amount numeric(12,2), note text, at timestamptz NOT NULL DEFAULT now())";
+    "SET ROLE kuvasz; CREATE TABLE bench (id bigint PRIMARY KEY, account int NOT NULL, amount numeric(12,2), note text, at timestamptz NOT NULL DEFAULT now()) \
+     WITH (autovacuum_enabled = off)";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -96,6 +102,12 @@ fn kuvasz(src: &Cluster, dest: &Cluster, rows: u64, workers: usize) -> Duration 
     let t = time_until(dest, &ddb, "bench", rows, started);
     d.stop_ok();
     assert_eq!(count(dest, &ddb, "bench"), rows);
+    // A slot nobody reads keeps WAL: the next rounds should not pay for it.
+    src.execute(
+        &db,
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+         WHERE database = current_database()",
+    );
     t
 }
 
@@ -132,41 +144,59 @@ fn native(src: &Cluster, dest: &Cluster, rows: u64) -> Duration {
     t
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn rates(v: &[f64]) -> String {
+    v.iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[test]
 #[ignore = "benchmark: run explicitly (see README)"]
 fn insert_backlog_vs_native_logical_replication() {
     let rows: u64 = env_or("KVSZ_BENCH_ROWS", 1_000_000);
     let version: u32 = env_or("KVSZ_BENCH_SOURCE", 15);
     let workers: usize = env_or("KVSZ_BENCH_WORKERS", 2);
+    let rounds: usize = env_or("KVSZ_BENCH_ROUNDS", 3).max(1);
     let src = source(version);
     let dest = destination();
     // KVSZ_BENCH_ONLY=kuvasz|native runs one side (for profiling); both by default.
     let only = std::env::var("KVSZ_BENCH_ONLY").unwrap_or_default();
-    let k = if only == "native" {
-        Duration::ZERO
-    } else {
-        kuvasz(src, dest, rows, workers)
-    };
-    let n = if only == "kuvasz" {
-        Duration::ZERO
-    } else {
-        native(src, dest, rows)
-    };
-    let kr = rows as f64 / k.as_secs_f64();
-    let nr = rows as f64 / n.as_secs_f64();
+    let (mut k, mut n) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        if only != "native" {
+            let t = kuvasz(src, dest, rows, workers);
+            k.push(rows as f64 / t.as_secs_f64());
+            println!("round {round}: kuvasz-streamer {:>8.1} s", t.as_secs_f64());
+        }
+        if only != "kuvasz" {
+            let t = native(src, dest, rows);
+            n.push(rows as f64 / t.as_secs_f64());
+            println!("round {round}: native          {:>8.1} s", t.as_secs_f64());
+        }
+    }
+    let (kr, nr) = (median(k.clone()), median(n.clone()));
     println!();
     println!(
-        "backlog of {rows} inserted rows, source PostgreSQL {version}, destination PostgreSQL 15"
+        "backlog of {rows} inserted rows, source PostgreSQL {version}, destination PostgreSQL 15, \
+         {rounds} round(s), median rows/s (each round's figure in brackets)"
     );
     println!(
-        "kuvasz-streamer ({workers} writers): {:>8.1} s  {:>10.0} rows/s",
-        k.as_secs_f64(),
-        kr
+        "kuvasz-streamer ({workers} writers): {kr:>10.0} rows/s  [{}]",
+        rates(&k)
     );
     println!(
-        "native logical replication:     {:>8.1} s  {:>10.0} rows/s",
-        n.as_secs_f64(),
-        nr
+        "native logical replication:     {nr:>10.0} rows/s  [{}]",
+        rates(&n)
     );
     println!("ratio kuvasz/native: {:.2}", kr / nr);
 }

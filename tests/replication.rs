@@ -128,7 +128,7 @@ struct Txn {
     final_lsn: Lsn,
     xid: u32,
     /// Everything between Begin and Commit, Relation messages included.
-    changes: Vec<PgOutput>,
+    changes: Vec<PgOutput<'static>>,
     flags: u8,
     commit_lsn: Lsn,
     end_lsn: Lsn,
@@ -164,8 +164,10 @@ fn read_transactions(
             }
             Some(ReplicationMessage::XLogData { data, .. }) => data,
         };
+        // Decoded messages borrow their bytes; the test keeps them to the end.
+        let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
         let decoded = decoder
-            .decode(&data)
+            .decode(data)
             .unwrap_or_else(|e| panic!("decode {data:?}: {e}"));
         match decoded {
             PgOutput::Begin { final_lsn, xid, .. } => {
@@ -203,8 +205,8 @@ fn read_transactions(
     done
 }
 
-fn text(s: &str) -> TupleValue {
-    TupleValue::Text(s.to_owned())
+fn text(s: &str) -> TupleValue<'_> {
+    TupleValue::Text(s)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -412,7 +414,7 @@ fn slot_snapshot_and_streaming(version: u32) {
             },
         ],
     };
-    let key = |id: &str| OldTuple {
+    let key = |id: &'static str| OldTuple {
         kind: OldKind::Key,
         tuple: Tuple(vec![text(id), TupleValue::Null]),
     };

@@ -5,9 +5,10 @@
 //! all, while every key still sees its changes in source order.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use crate::change::{Change, Op, TargetTable, Value, FNV_SEED};
+use crate::change::{Change, Op, TargetTable, Value};
 
 /// Most changes one statement carries; keeps statements a few MB at most.
 pub const MAX_RUN: usize = 1000;
@@ -62,6 +63,10 @@ pub fn columns_of(c: &Change) -> Vec<usize> {
 
 /// Whether the change carries values for exactly `cols` (without allocating).
 fn has_columns(c: &Change, cols: &[usize]) -> bool {
+    // The common case: every column, none unchanged.
+    if cols.len() == c.values.len() && c.values.is_complete(cols.len()) {
+        return true;
+    }
     let mut expected = cols.iter();
     for (i, v) in c.values.iter().enumerate() {
         if !matches!(v, Value::Unchanged) && expected.next() != Some(&i) {
@@ -77,9 +82,25 @@ pub fn classify(c: &Change) -> (Kind, Vec<usize>) {
 }
 
 /// A fingerprint of the key a change touches; a collision only ends a run early.
-fn key_hash(c: &Change) -> u64 {
-    c.key_hash(FNV_SEED)
+/// Key fingerprints are hashes already: the set uses them as they are.
+#[derive(Default)]
+struct Fingerprint(u64);
+
+impl Hasher for Fingerprint {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
+
+type KeySet = HashSet<u64, BuildHasherDefault<Fingerprint>>;
 
 /// Changes that one statement will apply.
 #[derive(Debug)]
@@ -88,19 +109,19 @@ pub struct Run {
     pub kind: Kind,
     pub cols: Vec<usize>,
     pub changes: Vec<Change>,
-    keys: HashSet<u64>,
+    keys: KeySet,
 }
 
 impl Run {
-    /// A run that starts with `c`.
-    pub fn start(c: Change) -> Run {
+    /// A run that starts with `c`, whose key fingerprint is `key`.
+    pub fn start(c: Change, key: u64) -> Run {
         let (kind, cols) = classify(&c);
-        Run::new(c, kind, cols)
+        Run::new(c, key, kind, cols)
     }
 
-    pub fn new(c: Change, kind: Kind, cols: Vec<usize>) -> Run {
-        let mut keys = HashSet::new();
-        keys.insert(key_hash(&c));
+    pub fn new(c: Change, key: u64, kind: Kind, cols: Vec<usize>) -> Run {
+        let mut keys = KeySet::default();
+        keys.insert(key);
         Run {
             table: c.table.clone(),
             kind,
@@ -111,7 +132,7 @@ impl Run {
     }
 
     /// Adds the change if it fits this run; false (and nothing added) otherwise.
-    pub fn try_push(&mut self, c: &mut Option<Change>) -> bool {
+    pub fn try_push(&mut self, c: &mut Option<Change>, key: u64) -> bool {
         let Some(change) = c.as_ref() else {
             return false;
         };
@@ -120,7 +141,7 @@ impl Run {
             || !Arc::ptr_eq(&change.table, &self.table)
             || kind_of(change) != self.kind
             || !has_columns(change, &self.cols)
-            || !self.keys.insert(key_hash(change))
+            || !self.keys.insert(key)
         {
             return false;
         }
@@ -146,17 +167,24 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::route::key_fingerprint;
     use crate::change::fixtures::{insert, table};
     use crate::change::Row;
 
     fn push(run: &mut Run, c: Change) -> bool {
-        run.try_push(&mut Some(c))
+        let key = key_fingerprint(&c);
+        run.try_push(&mut Some(c), key)
+    }
+
+    fn start(c: Change) -> Run {
+        let key = key_fingerprint(&c);
+        Run::start(c, key)
     }
 
     #[test]
     fn same_shape_batches_until_a_key_repeats() {
         let t = table();
-        let mut run = Run::start(insert(&t, "1", Value::Null));
+        let mut run = start(insert(&t, "1", Value::Null));
         assert!(push(&mut run, insert(&t, "2", Value::Text("x"))));
         assert!(!push(&mut run, insert(&t, "1", Value::Null)), "key 1 twice");
         assert_eq!(run.len(), 2);
@@ -165,7 +193,7 @@ mod tests {
     #[test]
     fn other_kind_or_table_ends_the_run() {
         let t = table();
-        let mut run = Run::start(insert(&t, "1", Value::Null));
+        let mut run = start(insert(&t, "1", Value::Null));
         let mut upd = insert(&t, "2", Value::Null);
         upd.op = Op::Update;
         assert!(!push(&mut run, upd));

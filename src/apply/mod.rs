@@ -18,12 +18,10 @@ pub use writer::{Writer, WriterError, WriterSettings};
 
 /// What a writer's queue carries.
 pub enum WriterMsg {
-    Change(Change),
+    /// A change and its key fingerprint ([`Change::key_hash`]), computed once when routed.
+    Change { change: Change, key: u64 },
     /// Everything of `source` up to `lsn` has been queued before this marker.
-    Marker {
-        source: SourceId,
-        lsn: Lsn,
-    },
+    Marker { source: SourceId, lsn: Lsn },
     /// Commit now and answer: a barrier for the sender.
     Flush(Sender<()>),
     /// Commit what is applied and stop.

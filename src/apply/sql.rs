@@ -257,14 +257,14 @@ pub fn copy_rows(table: &TargetTable, cols: &[usize], rows: &[&Change], out: &mu
             if n > 0 {
                 out.push(b'\t');
             }
-            match c.values.at(i) {
-                Value::Text(v) => push_copy_field(out, v),
-                Value::Null | Value::Unchanged => out.extend_from_slice(b"\\N"),
+            match c.values.text_bytes(i) {
+                Some(v) => push_copy_field(out, v),
+                None => out.extend_from_slice(b"\\N"),
             }
         }
         if let Some(sid) = &table.sid {
             out.push(b'\t');
-            push_copy_field(out, sid.as_str());
+            push_copy_field(out, sid.as_str().as_bytes());
         }
         out.push(b'\n');
     }

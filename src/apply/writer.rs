@@ -193,7 +193,7 @@ impl Writer {
                 }
             };
             match msg {
-                WriterMsg::Change(c) => self.push(c)?,
+                WriterMsg::Change { change, key } => self.push(change, key)?,
                 WriterMsg::Marker { source, lsn } => {
                     if self.txn_open || self.run.is_some() {
                         self.markers.push((source, lsn));
@@ -215,18 +215,18 @@ impl Writer {
         }
     }
 
-    fn push(&mut self, c: Change) -> Result<(), WriterError> {
+    fn push(&mut self, c: Change, key: u64) -> Result<(), WriterError> {
         let c = match self.run.as_mut() {
             Some(run) => {
                 let mut c = Some(c);
-                run.try_push(&mut c);
+                run.try_push(&mut c, key);
                 c
             }
             None => Some(c),
         };
         if let Some(c) = c {
             self.flush_run()?;
-            self.run = Some(Run::start(c));
+            self.run = Some(Run::start(c, key));
         }
         if self.run.as_ref().is_some_and(|r| r.is_full()) {
             self.flush_run()?;

@@ -14,7 +14,7 @@ use crate::pg::Lsn;
 
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq)]
-pub enum PgOutput {
+pub enum PgOutput<'a> {
     /// Start of a transaction; `final_lsn` is the LSN of its commit record.
     Begin {
         final_lsn: Lsn,
@@ -43,17 +43,17 @@ pub enum PgOutput {
     },
     Insert {
         rel: u32,
-        new: Tuple,
+        new: Tuple<'a>,
     },
     Update {
         rel: u32,
         /// Present when the key changed ('K') or the table is REPLICA IDENTITY FULL ('O').
-        old: Option<OldTuple>,
-        new: Tuple,
+        old: Option<OldTuple<'a>>,
+        new: Tuple<'a>,
     },
     Delete {
         rel: u32,
-        old: OldTuple,
+        old: OldTuple<'a>,
     },
     /// `options` bit 1 = CASCADE, bit 2 = RESTART IDENTITY; see [`TRUNCATE_CASCADE`].
     Truncate {
@@ -115,19 +115,19 @@ pub struct RelColumn {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum TupleValue {
+pub enum TupleValue<'a> {
     Null,
     /// 'u': an unchanged TOASTed value the server did not send; keep the target's value.
     Unchanged,
     /// 't': the type's text output.
-    Text(String),
+    Text(&'a str),
     /// 'b': the type's binary send format (only with the `binary` option).
-    Binary(Vec<u8>),
+    Binary(&'a [u8]),
 }
 
 /// One value per column of the relation, in the Relation message's column order.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Tuple(pub Vec<TupleValue>);
+pub struct Tuple<'a>(pub Vec<TupleValue<'a>>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OldKind {
@@ -138,9 +138,9 @@ pub enum OldKind {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct OldTuple {
+pub struct OldTuple<'a> {
     pub kind: OldKind,
-    pub tuple: Tuple,
+    pub tuple: Tuple<'a>,
 }
 
 /// What was wrong with a message. `tag` is the message's first byte ('I', 'U', ...);
@@ -306,7 +306,7 @@ pub fn tag_name(tag: u8) -> Option<&'static str> {
     })
 }
 
-impl PgOutput {
+impl PgOutput<'_> {
     /// The message's tag byte on the wire.
     pub fn tag(&self) -> u8 {
         match self {
@@ -347,14 +347,17 @@ impl Decoder {
     }
 
     /// Decodes one message (the payload of an XLogData frame).
-    pub fn decode(&mut self, buf: &[u8]) -> Result<PgOutput, DecodeError> {
+    pub fn decode<'a>(&mut self, buf: &'a [u8]) -> Result<PgOutput<'a>, DecodeError> {
         self.decode_with_xid(buf).map(|(msg, _)| msg)
     }
 
     /// Like [`decode`](Self::decode), also returning the xid prefix that data messages
     /// carry inside a streamed block. It may be a subtransaction's xid; the block's
     /// top-level xid is [`stream_xid`](Self::stream_xid). `None` outside streams.
-    pub fn decode_with_xid(&mut self, buf: &[u8]) -> Result<(PgOutput, Option<u32>), DecodeError> {
+    pub fn decode_with_xid<'a>(
+        &mut self,
+        buf: &'a [u8],
+    ) -> Result<(PgOutput<'a>, Option<u32>), DecodeError> {
         let (&tag, _) = buf.split_first().ok_or(DecodeError::Empty)?;
         let mut r = Reader { buf, pos: 1, tag };
         let mut xid = None;
@@ -633,6 +636,10 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    fn str(&self, bytes: &'a [u8]) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::BadUtf8 { tag: self.tag })
+    }
+
     fn utf8(&self, bytes: &[u8]) -> Result<String, DecodeError> {
         std::str::from_utf8(bytes)
             .map(str::to_owned)
@@ -675,7 +682,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn old_tuple(&mut self, marker: u8) -> Result<OldTuple, DecodeError> {
+    fn old_tuple(&mut self, marker: u8) -> Result<OldTuple<'a>, DecodeError> {
         let kind = if marker == b'K' {
             OldKind::Key
         } else {
@@ -687,7 +694,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn tuple(&mut self) -> Result<Tuple, DecodeError> {
+    fn tuple(&mut self) -> Result<Tuple<'a>, DecodeError> {
         let ncols = usize::from(self.u16()?);
         // Each column takes at least one byte.
         let mut values = Vec::with_capacity(ncols.min(self.remaining()));
@@ -698,11 +705,11 @@ impl<'a> Reader<'a> {
                 b't' => {
                     let len = self.count_i32()?;
                     let bytes = self.take(len)?;
-                    TupleValue::Text(self.utf8(bytes)?)
+                    TupleValue::Text(self.str(bytes)?)
                 }
                 b'b' => {
                     let len = self.count_i32()?;
-                    TupleValue::Binary(self.take(len)?.to_vec())
+                    TupleValue::Binary(self.take(len)?)
                 }
                 kind => return Err(DecodeError::BadTupleKind(kind)),
             };
@@ -720,6 +727,11 @@ mod tests {
     const V1_BINARY: &str = include_str!("../../tests/fixtures/pgoutput/v1_binary.txt");
     const V2_STREAM: &str = include_str!("../../tests/fixtures/pgoutput/v2_stream.txt");
 
+    /// Decoded messages borrow their bytes; tests keep them for the whole run.
+    fn leak(v: Vec<u8>) -> &'static [u8] {
+        Box::leak(v.into_boxed_slice())
+    }
+
     fn hex(s: &str) -> Vec<u8> {
         assert!(s.len().is_multiple_of(2), "odd hex length");
         (0..s.len())
@@ -736,20 +748,20 @@ mod tests {
             .collect()
     }
 
-    fn decode_all(text: &str) -> Vec<(PgOutput, Option<u32>)> {
+    fn decode_all(text: &str) -> Vec<(PgOutput<'static>, Option<u32>)> {
         let mut d = Decoder::new();
         fixture(text)
-            .iter()
-            .map(|m| d.decode_with_xid(m).unwrap())
+            .into_iter()
+            .map(|m| d.decode_with_xid(leak(m)).unwrap())
             .collect()
     }
 
-    fn one(hexstr: &str) -> PgOutput {
-        Decoder::new().decode(&hex(hexstr)).unwrap()
+    fn one(hexstr: &str) -> PgOutput<'static> {
+        Decoder::new().decode(leak(hex(hexstr))).unwrap()
     }
 
-    fn t(s: &str) -> TupleValue {
-        TupleValue::Text(s.to_string())
+    fn t(s: &str) -> TupleValue<'_> {
+        TupleValue::Text(s)
     }
 
     fn lsn(s: &str) -> Lsn {
@@ -1006,8 +1018,8 @@ mod tests {
             PgOutput::Insert {
                 rel: T2,
                 new: Tuple(vec![
-                    TupleValue::Binary(vec![0, 0, 0, 10]),
-                    TupleValue::Binary(b"ten".to_vec()),
+                    TupleValue::Binary(&[0, 0, 0, 10]),
+                    TupleValue::Binary(b"ten"),
                 ]),
             }
         );

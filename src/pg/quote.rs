@@ -50,8 +50,7 @@ pub fn push_literal(out: &mut String, value: &str) {
 
 /// Appends a field in COPY text format: backslash, tab, newline and carriage return
 /// escaped (NULL is written by the caller as `\N`).
-pub fn push_copy_field(out: &mut Vec<u8>, value: &str) {
-    let bytes = value.as_bytes();
+pub fn push_copy_field(out: &mut Vec<u8>, bytes: &[u8]) {
     // Most values need no escaping: copy them whole.
     if !bytes
         .iter()
@@ -83,7 +82,7 @@ mod tests {
         assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(literal("back\\slash"), "'back\\slash'");
         let mut out = Vec::new();
-        push_copy_field(&mut out, "a\tb\\c\nd\re");
+        push_copy_field(&mut out, b"a\tb\\c\nd\re");
         assert_eq!(out, b"a\\tb\\\\c\\nd\\re");
     }
 }

@@ -132,7 +132,7 @@ fn push_value(row: &mut Row, v: &TupleValue) {
         TupleValue::Binary(b) => {
             let mut s = String::with_capacity(2 + b.len() * 2);
             s.push_str("\\x");
-            for byte in b {
+            for byte in b.iter() {
                 s.push_str(&format!("{byte:02x}"));
             }
             row.push(Value::Text(&s));
@@ -281,11 +281,11 @@ mod tests {
         }
     }
 
-    fn t(vals: &[Option<&str>]) -> Tuple {
+    fn t<'a>(vals: &[Option<&'a str>]) -> Tuple<'a> {
         Tuple(
             vals.iter()
                 .map(|v| match v {
-                    Some(s) => TupleValue::Text(s.to_string()),
+                    Some(s) => TupleValue::Text(s),
                     None => TupleValue::Null,
                 })
                 .collect(),

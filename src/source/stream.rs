@@ -101,22 +101,23 @@ impl Streamer<'_> {
         self.spec.label()
     }
 
+    /// Error constructors run only on failure: the label is formatted then, not on every
+    /// message of the hot loop.
     fn repl_err(
         &self,
-        context: &str,
-    ) -> impl FnOnce(crate::pg::replication::PgError) -> SourceError {
-        let source = self.label();
-        let context = context.to_string();
+        context: &'static str,
+    ) -> impl FnOnce(crate::pg::replication::PgError) -> SourceError + '_ {
         move |error| SourceError::Replication {
-            source,
-            context,
+            source: self.label(),
+            context: context.to_string(),
             error: Box::new(error),
         }
     }
 
-    fn closed(&self) -> impl FnOnce(PoolClosed) -> SourceError {
-        let source = self.label();
-        move |_| SourceError::PoolClosed { source }
+    fn closed(&self) -> impl FnOnce(PoolClosed) -> SourceError + '_ {
+        move |_| SourceError::PoolClosed {
+            source: self.label(),
+        }
     }
 
     fn run(mut self) -> Result<(), SourceError> {

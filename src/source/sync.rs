@@ -63,7 +63,7 @@ impl CopyPlan {
 /// The sid as a COPY text field.
 pub fn copy_escape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
-    push_copy_field(&mut out, s);
+    push_copy_field(&mut out, s.as_bytes());
     out
 }
 
