@@ -12,6 +12,11 @@ use crate::change::{Change, Op, TargetTable, Value};
 
 /// Most changes one statement carries; keeps statements a few MB at most.
 pub const MAX_RUN: usize = 1000;
+/// Most new rows one COPY carries. Bigger than a statement's run: COPY streams its rows,
+/// and on a PostgreSQL 15 destination each COPY pays for its row buffers a cost that grows
+/// with the square of their number up to a thousand (resource-owner bookkeeping of one
+/// tuple descriptor per buffered row), so fewer, longer COPYs are cheaper per row.
+pub const MAX_COPY_RUN: usize = 5000;
 
 /// How a run is applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,7 +142,7 @@ impl Run {
             return false;
         };
         if !self.kind.batches()
-            || self.changes.len() >= MAX_RUN
+            || self.changes.len() >= self.max_len()
             || !Arc::ptr_eq(&change.table, &self.table)
             || kind_of(change) != self.kind
             || !has_columns(change, &self.cols)
@@ -155,12 +160,26 @@ impl Run {
         self.changes.len()
     }
 
+    /// Whether the writer will apply this run with COPY (new rows into a target with a
+    /// unique index on the key).
+    pub fn copyable(&self) -> bool {
+        self.kind == Kind::Insert && self.table.arbiter
+    }
+
+    fn max_len(&self) -> usize {
+        if self.copyable() {
+            MAX_COPY_RUN
+        } else {
+            MAX_RUN
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
     }
 
     pub fn is_full(&self) -> bool {
-        self.changes.len() >= MAX_RUN || !self.kind.batches()
+        self.changes.len() >= self.max_len() || !self.kind.batches()
     }
 }
 
