@@ -57,6 +57,14 @@ enum Event {
 
 /// Capped exponential backoff with a little jitter, so many sources failing together do
 /// not reconnect in lockstep.
+/// How long a stop waits for the source threads. A source can be where no stop flag
+/// reaches it: CREATE_REPLICATION_SLOT waits until every transaction running on the source
+/// has ended, however long that takes. Such a source has routed nothing and its tables are
+/// recorded as pending, so leaving it behind loses nothing (a slot the server completes
+/// later is picked up, its tables copied, at the next start). Longer than a streaming
+/// source's drain.
+const STOP_GRACE: Duration = Duration::from_secs(9);
+
 struct Backoff {
     next: Duration,
 }
@@ -274,6 +282,7 @@ fn generation(
     info!("started {} source(s) and {n} writer(s)", sources.len());
 
     let mut stopping = false;
+    let mut stop_deadline = Instant::now();
     let result = loop {
         match events.recv_timeout(Duration::from_millis(200)) {
             Ok(Event::Source(id, r)) => {
@@ -315,12 +324,13 @@ fn generation(
         if !stopping && signals.term.load(Ordering::Relaxed) {
             info!("stopping: committing what was applied and confirming it to the sources");
             stopping = true;
+            stop_deadline = Instant::now() + STOP_GRACE;
             for s in &slots {
                 s.stop.graceful();
             }
         }
         if stopping {
-            if slots.iter().all(|s| s.handle.is_none()) {
+            if slots.iter().all(|s| s.handle.is_none()) || Instant::now() >= stop_deadline {
                 break Ok(());
             }
             continue;
@@ -346,11 +356,27 @@ fn generation(
         for s in &slots {
             s.stop.abort();
         }
+        stop_deadline = Instant::now() + STOP_GRACE;
     }
     drop(router);
     for s in slots.iter_mut() {
         if let Some(h) = s.handle.take() {
-            let _ = h.join();
+            while !h.is_finished() && Instant::now() < stop_deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                // Left behind: it exits at its next check of the stop flag, or with the
+                // process. It has routed nothing past what was confirmed.
+                warn!(
+                    "source {}: did not stop within {:?} (a source command such as \
+                     CREATE_REPLICATION_SLOT, which waits for the source's running \
+                     transactions, is still in progress); leaving it",
+                    s.spec.label(),
+                    STOP_GRACE
+                );
+            }
         }
     }
     for tx in &writer_txs {

@@ -651,3 +651,65 @@ on_versions! {
     go_deployment_is_adopted_pg12 => adopt_existing_slot(12),
     go_deployment_is_adopted_pg18 => adopt_existing_slot(18),
 }
+
+// 10. SIGTERM while CREATE_REPLICATION_SLOT waits for a transaction running on the
+// source: the daemon still stops (exit 0) instead of waiting for that transaction, and
+// the next start copies everything, the rows of that transaction included.
+
+fn stop_while_creating_slot(version: u32) {
+    // A private server: the open transaction would stall every slot creation of the
+    // shared one.
+    let src = support::private_source(version);
+    let f = Fixture::new(&src, &["items"]);
+    f.src_exec("INSERT INTO items VALUES (1, 'before')");
+    let mut holder = src.client(&f.db);
+    holder
+        .batch_execute("BEGIN; INSERT INTO items VALUES (2, 'open transaction')")
+        .expect("open a transaction");
+
+    let daemon = f.start(&["items"], &[]);
+    wait_for("CREATE_REPLICATION_SLOT to wait", TIMEOUT, || {
+        let waiting = src.query(
+            &f.db,
+            "SELECT count(*)::text FROM pg_stat_activity \
+             WHERE backend_type = 'walsender' AND query LIKE 'CREATE_REPLICATION_SLOT%'",
+        );
+        (waiting == vec![row(&["1"])]).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let dir = daemon.stop_ok();
+    let stopped_in = started.elapsed();
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("did not stop within") && log.contains("CREATE_REPLICATION_SLOT"),
+        "stopped in {stopped_in:?} without reporting the stuck source; log:\n{log}"
+    );
+    assert_eq!(f.dest_rows("items"), Rows::new());
+    assert_eq!(
+        f.sync_state(),
+        vec![row(&["public.items", "items", "pending"])]
+    );
+
+    holder.batch_execute("COMMIT").expect("commit");
+    f.src_exec("INSERT INTO items VALUES (3, 'after')");
+    let daemon = Daemon::spawn(dir);
+    f.converge("copy after the interrupted slot creation", "items");
+    f.wait_sync_done(&["items"]);
+    assert_eq!(
+        f.dest_rows("items"),
+        vec![
+            row(&["1", "before"]),
+            row(&["2", "open transaction"]),
+            row(&["3", "after"]),
+        ]
+    );
+    f.src_exec("UPDATE items SET v = 'streamed' WHERE id = 2");
+    f.converge("streaming after the copy", "items");
+    daemon.stop_ok();
+}
+
+on_versions! {
+    stop_while_slot_creation_waits_pg12 => stop_while_creating_slot(12),
+    stop_while_slot_creation_waits_pg18 => stop_while_creating_slot(18),
+}
