@@ -581,3 +581,57 @@ fn rejection_before_a_truncate_barrier_recovers() {
     converge("plain", || src.query(&db, rows), || dest.query(&ddb, rows));
     daemon.stop_ok();
 }
+
+/// A barrier that waits longer than the source's `wal_sender_timeout` (a TRUNCATE queued
+/// behind a write that waits for a lock someone holds on the target) does not cost the
+/// stream: the source keeps sending standby status while it waits, so the server keeps
+/// the connection, and everything arrives once the lock is gone.
+#[test]
+fn long_barrier_keeps_the_stream() {
+    let v = *support::versions().last().expect("a version");
+    // A private server: the short timeout is set for the whole cluster.
+    let src = support::private_source(v);
+    src.execute("postgres", "ALTER SYSTEM SET wal_sender_timeout = '3s'");
+    src.execute("postgres", "SELECT pg_reload_conf()");
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("lb"), unique_name("lbd"), unique_name("lb"));
+    src.create_database(&db);
+    src.execute(&db, ITEMS_SRC);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, ITEMS_DST);
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t\" }} ]\n[source.tables]\nitems = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 1"]);
+    daemon.wait_streaming(1);
+    src.execute(&db, "INSERT INTO items VALUES (1, 'before', 1, NULL)");
+    let (expected, actual) = (
+        || items_expected(&src, &db, "t"),
+        || items_actual(dest, &ddb, "t"),
+    );
+    converge("before the lock", expected, actual);
+
+    let mut locker = dest.client(&ddb);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .expect("lock the target");
+    src.execute(&db, "INSERT INTO items VALUES (2, 'waits', 2, NULL)");
+    src.execute(&db, "TRUNCATE items");
+    src.execute(&db, "INSERT INTO items VALUES (3, 'after', 3, NULL)");
+    // More than two timeouts' worth of waiting behind the lock.
+    std::thread::sleep(Duration::from_secs(8));
+    locker.batch_execute("COMMIT").expect("unlock");
+    converge("after the lock", expected, actual);
+    let row: Vec<Option<String>> = ["t", "3", "after", "3", "x"]
+        .iter()
+        .map(|v| Some(v.to_string()))
+        .collect();
+    assert_eq!(actual(), vec![row]);
+    let log = daemon.log();
+    assert!(
+        log.matches("streaming from slot").count() == 1 && !log.contains("restarting in"),
+        "the stream was dropped while the barrier waited; log:\n{log}"
+    );
+    daemon.stop_ok();
+}

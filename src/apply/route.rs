@@ -1,7 +1,11 @@
 //! Routing changes to writers: every change of one key goes to the same writer, so per-key
 //! order holds while different keys are applied in parallel.
 
-use crossbeam_channel::{bounded, Sender};
+use std::time::Duration;
+
+use crossbeam_channel::{
+    bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError,
+};
 
 use crate::change::{Change, SourceId, FNV_SEED};
 use crate::pg::Lsn;
@@ -51,53 +55,131 @@ pub struct Router {
 #[derive(Debug)]
 pub struct PoolClosed;
 
+/// Why a blocking call of the router gave up: the pool closed, or the caller's idle hook
+/// failed.
+#[derive(Debug)]
+pub enum Wait<E> {
+    Closed,
+    Idle(E),
+}
+
+/// What [`Router::try_route`] did with a change.
+pub enum Routed {
+    Queued,
+    /// The writer's queue is full: finish with [`Router::finish_route`].
+    Full(Pending),
+    Closed,
+}
+
+/// A change whose writer's queue was full: finish it with [`Router::finish_route`].
+pub struct Pending {
+    writer: usize,
+    msg: WriterMsg,
+}
+
+/// How often a blocked router call runs the caller's idle hook. A source blocked behind a
+/// full queue or a barrier still owes its walsender a status message before
+/// `wal_sender_timeout`, or the server drops the connection.
+pub const IDLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Sends `msg`, running `idle` every [`IDLE_EVERY`] while the queue is full.
+fn send<E>(
+    tx: &Sender<WriterMsg>,
+    mut msg: WriterMsg,
+    idle: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<(), Wait<E>> {
+    loop {
+        match tx.send_timeout(msg, IDLE_EVERY) {
+            Ok(()) => return Ok(()),
+            Err(SendTimeoutError::Timeout(m)) => {
+                msg = m;
+                idle().map_err(Wait::Idle)?;
+            }
+            Err(SendTimeoutError::Disconnected(_)) => return Err(Wait::Closed),
+        }
+    }
+}
+
+/// Waits for `n` answers on `rx`, running `idle` every [`IDLE_EVERY`] meanwhile.
+fn wait_answers<E>(
+    rx: &Receiver<()>,
+    n: usize,
+    idle: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<(), Wait<E>> {
+    let mut answered = 0;
+    while answered < n {
+        match rx.recv_timeout(IDLE_EVERY) {
+            Ok(()) => answered += 1,
+            Err(RecvTimeoutError::Timeout) => idle().map_err(Wait::Idle)?,
+            Err(RecvTimeoutError::Disconnected) => return Err(Wait::Closed),
+        }
+    }
+    Ok(())
+}
+
 impl Router {
     pub fn new(writers: Vec<Sender<WriterMsg>>) -> Router {
         Router { writers }
     }
 
-    pub fn route(&self, c: Change) -> Result<(), PoolClosed> {
+    /// Queues a change for its writer without blocking (the hot path); a full queue
+    /// hands the change back as [`Routed::Full`].
+    pub fn try_route(&self, c: Change) -> Routed {
         let key = key_fingerprint(&c);
-        let w = writer_for(&c, key, self.writers.len());
-        self.writers[w]
-            .send(WriterMsg::Change { change: c, key })
-            .map_err(|_| PoolClosed)
+        let writer = writer_for(&c, key, self.writers.len());
+        match self.writers[writer].try_send(WriterMsg::Change { change: c, key }) {
+            Ok(()) => Routed::Queued,
+            Err(TrySendError::Full(msg)) => Routed::Full(Pending { writer, msg }),
+            Err(TrySendError::Disconnected(_)) => Routed::Closed,
+        }
+    }
+
+    /// Queues a change that found its writer's queue full, waiting for room.
+    pub fn finish_route<E>(
+        &self,
+        p: Pending,
+        idle: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), Wait<E>> {
+        send(&self.writers[p.writer], p.msg, idle)
     }
 
     /// Tells every writer that everything of `source` up to `lsn` has been routed.
-    pub fn mark(&self, source: SourceId, lsn: Lsn) -> Result<(), PoolClosed> {
+    pub fn mark<E>(
+        &self,
+        source: SourceId,
+        lsn: Lsn,
+        idle: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), Wait<E>> {
         for w in &self.writers {
-            w.send(WriterMsg::Marker { source, lsn })
-                .map_err(|_| PoolClosed)?;
+            send(w, WriterMsg::Marker { source, lsn }, idle)?;
         }
         Ok(())
     }
 
     /// Waits until every writer has committed everything routed so far. Used as a
     /// barrier before changes that touch many keys at once (TRUNCATE).
-    pub fn flush_all(&self) -> Result<(), PoolClosed> {
+    pub fn flush_all<E>(&self, idle: &mut dyn FnMut() -> Result<(), E>) -> Result<(), Wait<E>> {
         let (tx, rx) = bounded(self.writers.len());
         for w in &self.writers {
-            w.send(WriterMsg::Flush(tx.clone()))
-                .map_err(|_| PoolClosed)?;
+            send(w, WriterMsg::Flush(tx.clone()), idle)?;
         }
         // Only the writers hold senders now: a writer that dies unblocks us with an error.
         drop(tx);
-        for _ in &self.writers {
-            rx.recv().map_err(|_| PoolClosed)?;
-        }
-        Ok(())
+        wait_answers(&rx, self.writers.len(), idle)
     }
 
     /// Sends a change to writer 0 and waits for its commit (for barrier changes).
-    pub fn apply_alone(&self, c: Change) -> Result<(), PoolClosed> {
+    pub fn apply_alone<E>(
+        &self,
+        c: Change,
+        idle: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), Wait<E>> {
         let (tx, rx) = bounded(1);
         let w = &self.writers[0];
         let key = key_fingerprint(&c);
-        w.send(WriterMsg::Change { change: c, key })
-            .map_err(|_| PoolClosed)?;
-        w.send(WriterMsg::Flush(tx)).map_err(|_| PoolClosed)?;
-        rx.recv().map_err(|_| PoolClosed)
+        send(w, WriterMsg::Change { change: c, key }, idle)?;
+        send(w, WriterMsg::Flush(tx), idle)?;
+        wait_answers(&rx, 1, idle)
     }
 
     pub fn len(&self) -> usize {

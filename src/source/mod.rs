@@ -169,8 +169,9 @@ impl std::error::Error for SourceError {}
 pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
     // Changes a failed earlier run of this source left queued are committed before a
     // re-copy could race them.
+    // No replication connection to keep alive yet: nothing to do while waiting.
     env.router
-        .flush_all()
+        .flush_all(&mut || Ok::<(), std::convert::Infallible>(()))
         .map_err(|_| SourceError::PoolClosed {
             source: spec.label(),
         })?;

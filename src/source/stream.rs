@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use postgres::Client;
 
-use crate::apply::route::PoolClosed;
+use crate::apply::route::{PoolClosed, Routed, Router, Wait};
 use crate::change::{Change, Position};
 use crate::config::{Mode, TableMap};
 use crate::pg::catalog::{self, Column};
@@ -170,10 +170,8 @@ impl Streamer<'_> {
     /// Announces routed progress to the writers (at most every MARK_EVERY).
     fn mark(&mut self) -> Result<(), SourceError> {
         if self.routed > self.marked && self.last_mark.elapsed() >= MARK_EVERY {
-            self.env
-                .router
-                .mark(self.spec.id, self.routed)
-                .map_err(self.closed())?;
+            let (id, lsn) = (self.spec.id, self.routed);
+            self.blocking(|r, idle| r.mark(id, lsn, idle))?;
             self.marked = self.routed;
             self.last_mark = Instant::now();
         }
@@ -206,10 +204,8 @@ impl Streamer<'_> {
     fn drain(mut self) -> Result<(), SourceError> {
         // Always a fresh marker: the acknowledgements of this run may not have reached
         // even the start position yet.
-        self.env
-            .router
-            .mark(self.spec.id, self.routed)
-            .map_err(self.closed())?;
+        let (id, lsn) = (self.spec.id, self.routed);
+        self.blocking(|r, idle| r.mark(id, lsn, idle))?;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.env.progress.confirmable(self.spec.id) < self.routed
             && Instant::now() < deadline
@@ -266,8 +262,8 @@ impl Streamer<'_> {
                         // A row moved to a new key that cannot be rebuilt from the change
                         // (unchanged TOAST): updated in place, so it must not overtake or
                         // be overtaken by the changes of either key on another writer.
-                        self.env.router.flush_all().map_err(self.closed())?;
-                        self.env.router.apply_alone(first).map_err(self.closed())?;
+                        self.flush_all()?;
+                        self.apply_alone(first)?;
                         return Ok(());
                     }
                     self.route(first)?;
@@ -305,8 +301,8 @@ impl Streamer<'_> {
                         self.txn_lsn
                     );
                     // Touches every key: everything routed before must be committed first.
-                    self.env.router.flush_all().map_err(self.closed())?;
-                    self.env.router.apply_alone(c).map_err(self.closed())?;
+                    self.flush_all()?;
+                    self.apply_alone(c)?;
                 }
             }
             PgOutput::Origin { .. }
@@ -329,8 +325,42 @@ impl Streamer<'_> {
         p
     }
 
-    fn route(&self, c: Change) -> Result<(), SourceError> {
-        self.env.router.route(c).map_err(self.closed())
+    /// Queues a change for its writer. A full queue (a slow destination) blocks the
+    /// stream, as it should, while the walsender keeps hearing from us.
+    fn route(&mut self, c: Change) -> Result<(), SourceError> {
+        match self.env.router.try_route(c) {
+            Routed::Queued => Ok(()),
+            Routed::Full(pending) => self.blocking(move |r, idle| r.finish_route(pending, idle)),
+            Routed::Closed => Err(self.closed()(PoolClosed)),
+        }
+    }
+
+    /// Runs a router call that may block (full queue, barrier), sending standby status
+    /// every [`IDLE_EVERY`](crate::apply::route::IDLE_EVERY) meanwhile: without it a barrier longer than `wal_sender_timeout` (a TRUNCATE
+    /// behind a slow destination) makes the server drop the stream and replay it.
+    fn blocking<T>(
+        &mut self,
+        f: impl FnOnce(
+            &Router,
+            &mut dyn FnMut() -> Result<(), SourceError>,
+        ) -> Result<T, Wait<SourceError>>,
+    ) -> Result<T, SourceError> {
+        let router = self.env.router.clone();
+        // Called every IDLE_EVERY while blocked: one status message each time, well
+        // within any sensible wal_sender_timeout.
+        let result = f(&router, &mut || self.send_status(true));
+        result.map_err(|w| match w {
+            Wait::Closed => self.closed()(PoolClosed),
+            Wait::Idle(e) => e,
+        })
+    }
+
+    fn flush_all(&mut self) -> Result<(), SourceError> {
+        self.blocking(|r, idle| r.flush_all(idle))
+    }
+
+    fn apply_alone(&mut self, c: Change) -> Result<(), SourceError> {
+        self.blocking(move |r, idle| r.apply_alone(c, idle))
     }
 
     fn mapping_error(&self, rel: u32, error: super::mapping::MappingError) -> SourceError {
@@ -372,7 +402,7 @@ impl Streamer<'_> {
         // A changed relation may route its keys differently (a new replica identity): what
         // was routed the old way is committed first.
         if matches!(self.relations.get(&rel.id), Some(Some(_))) {
-            self.env.router.flush_all().map_err(self.closed())?;
+            self.flush_all()?;
         }
         let Some(t) = self.table_map(&rel).cloned() else {
             warn!(
