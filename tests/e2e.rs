@@ -210,8 +210,8 @@ urls = [ {{ url = "{}", sid = "m" }} ]
 /// One source database and one destination database, both with `items`, and a map of
 /// one URL (with `sid`) mapping `items` plus `more_tables` lines: most single-source
 /// tests start here.
-struct Pair {
-    src: &'static Cluster,
+struct Pair<'a> {
+    src: &'a Cluster,
     dest: &'static Cluster,
     db: String,
     ddb: String,
@@ -219,8 +219,12 @@ struct Pair {
     map: String,
 }
 
-fn items_pair(version: u32, prefix: &str, sid: &str, more_tables: &str) -> Pair {
-    let src = source(version);
+fn items_pair(version: u32, prefix: &str, sid: &str, more_tables: &str) -> Pair<'static> {
+    items_pair_on(source(version), prefix, sid, more_tables)
+}
+
+/// Like [`items_pair`], on a source server of the caller's.
+fn items_pair_on<'a>(src: &'a Cluster, prefix: &str, sid: &str, more_tables: &str) -> Pair<'a> {
     let dest = destination();
     let (db, ddb, family) = (
         unique_name(prefix),
@@ -593,16 +597,9 @@ fn long_barrier_keeps_the_stream() {
     let src = support::private_source(v);
     src.execute("postgres", "ALTER SYSTEM SET wal_sender_timeout = '3s'");
     src.execute("postgres", "SELECT pg_reload_conf()");
-    let dest = destination();
-    let (db, ddb, family) = (unique_name("lb"), unique_name("lbd"), unique_name("lb"));
-    src.create_database(&db);
-    src.execute(&db, ITEMS_SRC);
-    dest.create_database(&ddb);
-    dest.execute(&ddb, ITEMS_DST);
-    let map = format!(
-        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"t\" }} ]\n[source.tables]\nitems = {{}}\n",
-        src.url(&db)
-    );
+    let Pair {
+        dest, db, ddb, map, ..
+    } = items_pair_on(&src, "lb", "t", "");
     let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 1"]);
     daemon.wait_streaming(1);
     src.execute(&db, "INSERT INTO items VALUES (1, 'before', 1, NULL)");
