@@ -54,6 +54,10 @@ pub struct TargetTable {
     /// The target has a unique index on exactly the key columns (and `sid`): upserts
     /// then use `INSERT … ON CONFLICT`, one index probe per row.
     pub arbiter: bool,
+    /// The target has unique or exclusion constraints beyond its key, so rows of
+    /// different keys can conflict (a value one row frees and another takes): all its
+    /// changes go to one writer, in source order.
+    pub serial: bool,
     /// The source has REPLICA IDENTITY FULL: the "key" is the whole old row, whose values
     /// may be NULL, so rows are matched with IS NOT DISTINCT FROM.
     pub full_identity: bool,
@@ -318,6 +322,7 @@ pub(crate) mod fixtures {
             key: vec![0],
             sid: None,
             arbiter: false,
+            serial: false,
             full_identity: false,
         })
     }

@@ -36,8 +36,9 @@ pub fn writer_for(c: &Change, key: u64, writers: usize) -> usize {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    // Tables whose key is the whole row route by table only (DESIGN: no stable key).
-    if !c.table.key.is_empty() && c.table.key.len() < c.table.columns.len() {
+    // Tables whose key is the whole row route by table only (DESIGN: no stable key), and
+    // so do targets where rows of different keys can conflict (`TargetTable::serial`).
+    if !c.table.serial && !c.table.key.is_empty() && c.table.key.len() < c.table.columns.len() {
         h = (h ^ key).wrapping_mul(0x0100_0000_01b3);
         h ^= h >> 29;
     }
@@ -214,5 +215,18 @@ mod tests {
             );
         }
         assert_eq!(w(&mk(1, "x"), 1), 0);
+    }
+
+    #[test]
+    fn a_target_with_other_unique_constraints_keeps_one_writer() {
+        let mut serial = (*table()).clone();
+        serial.serial = true;
+        let t = std::sync::Arc::new(serial);
+        let first = insert(&t, "0", Value::Text("x"));
+        let w0 = writer_for(&first, key_fingerprint(&first), 4);
+        for i in 1..100 {
+            let c = insert(&t, &i.to_string(), Value::Text("x"));
+            assert_eq!(writer_for(&c, key_fingerprint(&c), 4), w0, "key {i}");
+        }
     }
 }

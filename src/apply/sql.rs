@@ -365,6 +365,7 @@ mod tests {
             key: vec![0],
             sid: sid.map(Sid::new),
             arbiter: false,
+            serial: false,
             full_identity: false,
         })
     }
@@ -415,6 +416,7 @@ mod tests {
     fn upsert_with_unique_key_index_uses_on_conflict() {
         let t = Arc::new(TargetTable {
             arbiter: true,
+            serial: false,
             ..(*table(Some("s1"))).clone()
         });
         let a = change(&t, Op::Insert, &[Some("1"), Some("x")]);

@@ -92,26 +92,59 @@ pub fn table_info(
     }))
 }
 
-/// Column names of each valid, non-partial unique index of a table (primary key too),
-/// as candidates for `ON CONFLICT`.
+/// A unique index or exclusion constraint of a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UniqueIndex {
+    /// Its key columns (sorted; none for an index on expressions only).
+    pub columns: Vec<String>,
+    /// Usable as an `ON CONFLICT` arbiter: a valid, immediate, non-partial unique index on
+    /// plain columns.
+    pub arbiter: bool,
+}
+
+impl UniqueIndex {
+    /// An arbiter-capable index on `columns` (for tests and callers that build maps).
+    pub fn on(columns: &[&str]) -> UniqueIndex {
+        let mut columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+        columns.sort_unstable();
+        UniqueIndex {
+            columns,
+            arbiter: true,
+        }
+    }
+}
+
+/// Every unique index (primary key too) and exclusion constraint of a table.
 pub fn unique_indexes(
     client: &mut Client,
     schema: &str,
     name: &str,
-) -> Result<Vec<Vec<String>>, postgres::Error> {
+) -> Result<Vec<UniqueIndex>, postgres::Error> {
     let rows = client.query(
-        "SELECT array_agg(a.attname::text ORDER BY a.attname) \
+        "SELECT ARRAY(SELECT a.attname::text FROM pg_attribute a \
+                       WHERE a.attrelid = i.indrelid \
+                         AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1]) \
+                      ), \
+                i.indisunique AND i.indisvalid AND i.indimmediate \
+                  AND i.indpred IS NULL AND i.indexprs IS NULL \
            FROM pg_index i \
            JOIN pg_class c ON c.oid = i.indrelid \
            JOIN pg_namespace n ON n.oid = c.relnamespace \
-           JOIN pg_attribute a ON a.attrelid = c.oid \
-                AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1]) \
-          WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indisvalid \
-            AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
-          GROUP BY i.indexrelid",
+          WHERE n.nspname = $1 AND c.relname = $2 AND (i.indisunique OR i.indisexclusion)",
         &[&schema, &name],
     )?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows
+        .iter()
+        .map(|r| {
+            // Sorted here, not by the server's collation: compared with sorted names.
+            let mut columns: Vec<String> = r.get(0);
+            columns.sort_unstable();
+            UniqueIndex {
+                columns,
+                arbiter: r.get(1),
+            }
+        })
+        .collect())
 }
 
 /// `wal_level` of the server.

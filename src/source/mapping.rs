@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::change::{Change, Op, Position, Row, Sid, SourceId, TargetColumn, TargetTable, Value};
-use crate::pg::catalog::Column;
+use crate::pg::catalog::{Column, UniqueIndex};
 use crate::pg::pgoutput::{OldTuple, Tuple, TupleValue};
 
 /// Why a source relation cannot be written to its target.
@@ -60,7 +60,7 @@ pub fn map_relation(
     target_schema: &str,
     target_name: &str,
     target: &[Column],
-    unique_indexes: &[Vec<String>],
+    unique_indexes: &[UniqueIndex],
     full_identity: bool,
     sid: &Sid,
 ) -> Result<RelationMap, MappingError> {
@@ -102,11 +102,16 @@ pub fn map_relation(
         key_names.push("sid");
     }
     key_names.sort_unstable();
-    let arbiter = unique_indexes.iter().any(|idx| {
-        let mut cols: Vec<&str> = idx.iter().map(String::as_str).collect();
-        cols.sort_unstable();
-        cols == key_names
-    });
+    let is_key = |idx: &UniqueIndex| {
+        idx.columns
+            .iter()
+            .map(String::as_str)
+            .eq(key_names.iter().copied())
+    };
+    let arbiter = unique_indexes.iter().any(|idx| idx.arbiter && is_key(idx));
+    // Any other unique or exclusion constraint can make rows of different keys conflict:
+    // a row that frees a value and one that takes it must arrive in source order.
+    let serial = unique_indexes.iter().any(|idx| !is_key(idx));
     Ok(RelationMap {
         table: Arc::new(TargetTable {
             schema: target_schema.to_string(),
@@ -115,6 +120,7 @@ pub fn map_relation(
             key,
             sid: has_sid.then(|| sid.clone()),
             arbiter,
+            serial,
             full_identity,
         }),
         source_index,
@@ -311,7 +317,7 @@ mod tests {
             "public",
             "t",
             &dst,
-            &[vec!["sid".into(), "id".into()]],
+            &[UniqueIndex::on(&["sid", "id"])],
             false,
             &Sid::new("s1"),
         )
@@ -322,6 +328,7 @@ mod tests {
         assert_eq!(m.table.key, [0]);
         assert_eq!(m.table.sid, Some(Sid::new("s1")));
         assert!(m.table.arbiter, "unique (sid, id) is the key");
+        assert!(!m.table.serial, "no constraint beyond the key");
         let c = m
             .insert(
                 3,
@@ -358,7 +365,7 @@ mod tests {
             "s",
             "t",
             src,
-            &[vec!["v".into()]],
+            &[UniqueIndex::on(&["v"])],
             false,
             &Sid::new("a"),
         )
@@ -373,6 +380,7 @@ mod tests {
             !m.table.arbiter,
             "a unique index on another column is no arbiter"
         );
+        assert!(m.table.serial, "rows of different keys can conflict on v");
         let old = OldTuple {
             kind: OldKind::Key,
             tuple: t(&[Some("1"), None]),
