@@ -87,42 +87,141 @@ enum Cell {
     Text { start: u32, end: u32 },
 }
 
-/// The values of a row in one text buffer. Rows are built by a source thread and freed
-/// by a writer thread by the hundred thousand a second: two allocations a row instead of
-/// one per column keeps the allocator off the profile.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+/// Bytes one cell takes in a row's header: two `u32` in five 7-bit groups each.
+const CELL_BYTES: usize = 10;
+/// `start` values that mark the cells without text.
+const NULL_MARK: u32 = u32::MAX;
+const UNCHANGED_MARK: u32 = u32::MAX - 1;
+
+impl Cell {
+    /// The cell as ASCII: the header stays valid UTF-8, so the row is one `String`.
+    fn encode(self) -> [u8; CELL_BYTES] {
+        let (start, end) = match self {
+            Cell::Null => (NULL_MARK, 0),
+            Cell::Unchanged => (UNCHANGED_MARK, 0),
+            Cell::Text { start, end } => (start, end),
+        };
+        let mut out = [0u8; CELL_BYTES];
+        for (i, v) in [start, end].into_iter().enumerate() {
+            for g in 0..5 {
+                out[i * 5 + g] = ((v >> (7 * g)) & 0x7f) as u8;
+            }
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Cell {
+        let word = |i: usize| {
+            (0..5).fold(0u32, |v, g| {
+                v | (u32::from(bytes.get(i * 5 + g).copied().unwrap_or(0)) << (7 * g))
+            })
+        };
+        match (word(0), word(1)) {
+            (NULL_MARK, _) => Cell::Null,
+            (UNCHANGED_MARK, _) => Cell::Unchanged,
+            (start, end) => Cell::Text { start, end },
+        }
+    }
+}
+
+/// The values of a row in one allocation: a header of `width` fixed-size cells, then the
+/// texts. Rows are built by a source thread and freed by a writer thread by the hundred
+/// thousand a second, and an allocation freed by another thread always takes the
+/// allocator's slow path on both sides: one allocation a row instead of one per column
+/// (or two) keeps the allocator off the profile.
+#[derive(Clone, Default)]
 pub struct Row {
-    text: String,
-    cells: Vec<Cell>,
+    buf: String,
+    /// Cells the header has room for.
+    width: u32,
+    /// Cells pushed.
+    len: u32,
 }
 
 impl Row {
     pub fn with_capacity(columns: usize, bytes: usize) -> Row {
+        let mut buf = String::with_capacity(columns * CELL_BYTES + bytes);
+        buf.extend(std::iter::repeat_n('\0', columns * CELL_BYTES));
         Row {
-            text: String::with_capacity(bytes),
-            cells: Vec::with_capacity(columns),
+            buf,
+            width: columns as u32,
+            len: 0,
         }
     }
 
-    /// The `i`-th value's bytes when it is a text (no UTF-8 boundary checks: the COPY
-    /// writer's hot path).
-    pub fn text_bytes(&self, i: usize) -> Option<&[u8]> {
-        match self.cells.get(i) {
-            Some(&Cell::Text { start, end }) => {
-                self.text.as_bytes().get(start as usize..end as usize)
+    /// A row of `values`, built in one pass over them and one allocation (the source
+    /// thread's hot path).
+    pub fn from_values<'a>(values: impl Iterator<Item = Value<'a>> + Clone) -> Row {
+        let (n, bytes) = values.clone().fold((0, 0), |(n, b), v| match v {
+            Value::Text(s) => (n + 1, b + s.len()),
+            Value::Null | Value::Unchanged => (n + 1, b),
+        });
+        let mut buf = String::with_capacity(n * CELL_BYTES + bytes);
+        let mut offset = 0u32;
+        for v in values.clone() {
+            let cell = match v {
+                Value::Null => Cell::Null,
+                Value::Unchanged => Cell::Unchanged,
+                Value::Text(s) => {
+                    let start = offset;
+                    offset += s.len() as u32;
+                    Cell::Text { start, end: offset }
+                }
+            };
+            buf.extend(cell.encode().into_iter().map(char::from));
+        }
+        for v in values {
+            if let Value::Text(s) = v {
+                buf.push_str(s);
             }
+        }
+        Row {
+            buf,
+            width: n as u32,
+            len: n as u32,
+        }
+    }
+
+    fn header_len(&self) -> usize {
+        self.width as usize * CELL_BYTES
+    }
+
+    fn cell(&self, i: usize) -> Option<Cell> {
+        if i >= self.len as usize {
+            return None;
+        }
+        let at = i * CELL_BYTES;
+        self.buf
+            .as_bytes()
+            .get(at..at + CELL_BYTES)
+            .map(Cell::decode)
+    }
+
+    /// The text of a Text cell.
+    fn text(&self, start: u32, end: u32) -> &str {
+        let h = self.header_len();
+        self.buf
+            .get(h + start as usize..h + end as usize)
+            .unwrap_or("")
+    }
+
+    /// The `i`-th value's bytes when it is a text (the COPY writer's hot path).
+    pub fn text_bytes(&self, i: usize) -> Option<&[u8]> {
+        match self.cell(i) {
+            Some(Cell::Text { start, end }) => Some(self.text(start, end).as_bytes()),
             _ => None,
         }
     }
 
     /// Whether the row carries a value (not Unchanged) for exactly the first `n` columns.
     pub fn is_complete(&self, n: usize) -> bool {
-        self.cells.len() == n && !self.has_unchanged()
+        self.len() == n && !self.has_unchanged()
     }
 
     /// A row from optional texts (None is NULL), for tests and small callers.
     pub fn from_texts(values: &[Option<&str>]) -> Row {
-        let mut r = Row::default();
+        let bytes = values.iter().flatten().map(|s| s.len()).sum();
+        let mut r = Row::with_capacity(values.len(), bytes);
         for v in values {
             r.push(match v {
                 Some(s) => Value::Text(s),
@@ -133,28 +232,43 @@ impl Row {
     }
 
     pub fn push(&mut self, v: Value<'_>) {
-        self.cells.push(match v {
+        if self.len == self.width {
+            self.widen();
+        }
+        let cell = match v {
             Value::Null => Cell::Null,
             Value::Unchanged => Cell::Unchanged,
             Value::Text(s) => {
-                let start = self.text.len() as u32;
-                self.text.push_str(s);
+                let start = (self.buf.len() - self.header_len()) as u32;
+                self.buf.push_str(s);
                 Cell::Text {
                     start,
-                    end: self.text.len() as u32,
+                    end: (self.buf.len() - self.header_len()) as u32,
                 }
             }
-        });
+        };
+        let at = self.len as usize * CELL_BYTES;
+        let encoded: String = cell.encode().into_iter().map(char::from).collect();
+        self.buf.replace_range(at..at + CELL_BYTES, &encoded);
+        self.len += 1;
+    }
+
+    /// Doubles the header (a row pushed past the width it was made for).
+    fn widen(&mut self) {
+        let width = (self.width as usize * 2).max(4);
+        let mut wider = Row::with_capacity(width, self.buf.len() - self.header_len());
+        for v in self.iter() {
+            wider.push(v);
+        }
+        *self = wider;
     }
 
     /// The `i`-th value; None past the end.
     pub fn get(&self, i: usize) -> Option<Value<'_>> {
-        self.cells.get(i).map(|c| match *c {
+        self.cell(i).map(|c| match c {
             Cell::Null => Value::Null,
             Cell::Unchanged => Value::Unchanged,
-            Cell::Text { start, end } => {
-                Value::Text(self.text.get(start as usize..end as usize).unwrap_or(""))
-            }
+            Cell::Text { start, end } => Value::Text(self.text(start, end)),
         })
     }
 
@@ -164,19 +278,34 @@ impl Row {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = Value<'_>> + '_ {
-        (0..self.cells.len()).map(move |i| self.at(i))
+        (0..self.len()).map(move |i| self.at(i))
     }
 
     pub fn len(&self) -> usize {
-        self.cells.len()
+        self.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cells.is_empty()
+        self.len == 0
     }
 
     pub fn has_unchanged(&self) -> bool {
-        self.cells.iter().any(|c| matches!(c, Cell::Unchanged))
+        (0..self.len()).any(|i| self.cell(i) == Some(Cell::Unchanged))
+    }
+}
+
+/// Rows are equal when their values are (whatever room their headers have).
+impl PartialEq for Row {
+    fn eq(&self, other: &Row) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Row {}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -350,6 +479,10 @@ mod tests {
     #[test]
     fn row_keeps_values_in_one_buffer() {
         let mut r = Row::from_texts(&[Some("a"), None, Some("")]);
+        assert_eq!(
+            r,
+            Row::from_values([Value::Text("a"), Value::Null, Value::Text("")].into_iter())
+        );
         r.push(Value::Unchanged);
         r.push(Value::Text("ünï"));
         let all: Vec<Value> = r.iter().collect();
@@ -367,5 +500,53 @@ mod tests {
         assert!(r.has_unchanged());
         assert_eq!(r.get(5), None);
         assert_eq!(r.at(9), Value::Null);
+        assert_eq!(r.text_bytes(4), Some("ünï".as_bytes()));
+        assert_eq!(r.text_bytes(1), None);
+    }
+
+    #[test]
+    fn rows_compare_by_values_whatever_their_header_room() {
+        let mut wide = Row::with_capacity(8, 4);
+        wide.push(Value::Text("x"));
+        wide.push(Value::Null);
+        assert_eq!(wide, Row::from_texts(&[Some("x"), None]));
+        assert_ne!(wide, Row::from_texts(&[Some("x")]));
+        assert_eq!(format!("{wide:?}"), r#"[Text("x"), Null]"#);
+    }
+
+    #[test]
+    fn cells_round_trip_through_their_ascii_form() {
+        for cell in [
+            Cell::Null,
+            Cell::Unchanged,
+            Cell::Text { start: 0, end: 0 },
+            Cell::Text {
+                start: 127,
+                end: 128,
+            },
+            Cell::Text {
+                start: 1 << 30,
+                end: u32::MAX - 2,
+            },
+        ] {
+            let bytes = cell.encode();
+            assert!(bytes.is_ascii(), "{cell:?}");
+            assert_eq!(Cell::decode(&bytes), cell);
+        }
+    }
+
+    #[test]
+    fn a_row_grows_past_the_width_it_was_made_for() {
+        let mut r = Row::with_capacity(1, 1);
+        let texts: Vec<String> = (0..40).map(|i| format!("v{i}")).collect();
+        for t in &texts {
+            r.push(Value::Text(t));
+        }
+        r.push(Value::Null);
+        assert_eq!(r.len(), 41);
+        let back: Vec<Value> = r.iter().collect();
+        let mut expected: Vec<Value> = texts.iter().map(|t| Value::Text(t)).collect();
+        expected.push(Value::Null);
+        assert_eq!(back, expected);
     }
 }

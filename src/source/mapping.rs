@@ -128,6 +128,16 @@ pub fn map_relation(
     })
 }
 
+/// A decoded value as it is (None for a binary one, which needs converting).
+fn as_value<'a>(v: &TupleValue<'a>) -> Option<Value<'a>> {
+    match *v {
+        TupleValue::Null => Some(Value::Null),
+        TupleValue::Unchanged => Some(Value::Unchanged),
+        TupleValue::Text(s) => Some(Value::Text(s)),
+        TupleValue::Binary(_) => None,
+    }
+}
+
 /// Appends a decoded value to a row.
 fn push_value(row: &mut Row, v: &TupleValue) {
     match v {
@@ -171,17 +181,21 @@ impl RelationMap {
     /// The target's columns of a decoded tuple, in one buffer. The tuple's own strings
     /// are freed here, in the thread that allocated them (cheap), not in a writer.
     fn row(&self, t: &Tuple) -> Row {
-        let mut row = Row::with_capacity(self.source_index.len(), text_len(t));
-        for &i in &self.source_index {
-            push_value(&mut row, &t.0[i]);
-        }
-        row
+        self.pick(t, self.source_index.iter().copied())
     }
 
     fn key_of(&self, t: &Tuple) -> Row {
-        let mut row = Row::with_capacity(self.table.key.len(), 16 * self.table.key.len());
-        for &k in &self.table.key {
-            push_value(&mut row, &t.0[self.source_index[k]]);
+        self.pick(t, self.table.key.iter().map(|&k| self.source_index[k]))
+    }
+
+    /// The values of tuple columns `columns`, in that order, as a row.
+    fn pick(&self, t: &Tuple, columns: impl Iterator<Item = usize> + Clone) -> Row {
+        if columns.clone().all(|i| as_value(&t.0[i]).is_some()) {
+            return Row::from_values(columns.map(|i| as_value(&t.0[i]).unwrap_or(Value::Null)));
+        }
+        let mut row = Row::with_capacity(self.source_index.len(), text_len(t));
+        for i in columns {
+            push_value(&mut row, &t.0[i]);
         }
         row
     }
