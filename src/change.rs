@@ -110,13 +110,15 @@ impl Cell {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Cell {
-        let word = |i: usize| {
-            (0..5).fold(0u32, |v, g| {
-                v | (u32::from(bytes.get(i * 5 + g).copied().unwrap_or(0)) << (7 * g))
-            })
+    fn decode(b: [u8; CELL_BYTES]) -> Cell {
+        let word = |o: usize| {
+            u32::from(b[o])
+                | u32::from(b[o + 1]) << 7
+                | u32::from(b[o + 2]) << 14
+                | u32::from(b[o + 3]) << 21
+                | u32::from(b[o + 4]) << 28
         };
-        match (word(0), word(1)) {
+        match (word(0), word(5)) {
             (NULL_MARK, _) => Cell::Null,
             (UNCHANGED_MARK, _) => Cell::Unchanged,
             (start, end) => Cell::Text { start, end },
@@ -194,6 +196,7 @@ impl Row {
         self.buf
             .as_bytes()
             .get(at..at + CELL_BYTES)
+            .and_then(|b| <[u8; CELL_BYTES]>::try_from(b).ok())
             .map(Cell::decode)
     }
 
@@ -531,7 +534,7 @@ mod tests {
         ] {
             let bytes = cell.encode();
             assert!(bytes.is_ascii(), "{cell:?}");
-            assert_eq!(Cell::decode(&bytes), cell);
+            assert_eq!(Cell::decode(bytes), cell);
         }
     }
 
