@@ -111,9 +111,9 @@ Usage:
   kuvasz-streamer --version | --help
 
   Without a command the daemon runs in the foreground and logs to stderr.
-  check validates the configuration, the map, both connections, the source
-  prerequisites and the target tables, prints a report, and exits non-zero on
-  any problem.
+  check validates the configuration and the map and connects to the destination
+  and to every source, prints a report, and exits non-zero on any problem (in
+  this version it does not yet check source prerequisites or target tables).
 
 Options:
   --conf FILE             configuration file; default: the first that exists of
@@ -127,7 +127,7 @@ Options:
 
 Keys (default):
   server.name         name in logs and the destination's application_name (kuvasz-streamer)
-  server.address      HTTP address for /healthz, /readyz, /metrics, /api/status (127.0.0.1:8000)
+  server.address      HTTP address for health and metrics; not served yet (127.0.0.1:8000)
   logs.level          error, warn, info, debug or trace (info)
   logs.format         text or json (text)
   database.url        destination connection string, postgres://... or key=value (required)
@@ -140,7 +140,8 @@ Keys (default):
   app.sync_burst      rows the initial sync may burst above that rate (1000)
   app.on_error        a row the destination rejects: stop or deadletter (stop)
 
-Exit status: 0 on success, 2 on a configuration or command-line error.
+Exit status: 0 on success, 2 on a configuration or command-line error, 1 when
+check finds a problem.
 ";
 
 #[cfg(test)]
