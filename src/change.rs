@@ -126,31 +126,19 @@ impl Cell {
     }
 }
 
-/// The values of a row in one allocation: a header of `width` fixed-size cells, then the
-/// texts. Rows are built by a source thread and freed by a writer thread by the hundred
+/// The values of a row in one allocation: a header of one fixed-size cell a value, then
+/// the texts. Rows are built by a source thread and freed by a writer thread by the hundred
 /// thousand a second, and an allocation freed by another thread always takes the
 /// allocator's slow path on both sides: one allocation a row instead of one per column
 /// (or two) keeps the allocator off the profile.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Row {
     buf: String,
-    /// Cells the header has room for.
-    width: u32,
-    /// Cells pushed.
+    /// Cells in the header.
     len: u32,
 }
 
 impl Row {
-    pub fn with_capacity(columns: usize, bytes: usize) -> Row {
-        let mut buf = String::with_capacity(columns * CELL_BYTES + bytes);
-        buf.extend(std::iter::repeat_n('\0', columns * CELL_BYTES));
-        Row {
-            buf,
-            width: columns as u32,
-            len: 0,
-        }
-    }
-
     /// A row of `values`, built in one pass over them and one allocation (the source
     /// thread's hot path).
     pub fn from_values<'a>(values: impl Iterator<Item = Value<'a>> + Clone) -> Row {
@@ -177,15 +165,11 @@ impl Row {
                 buf.push_str(s);
             }
         }
-        Row {
-            buf,
-            width: n as u32,
-            len: n as u32,
-        }
+        Row { buf, len: n as u32 }
     }
 
     fn header_len(&self) -> usize {
-        self.width as usize * CELL_BYTES
+        self.len as usize * CELL_BYTES
     }
 
     fn cell(&self, i: usize) -> Option<Cell> {
@@ -223,47 +207,10 @@ impl Row {
 
     /// A row from optional texts (None is NULL), for tests and small callers.
     pub fn from_texts(values: &[Option<&str>]) -> Row {
-        let bytes = values.iter().flatten().map(|s| s.len()).sum();
-        let mut r = Row::with_capacity(values.len(), bytes);
-        for v in values {
-            r.push(match v {
-                Some(s) => Value::Text(s),
-                None => Value::Null,
-            });
-        }
-        r
-    }
-
-    pub fn push(&mut self, v: Value<'_>) {
-        if self.len == self.width {
-            self.widen();
-        }
-        let cell = match v {
-            Value::Null => Cell::Null,
-            Value::Unchanged => Cell::Unchanged,
-            Value::Text(s) => {
-                let start = (self.buf.len() - self.header_len()) as u32;
-                self.buf.push_str(s);
-                Cell::Text {
-                    start,
-                    end: (self.buf.len() - self.header_len()) as u32,
-                }
-            }
-        };
-        let at = self.len as usize * CELL_BYTES;
-        let encoded: String = cell.encode().into_iter().map(char::from).collect();
-        self.buf.replace_range(at..at + CELL_BYTES, &encoded);
-        self.len += 1;
-    }
-
-    /// Doubles the header (a row pushed past the width it was made for).
-    fn widen(&mut self) {
-        let width = (self.width as usize * 2).max(4);
-        let mut wider = Row::with_capacity(width, self.buf.len() - self.header_len());
-        for v in self.iter() {
-            wider.push(v);
-        }
-        *self = wider;
+        Row::from_values(values.iter().map(|v| match v {
+            Some(s) => Value::Text(s),
+            None => Value::Null,
+        }))
     }
 
     /// The `i`-th value; None past the end.
@@ -296,15 +243,6 @@ impl Row {
         (0..self.len()).any(|i| self.cell(i) == Some(Cell::Unchanged))
     }
 }
-
-/// Rows are equal when their values are (whatever room their headers have).
-impl PartialEq for Row {
-    fn eq(&self, other: &Row) -> bool {
-        self.len == other.len && self.iter().eq(other.iter())
-    }
-}
-
-impl Eq for Row {}
 
 impl fmt::Debug for Row {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -461,8 +399,7 @@ pub(crate) mod fixtures {
 
     /// An INSERT of `(id, v)` into `t`.
     pub fn insert(t: &Arc<TargetTable>, id: &str, v: Value) -> Change {
-        let mut values = Row::from_texts(&[Some(id)]);
-        values.push(v);
+        let values = Row::from_values([Value::Text(id), v].into_iter());
         Change {
             source: 0,
             table: t.clone(),
@@ -481,13 +418,16 @@ mod tests {
 
     #[test]
     fn row_keeps_values_in_one_buffer() {
-        let mut r = Row::from_texts(&[Some("a"), None, Some("")]);
-        assert_eq!(
-            r,
-            Row::from_values([Value::Text("a"), Value::Null, Value::Text("")].into_iter())
+        let r = Row::from_values(
+            [
+                Value::Text("a"),
+                Value::Null,
+                Value::Text(""),
+                Value::Unchanged,
+                Value::Text("ünï"),
+            ]
+            .into_iter(),
         );
-        r.push(Value::Unchanged);
-        r.push(Value::Text("ünï"));
         let all: Vec<Value> = r.iter().collect();
         assert_eq!(
             all,
@@ -508,13 +448,12 @@ mod tests {
     }
 
     #[test]
-    fn rows_compare_by_values_whatever_their_header_room() {
-        let mut wide = Row::with_capacity(8, 4);
-        wide.push(Value::Text("x"));
-        wide.push(Value::Null);
-        assert_eq!(wide, Row::from_texts(&[Some("x"), None]));
-        assert_ne!(wide, Row::from_texts(&[Some("x")]));
-        assert_eq!(format!("{wide:?}"), r#"[Text("x"), Null]"#);
+    fn rows_compare_by_values() {
+        let r = Row::from_values([Value::Text("x"), Value::Null].into_iter());
+        assert_eq!(r, Row::from_texts(&[Some("x"), None]));
+        assert_ne!(r, Row::from_texts(&[Some("x")]));
+        assert_ne!(r, Row::from_texts(&[Some("x"), Some("")]));
+        assert_eq!(format!("{r:?}"), r#"[Text("x"), Null]"#);
     }
 
     #[test]
@@ -539,17 +478,13 @@ mod tests {
     }
 
     #[test]
-    fn a_row_grows_past_the_width_it_was_made_for() {
-        let mut r = Row::with_capacity(1, 1);
+    fn a_wide_row_keeps_every_value() {
         let texts: Vec<String> = (0..40).map(|i| format!("v{i}")).collect();
-        for t in &texts {
-            r.push(Value::Text(t));
-        }
-        r.push(Value::Null);
-        assert_eq!(r.len(), 41);
-        let back: Vec<Value> = r.iter().collect();
         let mut expected: Vec<Value> = texts.iter().map(|t| Value::Text(t)).collect();
         expected.push(Value::Null);
+        let r = Row::from_values(expected.iter().copied());
+        assert_eq!(r.len(), 41);
+        let back: Vec<Value> = r.iter().collect();
         assert_eq!(back, expected);
     }
 }

@@ -128,45 +128,6 @@ pub fn map_relation(
     })
 }
 
-/// A decoded value as it is (None for a binary one, which needs converting).
-fn as_value<'a>(v: &TupleValue<'a>) -> Option<Value<'a>> {
-    match *v {
-        TupleValue::Null => Some(Value::Null),
-        TupleValue::Unchanged => Some(Value::Unchanged),
-        TupleValue::Text(s) => Some(Value::Text(s)),
-        TupleValue::Binary(_) => None,
-    }
-}
-
-/// Appends a decoded value to a row.
-fn push_value(row: &mut Row, v: &TupleValue) {
-    match v {
-        TupleValue::Null => row.push(Value::Null),
-        TupleValue::Unchanged => row.push(Value::Unchanged),
-        TupleValue::Text(s) => row.push(Value::Text(s)),
-        // We never ask for binary; if it came anyway, hex is what bytea's text form is.
-        TupleValue::Binary(b) => {
-            let mut s = String::with_capacity(2 + b.len() * 2);
-            s.push_str("\\x");
-            for byte in b.iter() {
-                s.push_str(&format!("{byte:02x}"));
-            }
-            row.push(Value::Text(&s));
-        }
-    }
-}
-
-/// Bytes of text a tuple carries, to size a row's buffer once.
-fn text_len(t: &Tuple) -> usize {
-    t.0.iter()
-        .map(|v| match v {
-            TupleValue::Text(s) => s.len(),
-            TupleValue::Binary(b) => 2 + 2 * b.len(),
-            TupleValue::Null | TupleValue::Unchanged => 0,
-        })
-        .sum()
-}
-
 impl RelationMap {
     fn check(&self, t: &Tuple) -> Result<(), MappingError> {
         if t.0.len() != self.source_width {
@@ -190,14 +151,34 @@ impl RelationMap {
 
     /// The values of tuple columns `columns`, in that order, as a row.
     fn pick(&self, t: &Tuple, columns: impl Iterator<Item = usize> + Clone) -> Row {
-        if columns.clone().all(|i| as_value(&t.0[i]).is_some()) {
-            return Row::from_values(columns.map(|i| as_value(&t.0[i]).unwrap_or(Value::Null)));
-        }
-        let mut row = Row::with_capacity(self.source_index.len(), text_len(t));
-        for i in columns {
-            push_value(&mut row, &t.0[i]);
-        }
-        row
+        // We never ask for binary values; if some came anyway, hex is bytea's text form.
+        let binary = t.0.iter().any(|v| matches!(v, TupleValue::Binary(_)));
+        let hex: Vec<Option<String>> = if !binary {
+            Vec::new()
+        } else {
+            t.0.iter()
+                .map(|v| match v {
+                    TupleValue::Binary(b) => {
+                        Some(b.iter().fold(String::from("\\x"), |mut s, byte| {
+                            s.push_str(&format!("{byte:02x}"));
+                            s
+                        }))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        Row::from_values(columns.map(|i| {
+            match t.0[i] {
+                TupleValue::Null => Value::Null,
+                TupleValue::Unchanged => Value::Unchanged,
+                TupleValue::Text(s) => Value::Text(s),
+                TupleValue::Binary(_) => hex
+                    .get(i)
+                    .and_then(|h| h.as_deref())
+                    .map_or(Value::Null, Value::Text),
+            }
+        }))
     }
 
     fn change(&self, source: SourceId, op: Op, pos: Position, commit_time: i64) -> Change {
@@ -384,6 +365,18 @@ mod tests {
             &Sid::new("a"),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_binary_value_becomes_hex_text() {
+        let src = [col("id", true), col("v", false)];
+        let m = id_v_map(&src);
+        let new = Tuple(vec![
+            TupleValue::Text("1"),
+            TupleValue::Binary(&[0xde, 0xad]),
+        ]);
+        let c = m.insert(0, new, Position::default(), 0).unwrap();
+        assert_eq!(c.values, Row::from_texts(&[Some("1"), Some("\\xdead")]));
     }
 
     #[test]
