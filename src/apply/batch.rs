@@ -69,7 +69,7 @@ pub fn columns_of(c: &Change) -> Vec<usize> {
 /// Whether the change carries values for exactly `cols` (without allocating).
 fn has_columns(c: &Change, cols: &[usize]) -> bool {
     // The common case: every column, none unchanged.
-    if cols.len() == c.values.len() && c.values.is_complete(cols.len()) {
+    if c.values.is_complete(cols.len()) {
         return true;
     }
     let mut expected = cols.iter();
@@ -86,8 +86,9 @@ pub fn classify(c: &Change) -> (Kind, Vec<usize>) {
     (kind_of(c), columns_of(c))
 }
 
-/// A fingerprint of the key a change touches; a collision only ends a run early.
-/// Key fingerprints are hashes already: the set uses them as they are.
+/// Hasher of the run's key set. Keys arrive as fingerprints (hashes already: see
+/// `route::key_fingerprint`), which the set uses as they are; a collision only ends a run
+/// early.
 #[derive(Default)]
 struct Fingerprint(u64);
 
