@@ -17,6 +17,15 @@ const ITEMS_DST: &str =
 const PLAIN_SRC: &str = "SET ROLE kuvasz; CREATE TABLE plain (id bigint PRIMARY KEY, v text)";
 const PLAIN_DST: &str = "SET ROLE kuvasz; CREATE TABLE plain_copy (id bigint PRIMARY KEY, v text)";
 
+/// The newest and oldest source majors under test.
+fn newest() -> u32 {
+    *support::versions().last().expect("a version")
+}
+
+fn oldest() -> u32 {
+    *support::versions().first().expect("a version")
+}
+
 /// Source rows of `items` as the destination should hold them for `sid`.
 fn items_expected(c: &Cluster, db: &str, sid: &str) -> Rows {
     c.query(
@@ -30,6 +39,15 @@ fn items_actual(dest: &Cluster, db: &str, sid: &str) -> Rows {
         db,
         &format!("SELECT sid, id::text, name, qty::text, extra FROM items WHERE sid = '{sid}' ORDER BY id"),
     )
+}
+
+/// Waits until the destination's `items` of `sid` equal the source's.
+fn converge_items(what: &str, src: (&Cluster, &str), dest: (&Cluster, &str), sid: &str) {
+    converge(
+        what,
+        || items_expected(src.0, src.1, sid),
+        || items_actual(dest.0, dest.1, sid),
+    );
 }
 
 /// Waits until the destination rows equal the expected ones; panics with both if never.
@@ -113,16 +131,8 @@ urls = [ {{ url = "{}", sid = "m" }} ]
     );
     let daemon = Daemon::start(&dest.url(&db_dst), &map, &[]);
     let check = |what: &str| {
-        converge(
-            what,
-            || items_expected(src, &db_a, "tenant-a"),
-            || items_actual(dest, &db_dst, "tenant-a"),
-        );
-        converge(
-            what,
-            || items_expected(src, &db_b, "tenant-b"),
-            || items_actual(dest, &db_dst, "tenant-b"),
-        );
+        converge_items(what, (src, &db_a), (dest, &db_dst), "tenant-a");
+        converge_items(what, (src, &db_b), (dest, &db_dst), "tenant-b");
         converge(
             what,
             || src.query(&db_a, "SELECT id::text, v FROM plain ORDER BY id"),
@@ -254,7 +264,7 @@ fn items_pair_on<'a>(src: &'a Cluster, prefix: &str, sid: &str, more_tables: &st
 /// the report names source, sid, table, key and LSN.
 #[test]
 fn rejected_row_stops_and_resumes() {
-    let v = *support::versions().last().expect("a version");
+    let v = newest();
     let Pair {
         src,
         dest,
@@ -273,11 +283,7 @@ fn rejected_row_stops_and_resumes() {
         &db,
         "INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(1, 100) g",
     );
-    converge(
-        "good rows",
-        || items_expected(src, &db, "t1"),
-        || items_actual(dest, &ddb, "t1"),
-    );
+    converge_items("good rows", (src, &db), (dest, &ddb), "t1");
     // One bad row amid good ones, in one transaction.
     src.execute(&db, "BEGIN; INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(101, 150) g; INSERT INTO items VALUES (151, 'bad', -5, NULL); INSERT INTO items VALUES (152, 'ok', 1, NULL); COMMIT");
     let lsn = src.query(&db, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
@@ -314,11 +320,7 @@ fn rejected_row_stops_and_resumes() {
     );
     // The operator fixes the cause: the retry applies everything, nothing lost.
     dest.execute(&ddb, "ALTER TABLE items DROP CONSTRAINT qty_ok");
-    converge(
-        "after the fix",
-        || items_expected(src, &db, "t1"),
-        || items_actual(dest, &ddb, "t1"),
-    );
+    converge_items("after the fix", (src, &db), (dest, &ddb), "t1");
     daemon.stop_ok();
 }
 
@@ -326,7 +328,7 @@ fn rejected_row_stops_and_resumes() {
 /// rest streams on.
 #[test]
 fn rejected_row_goes_to_deadletter() {
-    let v = *support::versions().first().expect("a version");
+    let v = oldest();
     let Pair {
         src,
         dest,
@@ -408,16 +410,8 @@ fn two_servers_into_one_table() {
         "DELETE FROM items WHERE id < 5; INSERT INTO items VALUES (200, 'y', 2, NULL)",
     );
     let (sid1, sid2) = (format!("pg{v1}"), format!("pg{v2}x"));
-    converge(
-        "first server",
-        || items_expected(s1, &db1, &sid1),
-        || items_actual(dest, &ddb, &sid1),
-    );
-    converge(
-        "second server",
-        || items_expected(s2, &db2, &sid2),
-        || items_actual(dest, &ddb, &sid2),
-    );
+    converge_items("first server", (s1, &db1), (dest, &ddb), &sid1);
+    converge_items("second server", (s2, &db2), (dest, &ddb), &sid2);
     assert_eq!(
         dest.query(&ddb, "SELECT count(*) FROM items"),
         vec![vec![Some("38".to_string())]]
@@ -474,11 +468,7 @@ fn large_transaction(version: u32) {
          UPDATE items SET id = id + 1000000 WHERE id % 7 = 0; \
          COMMIT",
     );
-    converge(
-        "large transaction",
-        || items_expected(src, &db, "b"),
-        || items_actual(dest, &ddb, "b"),
-    );
+    converge_items("large transaction", (src, &db), (dest, &ddb), "b");
     assert_eq!(
         dest.query(&ddb, "SELECT count(*) FROM items"),
         src.query(&db, "SELECT count(*) FROM items")
@@ -504,7 +494,7 @@ fn large_transaction_pg18() {
 /// value, NULLs included.
 #[test]
 fn replica_identity_full_with_nulls() {
-    let v = *support::versions().last().expect("a version");
+    let v = newest();
     let src = source(v);
     let dest = destination();
     let (db, ddb, family) = (unique_name("fu"), unique_name("fud"), unique_name("full"));
@@ -546,7 +536,7 @@ fn replica_identity_full_with_nulls() {
 /// the cause is fixed everything arrives, TRUNCATE in its place.
 #[test]
 fn rejection_before_a_truncate_barrier_recovers() {
-    let v = *support::versions().last().expect("a version");
+    let v = newest();
     let Pair {
         src,
         dest,
@@ -576,11 +566,7 @@ fn rejection_before_a_truncate_barrier_recovers() {
             .then_some(())
     });
     dest.execute(&ddb, "ALTER TABLE items DROP CONSTRAINT qty_ok");
-    converge(
-        "items",
-        || items_expected(src, &db, "t"),
-        || items_actual(dest, &ddb, "t"),
-    );
+    converge_items("items", (src, &db), (dest, &ddb), "t");
     let rows = "SELECT id::text, v FROM plain ORDER BY id";
     converge("plain", || src.query(&db, rows), || dest.query(&ddb, rows));
     daemon.stop_ok();
@@ -592,7 +578,7 @@ fn rejection_before_a_truncate_barrier_recovers() {
 /// the connection, and everything arrives once the lock is gone.
 #[test]
 fn long_barrier_keeps_the_stream() {
-    let v = *support::versions().last().expect("a version");
+    let v = newest();
     // A private server: the short timeout is set for the whole cluster.
     let src = support::private_source(v);
     src.execute("postgres", "ALTER SYSTEM SET wal_sender_timeout = '3s'");
@@ -639,12 +625,7 @@ fn long_barrier_keeps_the_stream() {
 /// overtake the row giving it up and be refused.
 #[test]
 fn secondary_unique_constraint_keeps_source_order() {
-    let p = items_pair(
-        *support::versions().last().expect("a version"),
-        "su",
-        "t",
-        "",
-    );
+    let p = items_pair(newest(), "su", "t", "");
     let (src, dest, db, ddb) = (p.src, p.dest, &p.db, &p.ddb);
     dest.execute(
         ddb,

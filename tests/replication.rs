@@ -666,32 +666,16 @@ macro_rules! per_version {
             mod $module {
                 use super::*;
 
-                #[test]
-                fn authentication() {
-                    if support::versions().contains(&$v) {
-                        super::authentication($v);
-                    }
-                }
-
-                #[test]
-                fn slot_snapshot_and_streaming() {
-                    if support::versions().contains(&$v) {
-                        super::slot_snapshot_and_streaming($v);
-                    }
-                }
-
-                #[test]
-                fn keepalive() {
-                    if support::versions().contains(&$v) {
-                        super::keepalive($v);
-                    }
-                }
-
-                #[test]
-                fn errors() {
-                    if support::versions().contains(&$v) {
-                        super::errors($v);
-                    }
+                per_version!(@tests $v; authentication, slot_snapshot_and_streaming, keepalive, errors);
+            }
+        )*
+    };
+    (@tests $v:expr; $($test:ident),*) => {
+        $(
+            #[test]
+            fn $test() {
+                if support::versions().contains(&$v) {
+                    super::$test($v);
                 }
             }
         )*
