@@ -33,8 +33,9 @@ impl fmt::Display for Sid {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetColumn {
     pub name: String,
-    /// The destination column's type as `format_type` prints it; literals are cast to it
-    /// so that set-based statements resolve to the target's own types.
+    /// The destination column's type with its modifier, as `format_type` prints it (the
+    /// writers stage values in tables typed like the target, so no value is ever cast;
+    /// this tells when a target's layout changed).
     pub type_name: String,
 }
 
@@ -67,6 +68,19 @@ impl TargetTable {
     /// `schema.table` for messages (not quoted; not for SQL).
     pub fn display(&self) -> String {
         format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Whether both describe the same table with the same columns and key, whatever
+    /// their sid: then one set-based statement can carry the rows of both.
+    pub fn same_layout(&self, other: &TargetTable) -> bool {
+        self.schema == other.schema
+            && self.name == other.name
+            && self.columns == other.columns
+            && self.key == other.key
+            && self.arbiter == other.arbiter
+            && self.serial == other.serial
+            && self.full_identity == other.full_identity
+            && self.sid.is_some() == other.sid.is_some()
     }
 }
 
@@ -235,6 +249,11 @@ impl Row {
         self.len as usize
     }
 
+    /// Bytes the row occupies (what batches and queues are bounded by).
+    pub fn byte_len(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -333,6 +352,11 @@ impl Change {
             }
         }
         h
+    }
+
+    /// Bytes of row data the change holds (what queues and batches are bounded by).
+    pub fn byte_len(&self) -> usize {
+        self.values.byte_len() + self.old_key.as_ref().map_or(0, Row::byte_len)
     }
 
     /// The key values that identify the row this change touches first.

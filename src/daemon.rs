@@ -12,7 +12,7 @@ use log::{error, info, warn};
 use postgres::NoTls;
 
 use crate::apply::writer::{RejectPolicy, SourceLabel};
-use crate::apply::{Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
+use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
 use crate::pg::describe;
 use crate::pg::quote::qualified;
 use crate::source::{self, SourceEnv, SourceSpec, StopFlag, SYNC_STATE_TABLE};
@@ -222,6 +222,7 @@ fn generation(
 ) -> Result<(), String> {
     let n = settings.num_workers.max(1);
     let progress = Arc::new(Progress::new(sources.len(), n));
+    let inflight = Arc::new(Inflight::new(n));
     let (events_tx, events) = unbounded::<Event>();
     let mut writer_txs = Vec::new();
     let mut writers = Vec::new();
@@ -235,6 +236,7 @@ fn generation(
             on_error: settings.on_error,
             sources: labels.clone(),
             progress: progress.clone(),
+            inflight: inflight.clone(),
         };
         let etx = events_tx.clone();
         let h = thread::Builder::new()
@@ -260,7 +262,7 @@ fn generation(
             .map_err(|e| format!("cannot start writer thread: {e}"))?;
         writers.push(Some(h));
     }
-    let router = Router::new(writer_txs.clone());
+    let router = Router::new(writer_txs.clone(), inflight.clone());
     let mut slots: Vec<SourceSlot> = Vec::new();
     for spec in sources {
         let stop = Arc::new(StopFlag::default());

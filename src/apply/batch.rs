@@ -1,96 +1,82 @@
-//! Grouping a writer's queue into runs that one statement can apply (pure logic).
+//! A writer's batch: the changes of one destination transaction, grouped by target table
+//! and reduced to each key's net effect (pure logic, no I/O).
 //!
-//! A run holds consecutive changes of one target, one kind and one column shape, with
-//! no key twice: then the changes commute and a single set-based statement applies them
-//! all, while every key still sees its changes in source order.
+//! Within one destination transaction only each key's final state is visible at commit,
+//! and changes to different keys commute. So a batch keeps, per target table, one entry
+//! per key: the final row (an upsert), a delete, or a partial update that leaves the
+//! unchanged TOAST values alone. Each table is then applied with a few set-based
+//! statements, however the source interleaved its tables and however often it touched a
+//! hot key. Targets where that reduction would be wrong keep every change in source order
+//! instead ([`Group::ordered`]): those with unique constraints beyond their key (a row may
+//! take a value another row frees) and those whose identity is the whole row (identical
+//! rows are distinct rows).
+//!
+//! Every tenant (sid) writing into one target shares its group: one statement carries
+//! them all, the sid being a column of the staged rows.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use crate::change::{Change, Op, TargetTable, Value};
+use crate::change::{Change, Op, Row, TargetTable, Value, FNV_SEED};
 
-/// Most changes one statement carries; keeps statements a few MB at most.
-pub const MAX_RUN: usize = 1000;
-/// Most new rows one COPY carries. Bigger than a statement's run: COPY streams its rows,
-/// and on a PostgreSQL 15 destination each COPY pays for its row buffers a cost that grows
-/// with the square of their number up to a thousand (resource-owner bookkeeping of one
-/// tuple descriptor per buffered row), so fewer, longer COPYs are cheaper per row.
-pub const MAX_COPY_RUN: usize = 5000;
+/// Most changes one batch takes before it is applied and committed: bounds the redo of a
+/// batch the destination refused and the memory it holds.
+pub const MAX_CHANGES: usize = 50_000;
+/// Most bytes of row data one batch holds, whatever the row sizes (rows of megabytes
+/// must not build a transaction of gigabytes).
+pub const MAX_BYTES: usize = 32 << 20;
+/// Most rows one COPY carries. On a PostgreSQL 15 destination each COPY pays for its row
+/// buffers a cost that grows with the square of their number up to a thousand
+/// (resource-owner bookkeeping of one tuple descriptor per buffered row), so runs stay
+/// long but bounded.
+pub const MAX_COPY_ROWS: usize = 5000;
+/// Most bytes one COPY carries.
+pub const MAX_COPY_BYTES: usize = 8 << 20;
 
-/// How a run is applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// INSERTs, applied as insert-or-update (anomaly: the key already existed).
-    Insert,
-    /// UPDATEs that carry the whole row, applied as update-or-insert (anomaly: missing).
-    Update,
-    /// DELETEs by key (anomaly: missing).
+/// What an entry does to its key when the batch is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Net {
+    /// Insert the row, or update it where the key exists: `values` is the whole row.
+    Upsert,
+    /// Delete the key.
     Delete,
-    /// An UPDATE with unchanged TOAST values: only the sent columns, by its old key.
-    InPlace,
-    /// All rows of the target for this source.
+    /// Update the columns present in `values` (others are unchanged TOAST) of the row
+    /// found by its key.
+    Patch,
+    /// Update in place the row found by `old_key`, moving it to the key in `values`,
+    /// whose unchanged TOAST values stay (a barrier: always alone in its batch).
+    Move,
+    /// Delete every row of the target for this sid (a barrier: always alone).
     Truncate,
 }
 
-impl Kind {
-    /// Whether several changes of this kind can share one statement.
-    fn batches(self) -> bool {
-        matches!(self, Kind::Insert | Kind::Update | Kind::Delete)
+/// One key's net change.
+#[derive(Debug)]
+pub struct Entry {
+    /// The last change of the key, its values merged with the earlier ones: it names the
+    /// source, position and operation when the destination refuses the entry.
+    pub change: Change,
+    pub net: Net,
+    /// The key's first change in this batch was an INSERT: as far as the source knows,
+    /// the row does not exist yet, so it may be copied straight into the target.
+    pub fresh: bool,
+    /// Fingerprint of (sid, key).
+    pub key: u64,
+    /// Next entry with the same fingerprint (a collision), for exact lookups.
+    next: Option<u32>,
+}
+
+impl Entry {
+    /// Bytes of row data the entry holds.
+    fn bytes(&self) -> usize {
+        self.change.byte_len()
     }
 }
 
-/// The kind of a change.
-pub fn kind_of(c: &Change) -> Kind {
-    match c.op {
-        Op::Insert => Kind::Insert,
-        Op::Update => {
-            if c.old_key.is_none() && !c.values.iter().any(|v| matches!(v, Value::Unchanged)) {
-                Kind::Update
-            } else {
-                Kind::InPlace
-            }
-        }
-        Op::Delete => Kind::Delete,
-        Op::Truncate => Kind::Truncate,
-    }
-}
-
-/// The columns a change's statement writes: those it carries a value for.
-pub fn columns_of(c: &Change) -> Vec<usize> {
-    c.values
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| !matches!(v, Value::Unchanged))
-        .map(|(i, _)| i)
-        .collect()
-}
-
-/// Whether the change carries values for exactly `cols` (without allocating).
-fn has_columns(c: &Change, cols: &[usize]) -> bool {
-    // The common case: every column, none unchanged.
-    if c.values.is_complete(cols.len()) {
-        return true;
-    }
-    let mut expected = cols.iter();
-    for (i, v) in c.values.iter().enumerate() {
-        if !matches!(v, Value::Unchanged) && expected.next() != Some(&i) {
-            return false;
-        }
-    }
-    expected.next().is_none()
-}
-
-/// The kind of a change and the columns its statement writes.
-pub fn classify(c: &Change) -> (Kind, Vec<usize>) {
-    (kind_of(c), columns_of(c))
-}
-
-/// Hasher of the run's key set. Keys arrive as fingerprints (hashes already: see
-/// `route::key_fingerprint`), which the set uses as they are; a collision only ends a run
-/// early.
+/// Hasher of fingerprints, which are hashes already: used as they are.
 #[derive(Default)]
-struct Fingerprint(u64);
+pub struct Fingerprint(u64);
 
 impl Hasher for Fingerprint {
     fn finish(&self) -> u64 {
@@ -106,81 +92,250 @@ impl Hasher for Fingerprint {
     }
 }
 
-type KeySet = HashSet<u64, BuildHasherDefault<Fingerprint>>;
+pub type FingerprintMap<V> = HashMap<u64, V, BuildHasherDefault<Fingerprint>>;
+pub type FingerprintSet = HashSet<u64, BuildHasherDefault<Fingerprint>>;
 
-/// Changes that one statement will apply.
-#[derive(Debug)]
-pub struct Run {
-    pub table: Arc<TargetTable>,
-    pub kind: Kind,
-    pub cols: Vec<usize>,
-    pub changes: Vec<Change>,
-    keys: KeySet,
+/// The fingerprint of a change's (sid, key): the router's key fingerprint mixed with the
+/// sid, since tenants share a group.
+pub fn entry_key(c: &Change, key: u64) -> u64 {
+    let mut h = FNV_SEED ^ key;
+    if let Some(sid) = &c.table.sid {
+        for b in sid.as_str().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h ^ (h >> 31)
 }
 
-impl Run {
-    /// A run that starts with `c`, whose key fingerprint is `key`.
-    pub fn start(c: Change, key: u64) -> Run {
-        let (kind, cols) = classify(&c);
-        Run::new(c, key, kind, cols)
+/// Whether two changes touch the same row key (same sid, same key values).
+fn same_key(a: &Change, b: &Change) -> bool {
+    if a.table.sid != b.table.sid {
+        return false;
     }
+    let mut n = 0;
+    loop {
+        match (a.key_value(n), b.key_value(n)) {
+            (None, None) => return true,
+            (x, y) if x == y => n += 1,
+            _ => return false,
+        }
+    }
+}
 
-    pub fn new(c: Change, key: u64, kind: Kind, cols: Vec<usize>) -> Run {
-        let mut keys = KeySet::default();
-        keys.insert(key);
-        Run {
-            table: c.table.clone(),
-            kind,
-            cols,
-            changes: vec![c],
-            keys,
+/// The changes of one target table (of every sid) in a batch.
+#[derive(Debug)]
+pub struct Group {
+    /// The table as the group's first change saw it (its sid is not the group's).
+    pub table: Arc<TargetTable>,
+    /// Entries in source order, one per change, instead of one per key.
+    pub ordered: bool,
+    pub entries: Vec<Entry>,
+    /// Fingerprint → first entry with it (net groups only).
+    index: FingerprintMap<u32>,
+}
+
+impl Group {
+    fn new(table: Arc<TargetTable>) -> Group {
+        let ordered = table.serial || table.full_identity;
+        Group {
+            table,
+            ordered,
+            entries: Vec::new(),
+            index: FingerprintMap::default(),
         }
     }
 
-    /// Adds the change if it fits this run; false (and nothing added) otherwise.
-    pub fn try_push(&mut self, c: &mut Option<Change>, key: u64) -> bool {
-        let Some(change) = c.as_ref() else {
-            return false;
+    /// Adds a change; returns how many bytes of row data the group grew by (negative
+    /// when a merge shrank it).
+    fn push(&mut self, c: Change, key: u64) -> isize {
+        let key = entry_key(&c, key);
+        let (net, fresh) = first_net(&c);
+        if self.ordered || matches!(net, Net::Move | Net::Truncate) {
+            return self.append(c, net, fresh, key);
+        }
+        // Find the key's entry, following collisions.
+        let mut at = self.index.get(&key).copied();
+        let mut last = None;
+        while let Some(i) = at {
+            let e = &self.entries[i as usize];
+            if same_key(&e.change, &c) {
+                break;
+            }
+            last = Some(i);
+            at = e.next;
+        }
+        if let Some(i) = at {
+            let e = &mut self.entries[i as usize];
+            let before = e.bytes() as isize;
+            merge(e, c);
+            return e.bytes() as isize - before;
+        }
+        let i = self.entries.len() as u32;
+        match last {
+            Some(l) => self.entries[l as usize].next = Some(i),
+            None => {
+                self.index.insert(key, i);
+            }
+        }
+        self.append(c, net, fresh, key)
+    }
+
+    /// A new entry at the end; returns its bytes.
+    fn append(&mut self, change: Change, net: Net, fresh: bool, key: u64) -> isize {
+        let e = Entry {
+            change,
+            net,
+            fresh,
+            key,
+            next: None,
         };
-        if !self.kind.batches()
-            || self.changes.len() >= self.max_len()
-            || !Arc::ptr_eq(&change.table, &self.table)
-            || kind_of(change) != self.kind
-            || !has_columns(change, &self.cols)
-            || !self.keys.insert(key)
-        {
-            return false;
+        let bytes = e.bytes() as isize;
+        self.entries.push(e);
+        bytes
+    }
+
+    /// The entries cut into segments that one set of statements can apply: for a net
+    /// group, everything at once; for an ordered group, runs of one kind of entry with no
+    /// key twice, in source order (identical rows inserted twice are two rows, so a run
+    /// of inserts into a whole-row-identity table may repeat its "key").
+    pub fn segments(&self) -> Vec<&[Entry]> {
+        if !self.ordered {
+            return vec![&self.entries[..]];
         }
-        if let Some(change) = c.take() {
-            self.changes.push(change);
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut keys = FingerprintSet::default();
+        for (i, e) in self.entries.iter().enumerate() {
+            let first = &self.entries[start];
+            let repeats_ok = self.table.full_identity && e.net == Net::Upsert && e.fresh;
+            let fits = i > start
+                && e.net == first.net
+                && e.fresh == first.fresh
+                && !matches!(e.net, Net::Move | Net::Truncate)
+                && (keys.insert(e.key) || repeats_ok);
+            if i > start && !fits {
+                out.push(&self.entries[start..i]);
+                start = i;
+                keys.clear();
+            }
+            if i == start {
+                keys.insert(e.key);
+            }
         }
-        true
+        if start < self.entries.len() {
+            out.push(&self.entries[start..]);
+        }
+        out
     }
+}
 
-    pub fn len(&self) -> usize {
-        self.changes.len()
+/// The net effect of a change on its own, and whether it is fresh.
+fn first_net(c: &Change) -> (Net, bool) {
+    match c.op {
+        Op::Insert => (Net::Upsert, true),
+        Op::Update if c.old_key.is_some() && c.values.has_unchanged() => (Net::Move, false),
+        Op::Update if c.values.has_unchanged() => (Net::Patch, false),
+        Op::Update => (Net::Upsert, false),
+        Op::Delete => (Net::Delete, false),
+        Op::Truncate => (Net::Truncate, false),
     }
+}
 
-    /// Whether the writer will apply this run with COPY (new rows into a target with a
-    /// unique index on the key).
-    pub fn copyable(&self) -> bool {
-        self.kind == Kind::Insert && self.table.arbiter
-    }
-
-    fn max_len(&self) -> usize {
-        if self.copyable() {
-            MAX_COPY_RUN
-        } else {
-            MAX_RUN
+/// Folds a later change of the same key into its entry.
+fn merge(e: &mut Entry, c: Change) {
+    let (net, _) = first_net(&c);
+    match (e.net, net) {
+        // A partial update on top of a known row or patch: the present values win, the
+        // unchanged ones keep what the entry had.
+        (Net::Upsert | Net::Patch, Net::Patch) => {
+            let merged = Row::from_values((0..c.values.len()).map(|i| match c.values.at(i) {
+                Value::Unchanged => e.change.values.at(i),
+                v => v,
+            }));
+            e.change = Change {
+                values: merged,
+                ..c
+            };
+        }
+        // The row does not exist at that point: a partial update finds nothing.
+        (Net::Delete, Net::Patch) => {
+            log::info!(
+                "{}: partial UPDATE of deleted key {} ignored",
+                c.table.display(),
+                c.describe_key()
+            );
+        }
+        // A whole row or a delete replaces whatever came before; a row that was inserted
+        // in this batch stays fresh through its updates.
+        (prev, next) => {
+            e.fresh = e.fresh && prev == Net::Upsert && next == Net::Upsert && c.op != Op::Insert;
+            e.net = next;
+            e.change = c;
         }
     }
+}
 
+/// The changes of one destination transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub groups: Vec<Group>,
+    /// Table (by pointer, kept alive here) → its group.
+    by_table: HashMap<usize, (Arc<TargetTable>, usize)>,
+    /// Changes taken (before reduction).
+    pub changes: usize,
+    /// Bytes of row data held.
+    pub bytes: usize,
+}
+
+impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
+        self.changes == 0
     }
 
+    /// Whether the batch must be applied before it takes more.
     pub fn is_full(&self) -> bool {
-        self.changes.len() >= self.max_len() || !self.kind.batches()
+        self.changes >= MAX_CHANGES || self.bytes >= MAX_BYTES
+    }
+
+    /// Whether this change must be applied alone, in a batch of its own: it touches many
+    /// keys (TRUNCATE) or two keys whose writers may differ (a key move that keeps
+    /// unchanged TOAST values).
+    pub fn is_barrier(c: &Change) -> bool {
+        matches!(first_net(c).0, Net::Move | Net::Truncate)
+    }
+
+    /// Takes a change whose router key fingerprint is `key`.
+    pub fn push(&mut self, c: Change, key: u64) {
+        let ptr = Arc::as_ptr(&c.table) as usize;
+        let g = match self.by_table.get(&ptr) {
+            Some((_, g)) => *g,
+            None => {
+                let g = match self
+                    .groups
+                    .iter()
+                    .position(|g| g.table.same_layout(&c.table))
+                {
+                    Some(g) => g,
+                    None => {
+                        self.groups.push(Group::new(c.table.clone()));
+                        self.groups.len() - 1
+                    }
+                };
+                self.by_table.insert(ptr, (c.table.clone(), g));
+                g
+            }
+        };
+        let grown = self.groups[g].push(c, key);
+        self.bytes = self.bytes.saturating_add_signed(grown);
+        self.changes += 1;
+    }
+
+    pub fn clear(&mut self) {
+        self.groups.clear();
+        self.by_table.clear();
+        self.changes = 0;
+        self.bytes = 0;
     }
 }
 
@@ -189,46 +344,214 @@ mod tests {
     use super::*;
     use crate::apply::route::key_fingerprint;
     use crate::change::fixtures::{insert, table};
-    use crate::change::Row;
+    use crate::change::Sid;
 
-    fn push(run: &mut Run, c: Change) -> bool {
+    fn push(b: &mut Batch, c: Change) {
         let key = key_fingerprint(&c);
-        run.try_push(&mut Some(c), key)
+        b.push(c, key);
     }
 
-    fn start(c: Change) -> Run {
-        let key = key_fingerprint(&c);
-        Run::start(c, key)
-    }
-
-    #[test]
-    fn same_shape_batches_until_a_key_repeats() {
-        let t = table();
-        let mut run = start(insert(&t, "1", Value::Null));
-        assert!(push(&mut run, insert(&t, "2", Value::Text("x"))));
-        assert!(!push(&mut run, insert(&t, "1", Value::Null)), "key 1 twice");
-        assert_eq!(run.len(), 2);
-    }
-
-    #[test]
-    fn other_kind_or_table_ends_the_run() {
-        let t = table();
-        let mut run = start(insert(&t, "1", Value::Null));
-        let mut upd = insert(&t, "2", Value::Null);
-        upd.op = Op::Update;
-        assert!(!push(&mut run, upd));
-        let other = Arc::new((*t).clone());
-        assert!(!push(&mut run, insert(&other, "3", Value::Null)));
-    }
-
-    #[test]
-    fn unchanged_toast_makes_an_in_place_update() {
-        let t = table();
-        let mut c = insert(&t, "1", Value::Unchanged);
+    fn update(t: &Arc<TargetTable>, id: &str, v: Value) -> Change {
+        let mut c = insert(t, id, v);
         c.op = Op::Update;
-        assert_eq!(classify(&c), (Kind::InPlace, vec![0]));
-        c.values = Row::from_texts(&[Some("1"), None]);
-        assert_eq!(classify(&c), (Kind::Update, vec![0, 1]));
-        assert!(has_columns(&c, &[0, 1]) && !has_columns(&c, &[0]) && !has_columns(&c, &[0, 1, 2]));
+        c
+    }
+
+    fn delete(t: &Arc<TargetTable>, id: &str) -> Change {
+        let mut c = insert(t, id, Value::Null);
+        c.op = Op::Delete;
+        c.old_key = Some(Row::from_texts(&[Some(id)]));
+        c.values = Row::default();
+        c
+    }
+
+    fn summary(g: &Group) -> Vec<(String, Net, bool, Vec<Value<'_>>)> {
+        g.entries
+            .iter()
+            .map(|e| {
+                let key = match e.change.key_value(0) {
+                    Some(Value::Text(s)) => s.to_string(),
+                    other => format!("{other:?}"),
+                };
+                (key, e.net, e.fresh, e.change.values.iter().collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_key_keeps_its_final_state() {
+        let t = table();
+        let mut b = Batch::default();
+        push(&mut b, insert(&t, "1", Value::Text("a")));
+        push(&mut b, update(&t, "1", Value::Text("b")));
+        push(&mut b, insert(&t, "2", Value::Text("c")));
+        push(&mut b, delete(&t, "2"));
+        push(&mut b, update(&t, "3", Value::Text("d")));
+        push(&mut b, delete(&t, "4"));
+        push(&mut b, insert(&t, "4", Value::Text("e")));
+        assert_eq!(b.changes, 7);
+        assert_eq!(b.groups.len(), 1);
+        assert_eq!(
+            summary(&b.groups[0]),
+            [
+                (
+                    "1".into(),
+                    Net::Upsert,
+                    true,
+                    vec![Value::Text("1"), Value::Text("b")]
+                ),
+                ("2".into(), Net::Delete, false, vec![]),
+                (
+                    "3".into(),
+                    Net::Upsert,
+                    false,
+                    vec![Value::Text("3"), Value::Text("d")]
+                ),
+                (
+                    "4".into(),
+                    Net::Upsert,
+                    false,
+                    vec![Value::Text("4"), Value::Text("e")]
+                ),
+            ]
+        );
+        assert_eq!(b.groups[0].segments().len(), 1);
+    }
+
+    #[test]
+    fn partial_updates_keep_unchanged_values() {
+        let t = table();
+        let mut b = Batch::default();
+        // Known row, then a patch: the whole row with the patch's present values.
+        push(&mut b, insert(&t, "1", Value::Text("big")));
+        let mut p = update(&t, "1", Value::Unchanged);
+        p.values = Row::from_values([Value::Text("1"), Value::Unchanged].into_iter());
+        push(&mut b, p);
+        // Two patches of an unknown row stay a patch.
+        push(&mut b, update(&t, "2", Value::Unchanged));
+        push(&mut b, update(&t, "2", Value::Unchanged));
+        let s = summary(&b.groups[0]);
+        assert_eq!(
+            s[0],
+            (
+                "1".into(),
+                Net::Upsert,
+                true,
+                vec![Value::Text("1"), Value::Text("big")]
+            )
+        );
+        assert_eq!(
+            s[1],
+            (
+                "2".into(),
+                Net::Patch,
+                false,
+                vec![Value::Text("2"), Value::Unchanged]
+            )
+        );
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn tenants_share_a_group_but_not_keys() {
+        let base = table();
+        let with_sid = |s: &str| {
+            Arc::new(TargetTable {
+                sid: Some(Sid::new(s)),
+                ..(*base).clone()
+            })
+        };
+        let (a, b2) = (with_sid("a"), with_sid("b"));
+        let mut b = Batch::default();
+        push(&mut b, insert(&a, "1", Value::Text("x")));
+        push(&mut b, insert(&b2, "1", Value::Text("y")));
+        push(&mut b, update(&a, "1", Value::Text("z")));
+        assert_eq!(b.groups.len(), 1);
+        let s: Vec<_> = b.groups[0]
+            .entries
+            .iter()
+            .map(|e| (e.change.table.sid.clone(), e.change.values.at(1)))
+            .collect();
+        assert_eq!(
+            s,
+            [
+                (Some(Sid::new("a")), Value::Text("z")),
+                (Some(Sid::new("b")), Value::Text("y"))
+            ]
+        );
+        // Another layout of the same name is another group.
+        let other = Arc::new(TargetTable {
+            columns: vec![base.columns[0].clone()],
+            ..(*base).clone()
+        });
+        push(&mut b, insert(&other, "1", Value::Text("q")));
+        assert_eq!(b.groups.len(), 2);
+    }
+
+    #[test]
+    fn ordered_groups_cut_segments_where_order_matters() {
+        let t = Arc::new(TargetTable {
+            serial: true,
+            ..(*table()).clone()
+        });
+        let mut b = Batch::default();
+        push(&mut b, insert(&t, "1", Value::Text("a")));
+        push(&mut b, insert(&t, "2", Value::Text("b")));
+        push(&mut b, update(&t, "1", Value::Text("c"))); // key 1 again, other kind
+        push(&mut b, update(&t, "2", Value::Text("d")));
+        push(&mut b, update(&t, "2", Value::Text("e"))); // key 2 twice
+        push(&mut b, delete(&t, "1"));
+        let g = &b.groups[0];
+        assert!(g.ordered);
+        let lens: Vec<usize> = g.segments().iter().map(|s| s.len()).collect();
+        assert_eq!(lens, [2, 2, 1, 1]);
+    }
+
+    #[test]
+    fn identical_rows_of_a_whole_row_identity_stay_distinct() {
+        let t = Arc::new(TargetTable {
+            full_identity: true,
+            key: vec![0, 1],
+            ..(*table()).clone()
+        });
+        let mut b = Batch::default();
+        for _ in 0..3 {
+            push(&mut b, insert(&t, "1", Value::Text("same")));
+        }
+        let mut d = delete(&t, "1");
+        d.old_key = Some(Row::from_texts(&[Some("1"), Some("same")]));
+        push(&mut b, d);
+        let mut d = delete(&t, "1");
+        d.old_key = Some(Row::from_texts(&[Some("1"), Some("same")]));
+        push(&mut b, d);
+        let g = &b.groups[0];
+        assert_eq!(g.entries.len(), 5);
+        let lens: Vec<usize> = g.segments().iter().map(|s| s.len()).collect();
+        // Three inserts in one run; each delete of one copy alone.
+        assert_eq!(lens, [3, 1, 1]);
+    }
+
+    #[test]
+    fn barriers_and_bounds() {
+        let t = table();
+        let mut tr = insert(&t, "1", Value::Null);
+        tr.op = Op::Truncate;
+        assert!(Batch::is_barrier(&tr));
+        let mut mv = update(&t, "2", Value::Unchanged);
+        mv.old_key = Some(Row::from_texts(&[Some("1")]));
+        assert!(Batch::is_barrier(&mv));
+        assert!(!Batch::is_barrier(&update(&t, "2", Value::Unchanged)));
+        let mut b = Batch::default();
+        let big = "x".repeat(MAX_BYTES / 2 + 1);
+        push(&mut b, insert(&t, "1", Value::Text(&big)));
+        assert!(!b.is_full());
+        push(&mut b, insert(&t, "2", Value::Text(&big)));
+        assert!(b.is_full(), "bounded by bytes");
+        // Replacing a key's row does not count its bytes twice.
+        let before = b.bytes;
+        push(&mut b, update(&t, "2", Value::Text("small")));
+        assert!(b.bytes < before);
+        b.clear();
+        assert!(b.is_empty() && b.bytes == 0);
     }
 }

@@ -1,7 +1,8 @@
 //! Routing changes to writers: every change of one key goes to the same writer, so per-key
 //! order holds while different keys are applied in parallel.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{
     bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError,
@@ -10,7 +11,7 @@ use crossbeam_channel::{
 use crate::change::{Change, SourceId, FNV_SEED};
 use crate::pg::Lsn;
 
-use super::WriterMsg;
+use super::{Inflight, WriterMsg};
 
 /// The fingerprint of the key a change touches (FNV-1a over its text), computed once per
 /// change: it picks the writer and, in the writer, tells whether a run holds the key.
@@ -50,6 +51,7 @@ pub fn writer_for(c: &Change, key: u64, writers: usize) -> usize {
 #[derive(Clone)]
 pub struct Router {
     writers: Vec<Sender<WriterMsg>>,
+    inflight: Arc<Inflight>,
 }
 
 /// The writer pool is gone (shutdown or a writer failed).
@@ -76,6 +78,7 @@ pub enum Routed {
 pub struct Pending {
     writer: usize,
     msg: WriterMsg,
+    bytes: usize,
 }
 
 /// How often a blocked router call runs the caller's idle hook. A source blocked behind a
@@ -119,8 +122,8 @@ fn wait_answers<E>(
 }
 
 impl Router {
-    pub fn new(writers: Vec<Sender<WriterMsg>>) -> Router {
-        Router { writers }
+    pub fn new(writers: Vec<Sender<WriterMsg>>, inflight: Arc<Inflight>) -> Router {
+        Router { writers, inflight }
     }
 
     /// Queues a change for its writer without blocking (the hot path); a full queue
@@ -128,9 +131,18 @@ impl Router {
     pub fn try_route(&self, c: Change) -> Routed {
         let key = key_fingerprint(&c);
         let writer = writer_for(&c, key, self.writers.len());
-        match self.writers[writer].try_send(WriterMsg::Change { change: c, key }) {
+        let bytes = c.byte_len();
+        let msg = WriterMsg::Change { change: c, key };
+        if !self.inflight.has_room(writer, bytes) {
+            return Routed::Full(Pending { writer, msg, bytes });
+        }
+        self.inflight.queued(writer, bytes);
+        match self.writers[writer].try_send(msg) {
             Ok(()) => Routed::Queued,
-            Err(TrySendError::Full(msg)) => Routed::Full(Pending { writer, msg }),
+            Err(TrySendError::Full(msg)) => {
+                self.inflight.taken(writer, bytes);
+                Routed::Full(Pending { writer, msg, bytes })
+            }
             Err(TrySendError::Disconnected(_)) => Routed::Closed,
         }
     }
@@ -141,6 +153,21 @@ impl Router {
         p: Pending,
         idle: &mut dyn FnMut() -> Result<(), E>,
     ) -> Result<(), Wait<E>> {
+        // Room by bytes first: the writer frees it as it takes changes off the queue.
+        let mut since_idle = Instant::now();
+        while !self.inflight.has_room(p.writer, p.bytes) {
+            if self.writers[p.writer].is_empty() {
+                // Nothing queued any more (a writer that restarted lost its count).
+                self.inflight.taken(p.writer, usize::MAX);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            if since_idle.elapsed() >= IDLE_EVERY {
+                idle().map_err(Wait::Idle)?;
+                since_idle = Instant::now();
+            }
+        }
+        self.inflight.queued(p.writer, p.bytes);
         send(&self.writers[p.writer], p.msg, idle)
     }
 
@@ -178,6 +205,7 @@ impl Router {
         let (tx, rx) = bounded(1);
         let w = &self.writers[0];
         let key = key_fingerprint(&c);
+        self.inflight.queued(0, c.byte_len());
         send(w, WriterMsg::Change { change: c, key }, idle)?;
         send(w, WriterMsg::Flush(tx), idle)?;
         wait_answers(&rx, 1, idle)

@@ -1,343 +1,437 @@
-//! SQL for applying runs of changes set-based. Pure string building, unit-tested.
+//! SQL that applies a batch set-based. Pure string building, unit-tested.
 //!
-//! A run is a list of changes of one target, one kind and one column shape with no key
-//! twice, so that one statement can apply all of them and their order does not matter.
-//! Literals carry their text form; the first VALUES row casts each one to the target
-//! column's type and PostgreSQL resolves the remaining rows to the same types.
+//! Values never pass through a literal or a cast: an explicit cast to `varchar(3)`
+//! truncates, and one to `character` (what `format_type` gives without the modifier) is
+//! `char(1)`. Rows are written with COPY in text format, whose input functions take the
+//! column's type modifier, into the target itself (new rows) or into a temporary staging
+//! table made from the target's own columns (`CREATE TEMP TABLE … AS SELECT … WITH NO
+//! DATA` keeps every type, modifier and domain), and one statement per kind then moves
+//! them from the stage to the target without any conversion.
+//!
+//! Each target layout has two stages: `kvsz_r<n>` holds whole rows (upserts, and patches
+//! whose present columns `kvsz_mask` tells), `kvsz_k<n>` holds keys (deletes, and the old
+//! key of a move). Both are `ON COMMIT DELETE ROWS`: empty again at every commit.
 
 use crate::change::{Change, TargetTable, Value};
 use crate::pg::quote::{push_copy_field, push_ident, push_literal, qualified};
 
-/// Appends a `VALUES (..), (..)` list: for each row, the values of `cols`.
-fn push_values<'a>(
-    out: &mut String,
-    table: &TargetTable,
-    cols: &[usize],
-    rows: impl Iterator<Item = Vec<Value<'a>>>,
-) {
-    out.push_str("VALUES ");
-    for (r, row) in rows.enumerate() {
-        if r > 0 {
-            out.push(',');
+use super::batch::Entry;
+
+/// The column of the row stage that tells a patch's present columns (NULL: a whole row).
+const MASK: &str = "kvsz_mask";
+
+/// The staging tables of one target layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stage {
+    pub rows: String,
+    pub keys: String,
+}
+
+impl Stage {
+    pub fn new(id: usize) -> Stage {
+        Stage {
+            rows: format!("pg_temp.kvsz_r{id}"),
+            keys: format!("pg_temp.kvsz_k{id}"),
         }
-        out.push('(');
-        for (i, (v, &col)) in row.iter().zip(cols).enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            match *v {
-                Value::Text(s) => push_literal(out, s),
-                // Unchanged never reaches a column list: runs only hold present columns.
-                Value::Null | Value::Unchanged => out.push_str("NULL"),
-            }
-            if r == 0 {
-                out.push_str("::");
-                out.push_str(&table.columns[col].type_name);
-            }
-        }
-        out.push(')');
     }
 }
 
-/// `d(c0,c1,…)` column alias list for `n` columns.
-fn push_alias(out: &mut String, n: usize) {
-    out.push_str("d(");
-    for i in 0..n {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&format!("c{i}"));
-    }
-    out.push(')');
+fn target(table: &TargetTable) -> String {
+    qualified(&table.schema, &table.name)
 }
 
-/// ` AND t."sid" = 'x'` when the target is confined to a sid.
-fn push_sid_filter(out: &mut String, table: &TargetTable) {
-    if let Some(sid) = &table.sid {
-        out.push_str(" AND t.");
-        push_ident(out, "sid");
-        out.push_str(" = ");
-        push_literal(out, sid.as_str());
-    }
-}
-
-/// The comparison that finds a row by its key: `=` for real keys (indexable), NULL-safe
-/// for a whole-row identity, whose columns may be NULL.
-fn key_eq(table: &TargetTable) -> &'static str {
-    if table.full_identity {
-        " IS NOT DISTINCT FROM "
-    } else {
-        " = "
-    }
-}
-
-/// `t."k1" = d.c3 AND …` matching the key columns (positions in `cols`).
-fn push_key_match(out: &mut String, table: &TargetTable, cols: &[usize], left: &str) {
-    for (n, k) in table.key.iter().enumerate() {
-        if n > 0 {
-            out.push_str(" AND ");
-        }
-        let pos = cols.iter().position(|c| c == k).unwrap_or(0);
-        out.push_str(left);
-        out.push('.');
-        push_ident(out, &table.columns[*k].name);
-        out.push_str(key_eq(table));
-        out.push_str(&format!("d.c{pos}"));
-    }
-}
-
-/// Insert-or-update of rows that carry the columns `cols` (which include the key).
-///
-/// Returns one row with one column: how many rows were inserted (the others found their
-/// key and were updated), so the writer can count anomalies — an INSERT that found its
-/// key, an UPDATE that did not.
-pub fn upsert(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
-    if table.arbiter {
-        upsert_on_conflict(table, cols, rows)
-    } else {
-        upsert_without_index(table, cols, rows)
-    }
-}
-
-/// `(c1, c2[, sid])` insert column list.
-fn push_insert_columns(s: &mut String, table: &TargetTable, cols: &[usize]) {
-    s.push('(');
+/// `p."c1", p."c2"[, p."sid"]` for the column indexes `cols`.
+fn push_cols(s: &mut String, table: &TargetTable, cols: &[usize], prefix: &str, sid: bool) {
     for (n, &c) in cols.iter().enumerate() {
-        if n > 0 {
-            s.push(',');
-        }
-        push_ident(s, &table.columns[c].name);
-    }
-    if table.sid.is_some() {
-        s.push(',');
-        push_ident(s, "sid");
-    }
-    s.push(')');
-}
-
-/// ` SELECT d.*[, 'sid'] FROM (VALUES …) AS d(c0,…)`.
-fn push_select_values(s: &mut String, table: &TargetTable, cols: &[usize], rows: &[&Change]) {
-    s.push_str(" SELECT d.*");
-    if let Some(sid) = &table.sid {
-        s.push_str(", ");
-        push_literal(s, sid.as_str());
-    }
-    s.push_str(" FROM (");
-    push_values(
-        s,
-        table,
-        cols,
-        rows.iter()
-            .map(|c| cols.iter().map(|&i| c.values.at(i)).collect()),
-    );
-    s.push_str(") AS ");
-    push_alias(s, cols.len());
-}
-
-/// With a unique index on the key: one `INSERT … ON CONFLICT`, one index probe a row.
-fn upsert_on_conflict(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
-    let mut s = String::with_capacity(256 + rows.len() * 16 * cols.len());
-    s.push_str("WITH i AS (INSERT INTO ");
-    s.push_str(&qualified(&table.schema, &table.name));
-    s.push_str(" AS t ");
-    push_insert_columns(&mut s, table, cols);
-    push_select_values(&mut s, table, cols, rows);
-    s.push_str(" ON CONFLICT (");
-    for (n, &k) in table.key.iter().enumerate() {
-        if n > 0 {
-            s.push(',');
-        }
-        push_ident(&mut s, &table.columns[k].name);
-    }
-    if table.sid.is_some() {
-        s.push(',');
-        push_ident(&mut s, "sid");
-    }
-    s.push(')');
-    let non_key: Vec<usize> = cols
-        .iter()
-        .copied()
-        .filter(|c| !table.key.contains(c))
-        .collect();
-    if non_key.is_empty() {
-        s.push_str(" DO NOTHING");
-    } else {
-        s.push_str(" DO UPDATE SET ");
-        for (n, &c) in non_key.iter().enumerate() {
-            if n > 0 {
-                s.push_str(", ");
-            }
-            push_ident(&mut s, &table.columns[c].name);
-            s.push_str(" = EXCLUDED.");
-            push_ident(&mut s, &table.columns[c].name);
-        }
-    }
-    // xmax is 0 on a freshly inserted row version, set on one that conflicted.
-    s.push_str(" RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i");
-    s
-}
-
-/// Without such an index: update the rows whose key exists, insert the others, in one
-/// statement. Works on any target, at the price of two probes a row.
-fn upsert_without_index(table: &TargetTable, cols: &[usize], rows: &[&Change]) -> String {
-    let target = qualified(&table.schema, &table.name);
-    let mut s = String::with_capacity(256 + rows.len() * 16 * cols.len());
-    s.push_str("WITH ");
-    push_alias(&mut s, cols.len());
-    s.push_str(" AS (");
-    push_values(
-        &mut s,
-        table,
-        cols,
-        rows.iter()
-            .map(|c| cols.iter().map(|&i| c.values.at(i)).collect()),
-    );
-    s.push_str("), u AS (UPDATE ");
-    s.push_str(&target);
-    s.push_str(" AS t SET ");
-    let non_key: Vec<(usize, usize)> = cols
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| !table.key.contains(c))
-        .map(|(p, &c)| (p, c))
-        .collect();
-    // A table made only of key columns still needs a SET list: set the key to itself.
-    let set_cols: Vec<(usize, usize)> = if non_key.is_empty() {
-        cols.iter().enumerate().map(|(p, &c)| (p, c)).collect()
-    } else {
-        non_key
-    };
-    for (n, (p, c)) in set_cols.iter().enumerate() {
         if n > 0 {
             s.push_str(", ");
         }
-        push_ident(&mut s, &table.columns[*c].name);
-        s.push_str(&format!(" = d.c{p}"));
+        s.push_str(prefix);
+        push_ident(s, &table.columns[c].name);
     }
-    s.push_str(" FROM d WHERE ");
-    push_key_match(&mut s, table, cols, "t");
-    push_sid_filter(&mut s, table);
-    s.push_str(" RETURNING d.*), i AS (INSERT INTO ");
-    s.push_str(&target);
-    s.push(' ');
-    push_insert_columns(&mut s, table, cols);
-    s.push_str(" SELECT d.*");
-    if let Some(sid) = &table.sid {
+    if sid && table.sid.is_some() {
         s.push_str(", ");
-        push_literal(&mut s, sid.as_str());
+        s.push_str(prefix);
+        push_ident(s, "sid");
     }
-    s.push_str(" FROM d WHERE NOT EXISTS (SELECT 1 FROM u WHERE ");
-    // Match inserted rows against updated ones on the key, through the `u` columns.
-    for (n, k) in table.key.iter().enumerate() {
+}
+
+fn all_cols(table: &TargetTable) -> Vec<usize> {
+    (0..table.columns.len()).collect()
+}
+
+/// Creates both stages of `table`'s layout (outside any batch transaction, so a rolled
+/// back batch does not take them along).
+pub fn create_stage(table: &TargetTable, stage: &Stage) -> String {
+    let mut s = String::from("CREATE TEMP TABLE IF NOT EXISTS ");
+    s.push_str(stage.rows.trim_start_matches("pg_temp."));
+    s.push_str(" ON COMMIT DELETE ROWS AS SELECT NULL::text AS ");
+    s.push_str(MASK);
+    s.push_str(", ");
+    push_cols(&mut s, table, &all_cols(table), "t.", true);
+    s.push_str(" FROM ONLY ");
+    s.push_str(&target(table));
+    s.push_str(" AS t WITH NO DATA; CREATE TEMP TABLE IF NOT EXISTS ");
+    s.push_str(stage.keys.trim_start_matches("pg_temp."));
+    s.push_str(" ON COMMIT DELETE ROWS AS SELECT ");
+    push_cols(&mut s, table, &table.key, "t.", true);
+    s.push_str(" FROM ONLY ");
+    s.push_str(&target(table));
+    s.push_str(" AS t WITH NO DATA");
+    s
+}
+
+/// Empties both stages (within a transaction that applies more than one set of entries).
+pub fn clear_stage(stage: &Stage) -> String {
+    format!("DELETE FROM {}; DELETE FROM {}", stage.rows, stage.keys)
+}
+
+/// `COPY <stage rows> (kvsz_mask, cols…[, sid]) FROM STDIN`.
+pub fn copy_rows_in(table: &TargetTable, stage: &Stage) -> String {
+    let mut s = format!("COPY {} ({MASK}, ", stage.rows);
+    push_cols(&mut s, table, &all_cols(table), "", true);
+    s.push_str(") FROM STDIN");
+    s
+}
+
+/// `COPY <stage keys> (keys…[, sid]) FROM STDIN`.
+pub fn copy_keys_in(table: &TargetTable, stage: &Stage) -> String {
+    let mut s = format!("COPY {} (", stage.keys);
+    push_cols(&mut s, table, &table.key, "", true);
+    s.push_str(") FROM STDIN");
+    s
+}
+
+/// `COPY target (cols…[, sid]) FROM STDIN`: new rows straight into the target.
+pub fn copy_target_in(table: &TargetTable) -> String {
+    let mut s = format!("COPY {} (", target(table));
+    push_cols(&mut s, table, &all_cols(table), "", true);
+    s.push_str(") FROM STDIN");
+    s
+}
+
+fn push_value(out: &mut Vec<u8>, v: Value) {
+    match v {
+        Value::Text(t) => push_copy_field(out, t.as_bytes()),
+        Value::Null | Value::Unchanged => out.extend_from_slice(b"\\N"),
+    }
+}
+
+fn push_sid(out: &mut Vec<u8>, c: &Change) {
+    if let Some(sid) = &c.table.sid {
+        out.push(b'\t');
+        push_copy_field(out, sid.as_str().as_bytes());
+    }
+}
+
+/// Which columns a row carries (`1`) or leaves unchanged (`0`); None for a whole row.
+pub fn mask_of(c: &Change) -> Option<String> {
+    c.values.has_unchanged().then(|| {
+        c.values
+            .iter()
+            .map(|v| {
+                if matches!(v, Value::Unchanged) {
+                    '0'
+                } else {
+                    '1'
+                }
+            })
+            .collect()
+    })
+}
+
+/// An entry's row for [`copy_target_in`].
+pub fn target_line(c: &Change, out: &mut Vec<u8>) {
+    for (n, v) in c.values.iter().enumerate() {
+        if n > 0 {
+            out.push(b'\t');
+        }
+        push_value(out, v);
+    }
+    push_sid(out, c);
+    out.push(b'\n');
+}
+
+/// An entry's row for [`copy_rows_in`].
+pub fn row_line(c: &Change, out: &mut Vec<u8>) {
+    match mask_of(c) {
+        Some(m) => out.extend_from_slice(m.as_bytes()),
+        None => out.extend_from_slice(b"\\N"),
+    }
+    for v in c.values.iter() {
+        out.push(b'\t');
+        push_value(out, v);
+    }
+    push_sid(out, c);
+    out.push(b'\n');
+}
+
+/// An entry's key for [`copy_keys_in`]: the old key of a delete or move.
+pub fn key_line(c: &Change, out: &mut Vec<u8>) {
+    let mut n = 0;
+    while let Some(v) = c.key_value(n) {
+        if n > 0 {
+            out.push(b'\t');
+        }
+        push_value(out, v);
+        n += 1;
+    }
+    push_sid(out, c);
+    out.push(b'\n');
+}
+
+/// `a."k1" = b."k1" AND …[ AND a."sid" = b."sid"]`: finds a row by its key, through the
+/// target's own equality (the stage has the target's types), so its index serves.
+fn push_key_match(s: &mut String, table: &TargetTable, a: &str, b: &str) {
+    let mut first = true;
+    let names = table
+        .key
+        .iter()
+        .map(|&k| table.columns[k].name.as_str())
+        .chain(table.sid.is_some().then_some("sid"));
+    for name in names {
+        if !first {
+            s.push_str(" AND ");
+        }
+        first = false;
+        for (side, p) in [(a, true), (b, false)] {
+            s.push_str(side);
+            s.push('.');
+            push_ident(s, name);
+            if p {
+                s.push_str(" = ");
+            }
+        }
+    }
+}
+
+/// For a whole-row identity: the same value, compared by the text the destination makes
+/// of both sides (NULL matching NULL). Types without `=` (json, point, xml) compare, and
+/// so do those whose `=` is not identity (box and circle compare areas).
+fn push_text_match(s: &mut String, table: &TargetTable, a: &str, b: &str) {
+    for (n, &k) in table.key.iter().enumerate() {
         if n > 0 {
             s.push_str(" AND ");
         }
-        let pos = cols.iter().position(|c| c == k).unwrap_or(0);
-        s.push_str(&format!("u.c{pos}{}d.c{pos}", key_eq(table)));
+        let name = &table.columns[k].name;
+        s.push_str(&format!("{a}."));
+        push_ident(s, name);
+        s.push_str("::text IS NOT DISTINCT FROM ");
+        s.push_str(&format!("{b}."));
+        push_ident(s, name);
+        s.push_str("::text");
     }
-    s.push_str(") RETURNING 1) SELECT count(*) FROM i");
-    s
-}
-
-/// `COPY target (cols[, sid]) FROM STDIN`: the fast path for a run of INSERTs into a
-/// target whose unique key index would refuse a row that already exists.
-pub fn copy_in(table: &TargetTable, cols: &[usize]) -> String {
-    let mut s = String::from("COPY ");
-    s.push_str(&qualified(&table.schema, &table.name));
-    s.push(' ');
-    push_insert_columns(&mut s, table, cols);
-    s.push_str(" FROM STDIN");
-    s
-}
-
-/// The rows of a run in COPY text format, the sid appended when the target has one.
-pub fn copy_rows(table: &TargetTable, cols: &[usize], rows: &[&Change], out: &mut Vec<u8>) {
-    for c in rows {
-        for (n, &i) in cols.iter().enumerate() {
-            if n > 0 {
-                out.push(b'\t');
-            }
-            match c.values.text_bytes(i) {
-                Some(v) => push_copy_field(out, v),
-                None => out.extend_from_slice(b"\\N"),
-            }
-        }
-        if let Some(sid) = &table.sid {
-            out.push(b'\t');
-            push_copy_field(out, sid.as_str().as_bytes());
-        }
-        out.push(b'\n');
+    if table.sid.is_some() {
+        s.push_str(&format!(" AND {a}.\"sid\" = {b}.\"sid\""));
     }
 }
 
-/// Delete rows by key; the command tag's row count tells how many existed.
-pub fn delete(table: &TargetTable, rows: &[&Change]) -> String {
-    let key_cols: Vec<usize> = table.key.clone();
-    let mut s = String::with_capacity(128 + rows.len() * 16 * key_cols.len());
-    s.push_str("WITH ");
-    push_alias(&mut s, key_cols.len());
-    s.push_str(" AS (");
-    push_values(
-        &mut s,
-        table,
-        &key_cols,
-        rows.iter().map(|c| c.lookup_key()),
-    );
-    s.push_str(") DELETE FROM ");
-    s.push_str(&qualified(&table.schema, &table.name));
-    s.push_str(" AS t USING d WHERE ");
-    push_key_match(&mut s, table, &key_cols, "t");
-    push_sid_filter(&mut s, table);
+/// `(t.tableoid, t.ctid) IN (…)`: one row per staged key of a whole-row identity, a
+/// different one for each (the stage holds no key twice).
+fn push_one_row_per_key(s: &mut String, table: &TargetTable, stage: &Stage) {
+    s.push_str("(t.tableoid, t.ctid) IN (SELECT p.tableoid, p.ctid FROM ");
+    s.push_str(&stage.keys);
+    s.push_str(" AS k CROSS JOIN LATERAL (SELECT x.tableoid, x.ctid FROM ");
+    s.push_str(&target(table));
+    s.push_str(" AS x WHERE ");
+    push_text_match(s, table, "x", "k");
+    s.push_str(" LIMIT 1) AS p)");
+}
+
+/// Deletes the staged keys. Its row count tells how many existed.
+pub fn delete_staged(table: &TargetTable, stage: &Stage) -> String {
+    let mut s = format!("DELETE FROM {} AS t ", target(table));
+    if table.full_identity {
+        s.push_str("WHERE ");
+        push_one_row_per_key(&mut s, table, stage);
+    } else {
+        s.push_str("USING ");
+        s.push_str(&stage.keys);
+        s.push_str(" AS k WHERE ");
+        push_key_match(&mut s, table, "t", "k");
+    }
     s
 }
 
-/// An update that moves a row to a new key while some values stayed unchanged in TOAST
-/// (so the row cannot be rebuilt from the change alone): one row, in place.
-pub fn update_in_place(table: &TargetTable, cols: &[usize], change: &Change) -> String {
-    let mut s = String::from("UPDATE ");
-    s.push_str(&qualified(&table.schema, &table.name));
+/// `INSERT INTO target (cols…) OVERRIDING SYSTEM VALUE SELECT s.cols… FROM <rows> AS s
+/// WHERE s.kvsz_mask IS NULL` (identity columns receive the source's values too).
+fn push_insert_select(s: &mut String, table: &TargetTable, stage: &Stage, alias: bool) {
+    let cols = all_cols(table);
+    s.push_str("INSERT INTO ");
+    s.push_str(&target(table));
+    if alias {
+        s.push_str(" AS t");
+    }
+    s.push_str(" (");
+    push_cols(s, table, &cols, "", true);
+    s.push_str(") OVERRIDING SYSTEM VALUE SELECT ");
+    push_cols(s, table, &cols, "s.", true);
+    s.push_str(" FROM ");
+    s.push_str(&stage.rows);
+    s.push_str(" AS s WHERE s.");
+    s.push_str(MASK);
+    s.push_str(" IS NULL");
+}
+
+/// Insert-or-update of the staged whole rows. Returns one row, one column: how many were
+/// inserted (the others existed and were updated), for the anomaly counts.
+pub fn upsert_staged(table: &TargetTable, stage: &Stage) -> String {
+    let non_key: Vec<usize> = (0..table.columns.len())
+        .filter(|c| !table.key.contains(c))
+        .collect();
+    let mut s = String::with_capacity(512);
+    if table.arbiter {
+        // One index probe a row.
+        s.push_str("WITH i AS (");
+        push_insert_select(&mut s, table, stage, true);
+        s.push_str(" ON CONFLICT (");
+        push_cols(&mut s, table, &table.key, "", true);
+        s.push(')');
+        if non_key.is_empty() {
+            s.push_str(" DO NOTHING");
+        } else {
+            s.push_str(" DO UPDATE SET ");
+            for (n, &c) in non_key.iter().enumerate() {
+                if n > 0 {
+                    s.push_str(", ");
+                }
+                push_ident(&mut s, &table.columns[c].name);
+                s.push_str(" = EXCLUDED.");
+                push_ident(&mut s, &table.columns[c].name);
+            }
+        }
+        s.push_str(" RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i");
+        return s;
+    }
+    // Without a unique index on the key: update the rows whose key exists, insert the
+    // others. A table of key columns only sets its key to itself.
+    let set = if non_key.is_empty() {
+        table.key.clone()
+    } else {
+        non_key
+    };
+    s.push_str("WITH u AS (UPDATE ");
+    s.push_str(&target(table));
     s.push_str(" AS t SET ");
-    for (n, &c) in cols.iter().enumerate() {
+    for (n, &c) in set.iter().enumerate() {
         if n > 0 {
             s.push_str(", ");
         }
         push_ident(&mut s, &table.columns[c].name);
-        s.push_str(" = ");
-        match change.values.at(c) {
-            Value::Text(v) => push_literal(&mut s, v),
-            Value::Null | Value::Unchanged => s.push_str("NULL"),
-        }
-        s.push_str("::");
-        s.push_str(&table.columns[c].type_name);
+        s.push_str(" = s.");
+        push_ident(&mut s, &table.columns[c].name);
     }
-    s.push_str(" WHERE ");
-    for (n, (k, v)) in table.key.iter().zip(change.lookup_key()).enumerate() {
-        if n > 0 {
-            s.push_str(" AND ");
-        }
-        s.push_str("t.");
-        push_ident(&mut s, &table.columns[*k].name);
-        s.push_str(key_eq(table));
-        match v {
-            Value::Text(v) => push_literal(&mut s, v),
-            Value::Null | Value::Unchanged => s.push_str("NULL"),
-        }
-        s.push_str("::");
-        s.push_str(&table.columns[*k].type_name);
-    }
-    push_sid_filter(&mut s, table);
+    s.push_str(" FROM ");
+    s.push_str(&stage.rows);
+    s.push_str(" AS s WHERE s.");
+    s.push_str(MASK);
+    s.push_str(" IS NULL AND ");
+    push_key_match(&mut s, table, "t", "s");
+    s.push_str(" RETURNING ");
+    push_cols(&mut s, table, &table.key, "s.", true);
+    s.push_str("), i AS (");
+    push_insert_select(&mut s, table, stage, false);
+    s.push_str(" AND NOT EXISTS (SELECT 1 FROM u WHERE ");
+    push_key_match(&mut s, table, "u", "s");
+    s.push_str(") RETURNING 1) SELECT count(*) FROM i");
     s
 }
 
-/// Remove every row of this target that belongs to the source (its sid, or all rows when
-/// the target has no sid column).
-pub fn truncate(table: &TargetTable) -> String {
-    let mut s = String::from("DELETE FROM ");
-    s.push_str(&qualified(&table.schema, &table.name));
-    s.push_str(" AS t");
-    if table.sid.is_some() {
-        s.push_str(" WHERE true");
-        push_sid_filter(&mut s, table);
+/// The staged whole rows of a whole-row identity as new rows. With `only_missing`
+/// (an UPDATE that changed nothing) a row is inserted only when no copy exists;
+/// `skip_conflicts` lets a replayed row that a unique index refuses be.
+pub fn insert_staged(
+    table: &TargetTable,
+    stage: &Stage,
+    only_missing: bool,
+    skip_conflicts: bool,
+) -> String {
+    let mut s = String::with_capacity(256);
+    push_insert_select(&mut s, table, stage, false);
+    if only_missing {
+        s.push_str(" AND NOT EXISTS (SELECT 1 FROM ");
+        s.push_str(&target(table));
+        s.push_str(" AS x WHERE ");
+        push_text_match(&mut s, table, "x", "s");
+        s.push(')');
+    }
+    if skip_conflicts {
+        s.push_str(" ON CONFLICT DO NOTHING");
+    }
+    s
+}
+
+/// Updates the columns present in the staged patches of one `mask`, found by key; None
+/// when the mask leaves every non-key column unchanged (nothing to write).
+pub fn patch_staged(table: &TargetTable, stage: &Stage, mask: &str) -> Option<String> {
+    let present: Vec<usize> = mask
+        .bytes()
+        .enumerate()
+        .filter(|&(i, b)| b == b'1' && !table.key.contains(&i))
+        .map(|(i, _)| i)
+        .collect();
+    if present.is_empty() {
+        return None;
+    }
+    let mut s = format!("UPDATE {} AS t SET ", target(table));
+    push_set_from(&mut s, table, &present);
+    s.push_str(" FROM ");
+    s.push_str(&stage.rows);
+    s.push_str(" AS s WHERE s.");
+    s.push_str(MASK);
+    s.push_str(" = ");
+    push_literal(&mut s, mask);
+    s.push_str(" AND ");
+    push_key_match(&mut s, table, "t", "s");
+    Some(s)
+}
+
+/// `"c1" = s."c1", …`.
+fn push_set_from(s: &mut String, table: &TargetTable, cols: &[usize]) {
+    for (n, &c) in cols.iter().enumerate() {
+        if n > 0 {
+            s.push_str(", ");
+        }
+        push_ident(s, &table.columns[c].name);
+        s.push_str(" = s.");
+        push_ident(s, &table.columns[c].name);
+    }
+}
+
+/// Moves the row of the staged old key to the staged row's key and present values, in
+/// place (its unchanged TOAST values stay). One staged row and key.
+pub fn move_staged(table: &TargetTable, stage: &Stage, mask: &str) -> String {
+    let present: Vec<usize> = mask
+        .bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'1')
+        .map(|(i, _)| i)
+        .collect();
+    let mut s = format!("UPDATE {} AS t SET ", target(table));
+    push_set_from(&mut s, table, &present);
+    s.push_str(" FROM ");
+    s.push_str(&stage.rows);
+    s.push_str(" AS s");
+    if table.full_identity {
+        s.push_str(" WHERE ");
+        push_one_row_per_key(&mut s, table, stage);
+    } else {
+        s.push_str(", ");
+        s.push_str(&stage.keys);
+        s.push_str(" AS k WHERE ");
+        push_key_match(&mut s, table, "t", "k");
+    }
+    s
+}
+
+/// Removes every row of this target that belongs to the entry's source (its sid, or all
+/// rows when the target has no sid column).
+pub fn truncate(e: &Entry) -> String {
+    let table = &e.change.table;
+    let mut s = format!("DELETE FROM {} AS t", target(table));
+    if let Some(sid) = &table.sid {
+        s.push_str(" WHERE t.\"sid\" = ");
+        push_literal(&mut s, sid.as_str());
     }
     s
 }
@@ -345,6 +439,7 @@ pub fn truncate(table: &TargetTable) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::batch::Batch;
     use crate::change::{Op, Position, Row, Sid, TargetColumn};
     use std::sync::Arc;
 
@@ -359,7 +454,7 @@ mod tests {
                 },
                 TargetColumn {
                     name: "na\"me".into(),
-                    type_name: "text".into(),
+                    type_name: "character(3)".into(),
                 },
             ],
             key: vec![0],
@@ -388,128 +483,151 @@ mod tests {
         }
     }
 
+    const S: fn() -> Stage = || Stage::new(3);
+
     #[test]
-    fn upsert_without_sid() {
-        let t = table(None);
-        let a = change(&t, Op::Insert, &[Some("1"), Some("it's")]);
-        let b = change(&t, Op::Insert, &[Some("2"), None]);
+    fn stages_are_made_from_the_target_columns() {
         assert_eq!(
-            upsert(&t, &[0, 1], &[&a, &b]),
-            "WITH d(c0,c1) AS (VALUES ('1'::integer,'it''s'::text),('2',NULL)), \
-             u AS (UPDATE \"public\".\"T x\" AS t SET \"na\"\"me\" = d.c1 FROM d WHERE t.\"id\" = d.c0 RETURNING d.*), \
-             i AS (INSERT INTO \"public\".\"T x\" (\"id\",\"na\"\"me\") SELECT d.* FROM d \
-             WHERE NOT EXISTS (SELECT 1 FROM u WHERE u.c0 = d.c0) RETURNING 1) \
-             SELECT count(*) FROM i"
+            create_stage(&table(Some("a")), &S()),
+            "CREATE TEMP TABLE IF NOT EXISTS kvsz_r3 ON COMMIT DELETE ROWS AS SELECT NULL::text AS kvsz_mask, \
+             t.\"id\", t.\"na\"\"me\", t.\"sid\" FROM ONLY \"public\".\"T x\" AS t WITH NO DATA; \
+             CREATE TEMP TABLE IF NOT EXISTS kvsz_k3 ON COMMIT DELETE ROWS AS SELECT t.\"id\", t.\"sid\" \
+             FROM ONLY \"public\".\"T x\" AS t WITH NO DATA"
+        );
+        assert_eq!(
+            copy_rows_in(&table(None), &S()),
+            "COPY pg_temp.kvsz_r3 (kvsz_mask, \"id\", \"na\"\"me\") FROM STDIN"
+        );
+        assert_eq!(
+            copy_keys_in(&table(Some("a")), &S()),
+            "COPY pg_temp.kvsz_k3 (\"id\", \"sid\") FROM STDIN"
+        );
+        assert_eq!(
+            copy_target_in(&table(Some("a"))),
+            "COPY \"public\".\"T x\" (\"id\", \"na\"\"me\", \"sid\") FROM STDIN"
         );
     }
 
     #[test]
-    fn upsert_with_sid_confines_and_tags() {
-        let t = table(Some("ten'ant"));
-        let a = change(&t, Op::Update, &[Some("1"), Some("x")]);
-        let sql = upsert(&t, &[0, 1], &[&a]);
-        assert!(sql.contains("WHERE t.\"id\" = d.c0 AND t.\"sid\" = 'ten''ant' RETURNING"));
-        assert!(sql.contains("(\"id\",\"na\"\"me\",\"sid\") SELECT d.*, 'ten''ant' FROM d"));
+    fn staged_lines_escape_and_carry_the_sid() {
+        let t = table(Some("s\t1"));
+        let a = change(&t, Op::Insert, &[Some("1"), Some("a\\b")]);
+        let mut out = Vec::new();
+        row_line(&a, &mut out);
+        target_line(&a, &mut out);
+        assert_eq!(out, b"\\N\t1\ta\\\\b\ts\\t1\n1\ta\\\\b\ts\\t1\n");
+        let mut p = change(&t, Op::Update, &[Some("2")]);
+        p.values = Row::from_values([Value::Text("2"), Value::Unchanged].into_iter());
+        out.clear();
+        row_line(&p, &mut out);
+        assert_eq!(out, b"10\t2\t\\N\ts\\t1\n");
+        let d = change(&t, Op::Delete, &[Some("7")]);
+        out.clear();
+        key_line(&d, &mut out);
+        assert_eq!(out, b"7\ts\\t1\n");
     }
 
     #[test]
-    fn upsert_with_unique_key_index_uses_on_conflict() {
+    fn upsert_with_a_key_index_uses_on_conflict() {
         let t = Arc::new(TargetTable {
             arbiter: true,
-            serial: false,
             ..(*table(Some("s1"))).clone()
         });
-        let a = change(&t, Op::Insert, &[Some("1"), Some("x")]);
-        let b = change(&t, Op::Insert, &[Some("2"), None]);
         assert_eq!(
-            upsert(&t, &[0, 1], &[&a, &b]),
-            "WITH i AS (INSERT INTO \"public\".\"T x\" AS t (\"id\",\"na\"\"me\",\"sid\") \
-             SELECT d.*, 's1' FROM (VALUES ('1'::integer,'x'::text),('2',NULL)) AS d(c0,c1) \
-             ON CONFLICT (\"id\",\"sid\") DO UPDATE SET \"na\"\"me\" = EXCLUDED.\"na\"\"me\" \
+            upsert_staged(&t, &S()),
+            "WITH i AS (INSERT INTO \"public\".\"T x\" AS t (\"id\", \"na\"\"me\", \"sid\") \
+             OVERRIDING SYSTEM VALUE SELECT s.\"id\", s.\"na\"\"me\", s.\"sid\" FROM pg_temp.kvsz_r3 AS s \
+             WHERE s.kvsz_mask IS NULL ON CONFLICT (\"id\", \"sid\") DO UPDATE SET \"na\"\"me\" = EXCLUDED.\"na\"\"me\" \
              RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i"
         );
         let key_only = Arc::new(TargetTable {
             columns: vec![t.columns[0].clone()],
             ..(*t).clone()
         });
-        let c = change(&key_only, Op::Insert, &[Some("3")]);
-        assert!(upsert(&key_only, &[0], &[&c])
-            .contains("ON CONFLICT (\"id\",\"sid\") DO NOTHING RETURNING"));
+        assert!(upsert_staged(&key_only, &S()).contains("ON CONFLICT (\"id\", \"sid\") DO NOTHING"));
     }
 
     #[test]
-    fn key_only_table_sets_key_to_itself() {
-        let t = Arc::new(TargetTable {
-            columns: vec![TargetColumn {
-                name: "id".into(),
-                type_name: "bigint".into(),
-            }],
-            ..(*table(None)).clone()
+    fn upsert_without_a_key_index_updates_then_inserts() {
+        let t = table(None);
+        assert_eq!(
+            upsert_staged(&t, &S()),
+            "WITH u AS (UPDATE \"public\".\"T x\" AS t SET \"na\"\"me\" = s.\"na\"\"me\" FROM pg_temp.kvsz_r3 AS s \
+             WHERE s.kvsz_mask IS NULL AND t.\"id\" = s.\"id\" RETURNING s.\"id\"), \
+             i AS (INSERT INTO \"public\".\"T x\" (\"id\", \"na\"\"me\") OVERRIDING SYSTEM VALUE \
+             SELECT s.\"id\", s.\"na\"\"me\" FROM pg_temp.kvsz_r3 AS s WHERE s.kvsz_mask IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM u WHERE u.\"id\" = s.\"id\") RETURNING 1) SELECT count(*) FROM i"
+        );
+        let key_only = Arc::new(TargetTable {
+            columns: vec![t.columns[0].clone()],
+            ..(*t).clone()
         });
-        let a = change(&t, Op::Insert, &[Some("7")]);
-        assert!(upsert(&t, &[0], &[&a]).contains("SET \"id\" = d.c0 FROM d"));
+        assert!(upsert_staged(&key_only, &S()).contains("SET \"id\" = s.\"id\" FROM"));
     }
 
     #[test]
-    fn copy_of_an_insert_run() {
-        let t = table(Some("s\t1"));
-        let a = change(&t, Op::Insert, &[Some("1"), Some("a\\b")]);
-        let b = change(&t, Op::Insert, &[Some("2"), None]);
+    fn delete_by_staged_key() {
         assert_eq!(
-            copy_in(&t, &[0, 1]),
-            "COPY \"public\".\"T x\" (\"id\",\"na\"\"me\",\"sid\") FROM STDIN"
-        );
-        let mut out = Vec::new();
-        copy_rows(&t, &[0, 1], &[&a, &b], &mut out);
-        assert_eq!(out, b"1\ta\\\\b\ts\\t1\n2\t\\N\ts\\t1\n");
-    }
-
-    #[test]
-    fn delete_by_key() {
-        let t = table(Some("s1"));
-        let a = change(&t, Op::Delete, &[Some("1")]);
-        let b = change(&t, Op::Delete, &[Some("2")]);
-        assert_eq!(
-            delete(&t, &[&a, &b]),
-            "WITH d(c0) AS (VALUES ('1'::integer),('2')) DELETE FROM \"public\".\"T x\" AS t \
-             USING d WHERE t.\"id\" = d.c0 AND t.\"sid\" = 's1'"
+            delete_staged(&table(Some("s1")), &S()),
+            "DELETE FROM \"public\".\"T x\" AS t USING pg_temp.kvsz_k3 AS k \
+             WHERE t.\"id\" = k.\"id\" AND t.\"sid\" = k.\"sid\""
         );
     }
 
     #[test]
-    fn whole_row_identity_matches_nulls() {
+    fn whole_row_identity_deletes_one_copy_per_key_by_text() {
         let t = Arc::new(TargetTable {
             full_identity: true,
             key: vec![0, 1],
             ..(*table(None)).clone()
         });
-        let d = change(&t, Op::Delete, &[Some("1"), None]);
-        assert!(delete(&t, &[&d]).contains(
-            "WHERE t.\"id\" IS NOT DISTINCT FROM d.c0 AND t.\"na\"\"me\" IS NOT DISTINCT FROM d.c1"
-        ));
+        assert_eq!(
+            delete_staged(&t, &S()),
+            "DELETE FROM \"public\".\"T x\" AS t WHERE (t.tableoid, t.ctid) IN \
+             (SELECT p.tableoid, p.ctid FROM pg_temp.kvsz_k3 AS k CROSS JOIN LATERAL \
+             (SELECT x.tableoid, x.ctid FROM \"public\".\"T x\" AS x WHERE \
+             x.\"id\"::text IS NOT DISTINCT FROM k.\"id\"::text AND \
+             x.\"na\"\"me\"::text IS NOT DISTINCT FROM k.\"na\"\"me\"::text LIMIT 1) AS p)"
+        );
+        let ins = insert_staged(&t, &S(), true, true);
+        assert!(ins.ends_with(
+            "AND NOT EXISTS (SELECT 1 FROM \"public\".\"T x\" AS x WHERE \
+             x.\"id\"::text IS NOT DISTINCT FROM s.\"id\"::text AND \
+             x.\"na\"\"me\"::text IS NOT DISTINCT FROM s.\"na\"\"me\"::text) ON CONFLICT DO NOTHING"
+        ), "{ins}");
+    }
+
+    #[test]
+    fn patches_write_only_present_columns() {
+        let t = table(Some("a"));
+        assert_eq!(
+            patch_staged(&t, &S(), "11").unwrap(),
+            "UPDATE \"public\".\"T x\" AS t SET \"na\"\"me\" = s.\"na\"\"me\" FROM pg_temp.kvsz_r3 AS s \
+             WHERE s.kvsz_mask = '11' AND t.\"id\" = s.\"id\" AND t.\"sid\" = s.\"sid\""
+        );
+        assert_eq!(patch_staged(&t, &S(), "10"), None);
+        assert_eq!(
+            move_staged(&t, &S(), "10"),
+            "UPDATE \"public\".\"T x\" AS t SET \"id\" = s.\"id\" FROM pg_temp.kvsz_r3 AS s, \
+             pg_temp.kvsz_k3 AS k WHERE t.\"id\" = k.\"id\" AND t.\"sid\" = k.\"sid\""
+        );
     }
 
     #[test]
     fn truncate_by_sid() {
+        let mut b = Batch::default();
+        let mut c = change(&table(Some("o'k")), Op::Truncate, &[]);
+        c.values = Row::default();
+        b.push(c, 0);
         assert_eq!(
-            truncate(&table(Some("a"))),
-            "DELETE FROM \"public\".\"T x\" AS t WHERE true AND t.\"sid\" = 'a'"
+            truncate(&b.groups[0].entries[0]),
+            "DELETE FROM \"public\".\"T x\" AS t WHERE t.\"sid\" = 'o''k'"
         );
+        let mut b = Batch::default();
+        b.push(change(&table(None), Op::Truncate, &[]), 0);
         assert_eq!(
-            truncate(&table(None)),
+            truncate(&b.groups[0].entries[0]),
             "DELETE FROM \"public\".\"T x\" AS t"
-        );
-    }
-
-    #[test]
-    fn in_place_update_uses_old_key() {
-        let t = table(None);
-        let mut c = change(&t, Op::Update, &[Some("2"), Some("n")]);
-        c.old_key = Some(Row::from_texts(&[Some("1")]));
-        assert_eq!(
-            update_in_place(&t, &[0, 1], &c),
-            "UPDATE \"public\".\"T x\" AS t SET \"id\" = '2'::integer, \"na\"\"me\" = 'n'::text \
-             WHERE t.\"id\" = '1'::integer"
         );
     }
 }

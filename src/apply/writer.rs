@@ -1,6 +1,7 @@
 //! One writer thread: applies its queue in destination transactions (group commit) and
 //! acknowledges markers once what preceded them is committed.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::sync::Arc;
@@ -8,18 +9,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, info, warn};
+use postgres::Statement;
 
-use crate::change::{Change, SourceId, Value};
+use crate::change::{Change, SourceId, TargetTable, Value};
 use crate::pg::quote::{literal, qualified};
 use crate::pg::{describe, Lsn};
 
-use super::batch::{Kind, Run};
+use super::batch::{Batch, Entry, Group, Net, MAX_COPY_BYTES, MAX_COPY_ROWS};
 use super::progress::Progress;
-use super::sql;
-use super::WriterMsg;
-
-/// Most changes in one destination transaction; bounds the redo of a failed batch.
-const MAX_TXN: usize = 50_000;
+use super::sql::{self, Stage};
+use super::{Inflight, WriterMsg};
 
 /// How long a writer whose queue ran dry waits for more before it commits, in steps.
 /// Under load the source refills the queue within this time, so runs (one COPY or one
@@ -53,6 +52,7 @@ pub struct WriterSettings {
     pub on_error: RejectPolicy,
     pub sources: Arc<Vec<SourceLabel>>,
     pub progress: Arc<Progress>,
+    pub inflight: Arc<Inflight>,
 }
 
 #[derive(Debug)]
@@ -64,6 +64,8 @@ pub enum WriterError {
     },
     /// The destination refused a change and the policy is `stop`.
     Rejected(Box<Rejection>),
+    /// A table of the batch has no staging table (a bug, reported rather than a panic).
+    NoStage { writer: usize, table: String },
 }
 
 /// A change the destination refused, with everything an operator needs to find it.
@@ -84,6 +86,9 @@ impl fmt::Display for WriterError {
         match self {
             WriterError::Connection { writer, error } => {
                 write!(f, "writer {writer}: destination: {}", describe(error))
+            }
+            WriterError::NoStage { writer, table } => {
+                write!(f, "writer {writer}: no staging table for {table}")
             }
             WriterError::Rejected(r) => write!(
                 f,
@@ -124,14 +129,32 @@ pub struct Writer {
     client: postgres::Client,
     settings: WriterSettings,
     rx: Receiver<WriterMsg>,
-    run: Option<Run>,
-    txn_open: bool,
-    txn_started: Instant,
-    txn_changes: usize,
+    batch: Batch,
+    batch_started: Instant,
     markers: Vec<(SourceId, Lsn)>,
     flushes: Vec<Sender<()>>,
+    /// Staging tables made so far, by target layout (index = stage number).
+    stages: Vec<(Arc<TargetTable>, Stage)>,
+    /// Stages written in the open transaction (to be emptied before they are reused).
+    dirty: Vec<bool>,
+    /// Prepared statements by their text: the merge statements of each layout are
+    /// planned once per connection, not once per batch.
+    prepared: HashMap<String, Statement>,
     /// Reused buffer for COPY data.
     copy_buf: Vec<u8>,
+}
+
+/// Writes one entry's line of COPY data.
+type LineFn = fn(&Change, &mut Vec<u8>);
+/// Which entries of a segment one COPY carries.
+type Pick<'a> = dyn Fn(&&Entry) -> bool + 'a;
+
+/// Why applying some entries failed.
+enum Failure {
+    /// The destination refused the data: bisect, or apply again under savepoints.
+    Rejected(postgres::Error),
+    /// Anything else: the writer stops and the pool restarts.
+    Fatal(WriterError),
 }
 
 impl Writer {
@@ -170,14 +193,20 @@ impl Writer {
             client,
             settings,
             rx,
-            run: None,
-            txn_open: false,
-            txn_started: Instant::now(),
-            txn_changes: 0,
+            batch: Batch::default(),
+            batch_started: Instant::now(),
             markers: Vec::new(),
             flushes: Vec::new(),
+            stages: Vec::new(),
+            dirty: Vec::new(),
+            prepared: HashMap::new(),
             copy_buf: Vec::new(),
         })
+    }
+
+    fn conn_err(&self) -> impl Fn(postgres::Error) -> WriterError {
+        let writer = self.id;
+        move |error| WriterError::Connection { writer, error }
     }
 
     /// Applies the queue until told to stop or until the queue is closed.
@@ -186,7 +215,7 @@ impl Writer {
             (LINGER.min(self.settings.commit_delay).as_micros() / LINGER_STEP.as_micros()) as u32;
         let mut lingered = 0;
         loop {
-            let busy = self.txn_open || self.run.is_some();
+            let busy = !self.batch.is_empty() || !self.markers.is_empty();
             let msg = if busy {
                 match self.rx.try_recv() {
                     Ok(m) => {
@@ -214,12 +243,22 @@ impl Writer {
                 }
             };
             match msg {
-                WriterMsg::Change { change, key } => self.push(change, key)?,
-                WriterMsg::Marker { source, lsn } => {
-                    if self.txn_open || self.run.is_some() {
-                        self.markers.push((source, lsn));
+                WriterMsg::Change { change, key } => {
+                    self.settings.inflight.taken(self.id, change.byte_len());
+                    if Batch::is_barrier(&change) {
+                        // Alone in its own transaction, after everything before it.
+                        self.commit()?;
+                        self.push(change, key);
+                        self.commit()?;
                     } else {
+                        self.push(change, key);
+                    }
+                }
+                WriterMsg::Marker { source, lsn } => {
+                    if self.batch.is_empty() {
                         self.settings.progress.ack(source, self.id, lsn);
+                    } else {
+                        self.markers.push((source, lsn));
                     }
                 }
                 WriterMsg::Flush(tx) => {
@@ -228,190 +267,328 @@ impl Writer {
                 }
                 WriterMsg::Stop => return self.commit(),
             }
-            if self.txn_changes >= MAX_TXN
-                || (self.txn_open && self.txn_started.elapsed() >= self.settings.commit_delay)
+            if self.batch.is_full()
+                || (!self.batch.is_empty()
+                    && self.batch_started.elapsed() >= self.settings.commit_delay)
             {
                 self.commit()?;
             }
         }
     }
 
-    fn push(&mut self, c: Change, key: u64) -> Result<(), WriterError> {
-        let c = match self.run.as_mut() {
-            Some(run) => {
-                let mut c = Some(c);
-                run.try_push(&mut c, key);
-                c
-            }
-            None => Some(c),
-        };
-        if let Some(c) = c {
-            self.flush_run()?;
-            self.run = Some(Run::start(c, key));
+    fn push(&mut self, c: Change, key: u64) {
+        if self.batch.is_empty() {
+            self.batch_started = Instant::now();
         }
-        if self.run.as_ref().is_some_and(|r| r.is_full()) {
-            self.flush_run()?;
+        self.batch.push(c, key);
+    }
+
+    /// Applies the batch in one transaction and commits it, then acknowledges markers
+    /// and barriers.
+    fn commit(&mut self) -> Result<(), WriterError> {
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            self.apply_batch(&batch)?;
+            self.client
+                .batch_execute("COMMIT")
+                .map_err(self.conn_err())?;
+            self.end_txn();
+            debug!(
+                "writer {}: committed {} change(s) as {} entries",
+                self.id,
+                batch.changes,
+                batch.groups.iter().map(|g| g.entries.len()).sum::<usize>()
+            );
+        }
+        for (source, lsn) in self.markers.drain(..) {
+            self.settings.progress.ack(source, self.id, lsn);
+        }
+        for tx in self.flushes.drain(..) {
+            let _ = tx.send(());
         }
         Ok(())
     }
 
     fn begin(&mut self) -> Result<(), WriterError> {
-        if !self.txn_open {
-            self.client
-                .batch_execute("BEGIN")
-                .map_err(|error| WriterError::Connection {
-                    writer: self.id,
-                    error,
-                })?;
-            self.txn_open = true;
-            self.txn_started = Instant::now();
-            self.txn_changes = 0;
+        self.client
+            .batch_execute("BEGIN")
+            .map_err(self.conn_err())?;
+        Ok(())
+    }
+
+    fn end_txn(&mut self) {
+        self.dirty.iter_mut().for_each(|d| *d = false);
+    }
+
+    /// Applies a batch: first all at once, which is what nearly always happens; when the
+    /// destination refuses something, again from the start with a savepoint around each
+    /// table's statements, bisecting a refused set down to the entry at fault.
+    fn apply_batch(&mut self, batch: &Batch) -> Result<(), WriterError> {
+        self.make_stages(batch)?;
+        self.begin()?;
+        let fast = batch.groups.iter().try_for_each(|g| {
+            g.segments()
+                .into_iter()
+                .try_for_each(|s| self.apply(g, s, false))
+        });
+        match fast {
+            Ok(()) => Ok(()),
+            Err(Failure::Fatal(e)) => Err(e),
+            Err(Failure::Rejected(e)) => {
+                debug!(
+                    "writer {}: batch refused ({}); applying it again entry by entry",
+                    self.id,
+                    describe(&e)
+                );
+                self.client
+                    .batch_execute("ROLLBACK")
+                    .map_err(self.conn_err())?;
+                self.end_txn();
+                self.begin()?;
+                for g in &batch.groups {
+                    for s in g.segments() {
+                        self.careful(g, s)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies `entries` under a savepoint; on a rejection, halves the set until the
+    /// offending entry is alone, applies the rest, and hands that entry to the policy.
+    fn careful(&mut self, g: &Group, entries: &[Entry]) -> Result<(), WriterError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .batch_execute("SAVEPOINT kvsz")
+            .map_err(self.conn_err())?;
+        match self.apply(g, entries, true) {
+            Ok(()) => self
+                .client
+                .batch_execute("RELEASE SAVEPOINT kvsz")
+                .map_err(self.conn_err()),
+            Err(Failure::Fatal(e)) => Err(e),
+            Err(Failure::Rejected(e)) => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
+                    .map_err(self.conn_err())?;
+                if entries.len() == 1 {
+                    return self.reject(&entries[0].change, &e);
+                }
+                let (a, b) = entries.split_at(entries.len() / 2);
+                self.careful(g, a)?;
+                self.careful(g, b)
+            }
+        }
+    }
+
+    fn fail(&self) -> impl Fn(postgres::Error) -> Failure {
+        let writer = self.id;
+        move |e| {
+            if is_rejection(&e) {
+                Failure::Rejected(e)
+            } else {
+                Failure::Fatal(WriterError::Connection { writer, error: e })
+            }
+        }
+    }
+
+    /// The stage of a layout, made when first needed (outside the batch's transaction:
+    /// a rolled back batch must not take it along).
+    fn make_stages(&mut self, batch: &Batch) -> Result<(), WriterError> {
+        for g in &batch.groups {
+            if self.stage_of(&g.table).is_none() {
+                let stage = Stage::new(self.stages.len());
+                self.client
+                    .batch_execute(&sql::create_stage(&g.table, &stage))
+                    .map_err(self.conn_err())?;
+                self.stages.push((g.table.clone(), stage));
+                self.dirty.push(false);
+            }
         }
         Ok(())
     }
 
-    /// Applies the pending run inside the open transaction.
-    fn flush_run(&mut self) -> Result<(), WriterError> {
-        let Some(run) = self.run.take() else {
-            return Ok(());
-        };
-        self.begin()?;
-        self.txn_changes += run.len();
-        let refs: Vec<&Change> = run.changes.iter().collect();
-        self.apply(&run, &refs)
+    fn stage_of(&self, table: &TargetTable) -> Option<usize> {
+        self.stages.iter().position(|(t, _)| t.same_layout(table))
     }
 
-    /// Applies `changes` (a subset of `run`) under a savepoint; on a rejection, halves the
-    /// set until the offending change is alone, applies the rest, and hands that change
-    /// to the policy.
-    fn apply(&mut self, run: &Run, changes: &[&Change]) -> Result<(), WriterError> {
-        if changes.is_empty() {
-            return Ok(());
+    fn statement(&mut self, sql: String) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.prepared.get(&sql) {
+            return Ok(s.clone());
         }
-        let table = &run.table;
-        // New rows into a target with a unique key index: COPY, the cheapest way in. A row
-        // that exists already (a replay) fails it, and the run goes the upsert way.
-        if run.copyable() && changes.len() > 1 && self.copy(run, changes)? {
-            return Ok(());
+        let s = self.client.prepare(&sql)?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    /// Writes `entries` with COPY `sql`, one line each, in COPYs of bounded size; returns
+    /// how many (none: no COPY at all).
+    fn copy<'e>(
+        &mut self,
+        sql: String,
+        entries: impl Iterator<Item = &'e Entry>,
+        line: LineFn,
+    ) -> Result<usize, postgres::Error> {
+        let mut entries = entries.peekable();
+        if entries.peek().is_none() {
+            return Ok(0);
         }
-        let statement = match run.kind {
-            Kind::Insert | Kind::Update => sql::upsert(table, &run.cols, changes),
-            Kind::Delete => sql::delete(table, changes),
-            Kind::InPlace => sql::update_in_place(table, &run.cols, changes[0]),
-            Kind::Truncate => sql::truncate(table),
-        };
-        let guarded = format!("SAVEPOINT kvsz; {statement}; RELEASE SAVEPOINT kvsz");
-        match self.client.simple_query(&guarded) {
-            Ok(msgs) => {
-                self.count_anomalies(run, changes.len(), &msgs);
-                Ok(())
-            }
-            Err(e) if is_rejection(&e) => {
-                self.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
-                    .map_err(|error| WriterError::Connection {
-                        writer: self.id,
-                        error,
-                    })?;
-                if changes.len() == 1 {
-                    return self.reject(changes[0], &e);
+        let stmt = self.statement(sql)?;
+        let mut buf = std::mem::take(&mut self.copy_buf);
+        let mut total = 0;
+        let mut result = Ok(());
+        while entries.peek().is_some() && result.is_ok() {
+            buf.clear();
+            let mut rows = 0;
+            for e in entries.by_ref() {
+                line(&e.change, &mut buf);
+                rows += 1;
+                if rows >= MAX_COPY_ROWS || buf.len() >= MAX_COPY_BYTES {
+                    break;
                 }
-                let (a, b) = changes.split_at(changes.len() / 2);
-                self.apply(run, a)?;
-                self.apply(run, b)
             }
-            Err(error) => Err(WriterError::Connection {
-                writer: self.id,
-                error,
-            }),
+            total += rows;
+            result = (|| {
+                let mut w = self.client.copy_in(&stmt)?;
+                // A write error surfaces again, with the server's reason, from finish().
+                let _ = w.write_all(&buf);
+                w.finish().map(|_| ())
+            })();
         }
+        self.copy_buf = buf;
+        result.map(|()| total)
     }
 
-    /// Tries a run of inserts as one COPY under a savepoint; false when the destination
-    /// refused it (then nothing of it was applied).
-    fn copy(&mut self, run: &Run, changes: &[&Change]) -> Result<bool, WriterError> {
-        let conn = |writer| move |error| WriterError::Connection { writer, error };
-        self.copy_buf.clear();
-        sql::copy_rows(&run.table, &run.cols, changes, &mut self.copy_buf);
-        self.client
-            .batch_execute("SAVEPOINT kvsz")
-            .map_err(conn(self.id))?;
-        let result = (|| {
-            let mut w = self
-                .client
-                .copy_in(sql::copy_in(&run.table, &run.cols).as_str())?;
-            // A write error surfaces again, with the server's reason, from finish().
-            let _ = w.write_all(&self.copy_buf);
-            w.finish()
-        })();
-        match result {
-            Ok(_) => {
+    /// Applies one segment of a group: its rows staged with COPY (new rows of a keyed
+    /// target straight into it), then one statement per kind. `careful`: nothing goes
+    /// straight into the target (a replayed row would refuse the whole COPY).
+    fn apply(&mut self, g: &Group, entries: &[Entry], careful: bool) -> Result<(), Failure> {
+        let table = &g.table;
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let fail = self.fail();
+        if first.net == Net::Truncate {
+            for e in entries {
                 self.client
-                    .batch_execute("RELEASE SAVEPOINT kvsz")
-                    .map_err(conn(self.id))?;
-                debug!(
-                    "writer {}: copied {} row(s) into {}",
-                    self.id,
-                    changes.len(),
-                    run.table.display()
+                    .batch_execute(&sql::truncate(e))
+                    .map_err(&fail)?;
+            }
+            return Ok(());
+        }
+        let Some(id) = self.stage_of(table) else {
+            return Err(Failure::Fatal(WriterError::NoStage {
+                writer: self.id,
+                table: table.display(),
+            }));
+        };
+        let stage = self.stages[id].1.clone();
+        if self.dirty[id] {
+            self.client
+                .batch_execute(&sql::clear_stage(&stage))
+                .map_err(&fail)?;
+        }
+        self.dirty[id] = true;
+        let direct_ok = !careful && (table.arbiter || table.full_identity);
+        let direct = |e: &&Entry| direct_ok && e.net == Net::Upsert && e.fresh;
+        let staged_row =
+            |e: &&Entry| matches!(e.net, Net::Upsert | Net::Patch | Net::Move) && !direct(e);
+        let staged_key = |e: &&Entry| matches!(e.net, Net::Delete | Net::Move);
+        let copies: [(String, &Pick, LineFn); 3] = [
+            (sql::copy_target_in(table), &direct, sql::target_line),
+            (sql::copy_rows_in(table, &stage), &staged_row, sql::row_line),
+            (sql::copy_keys_in(table, &stage), &staged_key, sql::key_line),
+        ];
+        let mut n_direct = 0;
+        for (n, (stmt, pick, line)) in copies.into_iter().enumerate() {
+            let copied = self
+                .copy(stmt, entries.iter().filter(pick), line)
+                .map_err(&fail)?;
+            if n == 0 {
+                n_direct = copied;
+            }
+        }
+        let name = table.display();
+        let deletes = entries.iter().filter(|e| e.net == Net::Delete).count();
+        if deletes > 0 {
+            let stmt = self
+                .statement(sql::delete_staged(table, &stage))
+                .map_err(&fail)?;
+            let deleted = self.client.execute(&stmt, &[]).map_err(&fail)? as usize;
+            if deleted < deletes {
+                info!(
+                    "{name}: {} deleted row(s) were already missing",
+                    deletes - deleted
                 );
-                Ok(true)
             }
-            Err(e) if is_rejection(&e) => {
-                self.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
-                    .map_err(conn(self.id))?;
-                Ok(false)
-            }
-            Err(error) => Err(WriterError::Connection {
-                writer: self.id,
-                error,
-            }),
         }
-    }
-
-    /// Logs the anomalies SPEC §4 asks to count: an insert that found its key, an update
-    /// that did not, a delete of a missing key.
-    fn count_anomalies(&self, run: &Run, n: usize, msgs: &[postgres::SimpleQueryMessage]) {
-        use postgres::SimpleQueryMessage as M;
-        let table = run.table.display();
-        match run.kind {
-            Kind::Insert | Kind::Update => {
-                let inserted = msgs.iter().find_map(|m| match m {
-                    M::Row(r) => r.get(0).and_then(|v| v.parse::<usize>().ok()),
-                    _ => None,
-                });
-                if let Some(inserted) = inserted {
-                    let updated = n.saturating_sub(inserted);
-                    if run.kind == Kind::Insert && updated > 0 {
-                        info!("{table}: {updated} inserted row(s) already existed; updated them");
-                    }
-                    if run.kind == Kind::Update && inserted > 0 {
-                        info!("{table}: {inserted} updated row(s) were missing; inserted them");
-                    }
+        let upserts: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| e.net == Net::Upsert && !direct(e))
+            .collect();
+        if !upserts.is_empty() {
+            let fresh = upserts.iter().filter(|e| e.fresh).count();
+            if table.full_identity {
+                // A segment is all fresh or all not (see Group::segments).
+                let stmt = sql::insert_staged(
+                    table,
+                    &stage,
+                    fresh == 0,
+                    careful && (table.serial || table.arbiter),
+                );
+                let stmt = self.statement(stmt).map_err(&fail)?;
+                self.client.execute(&stmt, &[]).map_err(&fail)?;
+            } else {
+                let stmt = self
+                    .statement(sql::upsert_staged(table, &stage))
+                    .map_err(&fail)?;
+                let row = self.client.query_one(&stmt, &[]).map_err(&fail)?;
+                let inserted = row.try_get::<_, i64>(0).unwrap_or(0).max(0) as usize;
+                if inserted < fresh {
+                    info!(
+                        "{name}: {} inserted row(s) already existed; updated them",
+                        fresh - inserted
+                    );
+                } else if inserted > fresh {
+                    info!(
+                        "{name}: {} updated row(s) were missing; inserted them",
+                        inserted - fresh
+                    );
                 }
             }
-            Kind::Delete => {
-                // CommandComplete of the DELETE is the second of SAVEPOINT; stmt; RELEASE.
-                let counts: Vec<u64> = msgs
-                    .iter()
-                    .filter_map(|m| match m {
-                        M::CommandComplete(k) => Some(*k),
-                        _ => None,
-                    })
-                    .collect();
-                if let Some(&deleted) = counts.get(1) {
-                    if (deleted as usize) < n {
-                        info!(
-                            "{table}: {} deleted row(s) were already missing",
-                            n - deleted as usize
-                        );
-                    }
+        }
+        let mut masks: Vec<String> = entries
+            .iter()
+            .filter(|e| matches!(e.net, Net::Patch | Net::Move))
+            .filter_map(|e| sql::mask_of(&e.change).map(|m| (e.net, m)))
+            .map(|(net, m)| format!("{}{m}", if net == Net::Move { 'm' } else { 'p' }))
+            .collect();
+        masks.sort_unstable();
+        masks.dedup();
+        for m in masks {
+            let (kind, mask) = m.split_at(1);
+            let stmt = if kind == "m" {
+                Some(sql::move_staged(table, &stage, mask))
+            } else {
+                sql::patch_staged(table, &stage, mask)
+            };
+            if let Some(stmt) = stmt {
+                let n = self.client.execute(stmt.as_str(), &[]).map_err(&fail)?;
+                if n == 0 {
+                    info!("{name}: an UPDATE found no row to change");
                 }
             }
-            Kind::InPlace | Kind::Truncate => {}
         }
-        debug!("writer {}: applied {n} change(s) to {table}", self.id);
+        if n_direct > 0 {
+            debug!(
+                "writer {}: copied {n_direct} new row(s) into {name}",
+                self.id
+            );
+        }
+        Ok(())
     }
 
     fn reject(&mut self, c: &Change, e: &postgres::Error) -> Result<(), WriterError> {
@@ -460,36 +637,9 @@ impl Writer {
                     row,
                     literal(&message),
                 );
-                self.client
-                    .batch_execute(&stmt)
-                    .map_err(|error| WriterError::Connection {
-                        writer: self.id,
-                        error,
-                    })
+                self.client.batch_execute(&stmt).map_err(self.conn_err())
             }
         }
-    }
-
-    /// Commits the open transaction, then acknowledges markers and barriers.
-    fn commit(&mut self) -> Result<(), WriterError> {
-        self.flush_run()?;
-        if self.txn_open {
-            self.client
-                .batch_execute("COMMIT")
-                .map_err(|error| WriterError::Connection {
-                    writer: self.id,
-                    error,
-                })?;
-            self.txn_open = false;
-            self.txn_changes = 0;
-        }
-        for (source, lsn) in self.markers.drain(..) {
-            self.settings.progress.ack(source, self.id, lsn);
-        }
-        for tx in self.flushes.drain(..) {
-            let _ = tx.send(());
-        }
-        Ok(())
     }
 }
 

@@ -9,9 +9,9 @@ use super::Lsn;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Column {
     pub name: String,
-    /// The column's type without its modifier, usable as a cast target: an explicit cast
-    /// to `varchar(20)` would silently truncate, while assigning the uncast value to the
-    /// column enforces the modifier (bit(n) is cast to `bit varying` for the same reason).
+    /// The column's type with its modifier, as `format_type` prints it. Never used as a
+    /// cast target: an explicit cast to `varchar(3)` truncates and one to `character`
+    /// means `char(1)`; values reach the target through COPY, whose input keeps them exact.
     pub type_name: String,
     /// Part of the replica identity (source) or of the primary key (target).
     pub is_key: bool,
@@ -63,8 +63,7 @@ pub fn table_info(
     // none for FULL (every column is then part of the identity).
     let cols = client.query(
         "SELECT a.attname::text, \
-                CASE WHEN a.atttypid = 'bit'::regtype THEN 'bit varying' \
-                     ELSE format_type(a.atttypid, NULL) END, \
+                format_type(a.atttypid, a.atttypmod), \
                 EXISTS (SELECT 1 FROM pg_index i \
                     WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey::int2[]) \
                       AND CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END) \

@@ -83,7 +83,9 @@ pub fn map_relation(
                 });
                 source_index.push(i);
             }
-            None if sc.is_key => {
+            // A whole-row identity is the shared columns: the others are ignored like
+            // everywhere else.
+            None if sc.is_key && !full_identity => {
                 return Err(MappingError::KeyColumnMissing {
                     column: sc.name.clone(),
                 })

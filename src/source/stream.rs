@@ -279,7 +279,9 @@ impl Streamer<'_> {
                         return Ok(());
                     }
                     self.route(first)?;
-                    if let Some(c) = second {
+                    if let Some(mut c) = second {
+                        // The insert half of a key move has a position of its own.
+                        c.pos = self.pos();
                         self.route(c)?;
                     }
                 }
