@@ -110,14 +110,10 @@ fn killed_during_workload(version: u32) {
 
 #[test]
 fn sigkill_during_workload_pg12() {
-    if support::versions().contains(&12) {
-        killed_during_workload(12);
-    }
+    killed_during_workload(12);
 }
 
 #[test]
 fn sigkill_during_workload_pg18() {
-    if support::versions().contains(&18) {
-        killed_during_workload(18);
-    }
+    killed_during_workload(18);
 }
