@@ -659,3 +659,47 @@ fn secondary_unique_constraint_keeps_source_order() {
     );
     daemon.stop_ok();
 }
+
+/// A target with no unique index on the key (nothing for ON CONFLICT to arbitrate on):
+/// rows are updated where their key exists and inserted where not, hot keys and all, and
+/// a restart's replay adds no second copy.
+#[test]
+fn target_without_a_key_index() {
+    let p = items_pair(newest(), "nk", "t", "");
+    let (src, dest, db, ddb) = (p.src, p.dest, &p.db, &p.ddb);
+    dest.execute(ddb, "ALTER TABLE items DROP CONSTRAINT items_pkey");
+    src.execute(
+        db,
+        "INSERT INTO items SELECT g, 'pre', g, NULL FROM generate_series(1, 100) g",
+    );
+    let daemon = Daemon::start(&dest.url(ddb), &p.map, &[]);
+    let (expected, actual) = (
+        || items_expected(src, db, "t"),
+        || items_actual(dest, ddb, "t"),
+    );
+    converge("initial copy", expected, actual);
+    daemon.wait_streaming(1);
+    src.execute(
+        db,
+        "BEGIN; INSERT INTO items SELECT g, 'new', g, NULL FROM generate_series(101, 3000) g; \
+         UPDATE items SET qty = qty + 1 WHERE id % 2 = 0; UPDATE items SET qty = qty + 1 WHERE id % 2 = 0; \
+         DELETE FROM items WHERE id % 3 = 0; UPDATE items SET id = id + 10000 WHERE id % 5 = 0; COMMIT",
+    );
+    for i in 0..50 {
+        src.execute(
+            db,
+            &format!("UPDATE items SET name = 'hot{i}' WHERE id = 1"),
+        );
+    }
+    converge("streamed", expected, actual);
+    let dir = daemon.kill();
+    src.execute(db, "UPDATE items SET name = 'after' WHERE id = 2");
+    let daemon = Daemon::spawn(dir);
+    converge("after a replay", expected, actual);
+    assert_eq!(
+        dest.query(ddb, "SELECT count(*) = count(DISTINCT id) FROM items"),
+        vec![vec![Some("t".to_string())]],
+        "a key arrived twice"
+    );
+    daemon.stop_ok();
+}

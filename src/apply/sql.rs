@@ -273,8 +273,10 @@ fn push_insert_select(s: &mut String, table: &TargetTable, stage: &Stage, alias:
     s.push_str(" IS NULL");
 }
 
-/// Insert-or-update of the staged whole rows. Returns one row, one column: how many were
-/// inserted (the others existed and were updated), for the anomaly counts.
+/// Insert-or-update of the staged whole rows. With a unique index on the key, one
+/// statement that returns one row, one column: how many were inserted (the others
+/// existed and were updated), for the anomaly counts. Without, two statements (run as one
+/// simple query) whose last command tag is that count.
 pub fn upsert_staged(table: &TargetTable, stage: &Stage) -> String {
     let non_key: Vec<usize> = (0..table.columns.len())
         .filter(|c| !table.key.contains(c))
@@ -303,37 +305,31 @@ pub fn upsert_staged(table: &TargetTable, stage: &Stage) -> String {
         s.push_str(" RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i");
         return s;
     }
-    // Without a unique index on the key: update the rows whose key exists, insert the
-    // others. A table of key columns only sets its key to itself.
+    // Without a unique index on the key: update the rows whose key exists, then insert
+    // the others, in two statements (the second sees the first's rows). Its command tag
+    // counts the inserted rows. A table of key columns only sets its key to itself.
     let set = if non_key.is_empty() {
         table.key.clone()
     } else {
         non_key
     };
-    s.push_str("WITH u AS (UPDATE ");
+    s.push_str("UPDATE ");
     s.push_str(&target(table));
     s.push_str(" AS t SET ");
-    for (n, &c) in set.iter().enumerate() {
-        if n > 0 {
-            s.push_str(", ");
-        }
-        push_ident(&mut s, &table.columns[c].name);
-        s.push_str(" = s.");
-        push_ident(&mut s, &table.columns[c].name);
-    }
+    push_set_from(&mut s, table, &set);
     s.push_str(" FROM ");
     s.push_str(&stage.rows);
     s.push_str(" AS s WHERE s.");
     s.push_str(MASK);
     s.push_str(" IS NULL AND ");
     push_key_match(&mut s, table, "t", "s");
-    s.push_str(" RETURNING ");
-    push_cols(&mut s, table, &table.key, "s.", true);
-    s.push_str("), i AS (");
+    s.push_str("; ");
     push_insert_select(&mut s, table, stage, false);
-    s.push_str(" AND NOT EXISTS (SELECT 1 FROM u WHERE ");
-    push_key_match(&mut s, table, "u", "s");
-    s.push_str(") RETURNING 1) SELECT count(*) FROM i");
+    s.push_str(" AND NOT EXISTS (SELECT 1 FROM ");
+    s.push_str(&target(table));
+    s.push_str(" AS t WHERE ");
+    push_key_match(&mut s, table, "t", "s");
+    s.push(')');
     s
 }
 
@@ -552,11 +548,11 @@ mod tests {
         let t = table(None);
         assert_eq!(
             upsert_staged(&t, &S()),
-            "WITH u AS (UPDATE \"public\".\"T x\" AS t SET \"na\"\"me\" = s.\"na\"\"me\" FROM pg_temp.kvsz_r3 AS s \
-             WHERE s.kvsz_mask IS NULL AND t.\"id\" = s.\"id\" RETURNING s.\"id\"), \
-             i AS (INSERT INTO \"public\".\"T x\" (\"id\", \"na\"\"me\") OVERRIDING SYSTEM VALUE \
+            "UPDATE \"public\".\"T x\" AS t SET \"na\"\"me\" = s.\"na\"\"me\" FROM pg_temp.kvsz_r3 AS s \
+             WHERE s.kvsz_mask IS NULL AND t.\"id\" = s.\"id\"; \
+             INSERT INTO \"public\".\"T x\" (\"id\", \"na\"\"me\") OVERRIDING SYSTEM VALUE \
              SELECT s.\"id\", s.\"na\"\"me\" FROM pg_temp.kvsz_r3 AS s WHERE s.kvsz_mask IS NULL \
-             AND NOT EXISTS (SELECT 1 FROM u WHERE u.\"id\" = s.\"id\") RETURNING 1) SELECT count(*) FROM i"
+             AND NOT EXISTS (SELECT 1 FROM \"public\".\"T x\" AS t WHERE t.\"id\" = s.\"id\")"
         );
         let key_only = Arc::new(TargetTable {
             columns: vec![t.columns[0].clone()],

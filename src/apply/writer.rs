@@ -542,11 +542,22 @@ impl Writer {
                 let stmt = self.statement(stmt).map_err(&fail)?;
                 self.client.execute(&stmt, &[]).map_err(&fail)?;
             } else {
-                let stmt = self
-                    .statement(sql::upsert_staged(table, &stage))
-                    .map_err(&fail)?;
-                let row = self.client.query_one(&stmt, &[]).map_err(&fail)?;
-                let inserted = row.try_get::<_, i64>(0).unwrap_or(0).max(0) as usize;
+                let stmt = sql::upsert_staged(table, &stage);
+                let inserted = if table.arbiter {
+                    let stmt = self.statement(stmt).map_err(&fail)?;
+                    let row = self.client.query_one(&stmt, &[]).map_err(&fail)?;
+                    row.try_get::<_, i64>(0).unwrap_or(0).max(0) as usize
+                } else {
+                    // UPDATE, then INSERT of the rest: the INSERT's tag is the count.
+                    let msgs = self.client.simple_query(&stmt).map_err(&fail)?;
+                    msgs.iter()
+                        .filter_map(|m| match m {
+                            postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                            _ => None,
+                        })
+                        .last()
+                        .unwrap_or(0) as usize
+                };
                 if inserted < fresh {
                     info!(
                         "{name}: {} inserted row(s) already existed; updated them",
