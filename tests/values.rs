@@ -509,6 +509,41 @@ fn exact_values(version: u32) {
         ),
     );
     converge("deletes", expected, actual);
+
+    // A batch too large for literals: COPY into the staging tables, every type again.
+    let bulk = |values: &Values, from: u32, to: u32| {
+        let mut v = values.map(str::to_owned);
+        v[1] = "1000 + g".into(); // c_serial
+        format!(
+            "INSERT INTO vals (k_char, k_num, k_text, {}) \
+             SELECT 'b', g, 'bulk ' || g, {} FROM generate_series({from}, {to}) g;",
+            non_key_names(),
+            v.join(", ")
+        )
+    };
+    src.execute(
+        &db,
+        &format!(
+            "BEGIN; {} {} {} COMMIT",
+            bulk(&FULL, 1, 200),
+            bulk(&SPECIAL, 201, 400),
+            bulk(&NULLS, 401, 600)
+        ),
+    );
+    converge("bulk inserts", expected, actual);
+    src.execute(
+        &db,
+        &format!(
+            "BEGIN; UPDATE vals SET ({cols}) = ({}) WHERE k_char = 'b' AND k_num <= 200; \
+             UPDATE vals SET ({cols}) = ({}) WHERE k_char = 'b' AND k_num > 400; \
+             UPDATE vals SET k_num = k_num + 10000, k_char = 'bb' WHERE k_char = 'b' AND k_num % 7 = 0; \
+             DELETE FROM vals WHERE k_char = 'b' AND k_num % 5 = 0; COMMIT",
+            SPECIAL.join(", "),
+            FULL.join(", "),
+            cols = non_key_names()
+        ),
+    );
+    converge("bulk updates, key updates and deletes", expected, actual);
     daemon.stop_ok();
 }
 

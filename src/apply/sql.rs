@@ -15,7 +15,7 @@
 use crate::change::{Change, TargetTable, Value};
 use crate::pg::quote::{push_copy_field, push_ident, push_literal, qualified};
 
-use super::batch::Entry;
+use super::batch::{Entry, Net};
 
 /// The column of the row stage that tells a patch's present columns (NULL: a whole row).
 const MASK: &str = "kvsz_mask";
@@ -420,6 +420,130 @@ pub fn move_staged(table: &TargetTable, stage: &Stage, mask: &str) -> String {
     s
 }
 
+/// A value as an untyped literal. Only where the target column's type resolves it: an
+/// INSERT's VALUES, a SET, or a comparison with the column. The literal then goes through
+/// the column type's input function with its modifier, exactly as COPY does; never as a
+/// cast, which would truncate.
+fn push_value_literal(s: &mut String, v: Value) {
+    match v {
+        Value::Text(t) => push_literal(s, t),
+        Value::Null | Value::Unchanged => s.push_str("NULL"),
+    }
+}
+
+/// Whether a small batch's group can be applied with literals in one simple query (a
+/// single round trip for the whole transaction): a net group of a target with a unique
+/// key index, holding whole rows, deletes and patches only.
+pub fn literal_ok(table: &TargetTable, entries: &[Entry]) -> bool {
+    table.arbiter
+        && !table.serial
+        && !table.full_identity
+        && entries
+            .iter()
+            .all(|e| matches!(e.net, Net::Upsert | Net::Delete | Net::Patch))
+}
+
+/// The upsert of whole rows as literals; returns the inserted count like
+/// [`upsert_staged`].
+pub fn upsert_literal(table: &TargetTable, entries: &[&Entry]) -> String {
+    let cols = all_cols(table);
+    let mut s = String::with_capacity(256 + entries.len() * 64);
+    s.push_str("WITH i AS (INSERT INTO ");
+    s.push_str(&target(table));
+    s.push_str(" AS t (");
+    push_cols(&mut s, table, &cols, "", true);
+    s.push_str(") OVERRIDING SYSTEM VALUE VALUES ");
+    for (n, e) in entries.iter().enumerate() {
+        if n > 0 {
+            s.push_str(", ");
+        }
+        s.push('(');
+        for (i, v) in e.change.values.iter().enumerate() {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            push_value_literal(&mut s, v);
+        }
+        if let Some(sid) = &e.change.table.sid {
+            s.push_str(", ");
+            push_literal(&mut s, sid.as_str());
+        }
+        s.push(')');
+    }
+    let upsert = upsert_staged(table, &Stage::new(0));
+    // The same conflict clause as the staged upsert.
+    if let Some(at) = upsert.find(" ON CONFLICT") {
+        s.push_str(&upsert[at..]);
+    }
+    s
+}
+
+/// The key of an entry as `(lit, …[, sid])`.
+fn push_key_literals(s: &mut String, e: &Entry) {
+    let mut n = 0;
+    s.push('(');
+    while let Some(v) = e.change.key_value(n) {
+        if n > 0 {
+            s.push_str(", ");
+        }
+        push_value_literal(s, v);
+        n += 1;
+    }
+    if let Some(sid) = &e.change.table.sid {
+        s.push_str(", ");
+        push_literal(s, sid.as_str());
+    }
+    s.push(')');
+}
+
+/// `(t."k1", …[, t."sid"])`.
+fn push_key_columns(s: &mut String, table: &TargetTable) {
+    s.push('(');
+    push_cols(s, table, &table.key, "t.", true);
+    s.push(')');
+}
+
+/// Deletes the entries' keys given as literals (each compared with its column, so the
+/// key index serves).
+pub fn delete_literal(table: &TargetTable, entries: &[&Entry]) -> String {
+    let mut s = format!("DELETE FROM {} AS t WHERE ", target(table));
+    push_key_columns(&mut s, table);
+    s.push_str(" IN (");
+    for (n, e) in entries.iter().enumerate() {
+        if n > 0 {
+            s.push_str(", ");
+        }
+        push_key_literals(&mut s, e);
+    }
+    s.push(')');
+    s
+}
+
+/// One patch as literals: the present non-key columns of the row with that key; None
+/// when it changes none.
+pub fn patch_literal(table: &TargetTable, e: &Entry) -> Option<String> {
+    let present: Vec<usize> = (0..table.columns.len())
+        .filter(|&i| !table.key.contains(&i) && e.change.values.at(i) != Value::Unchanged)
+        .collect();
+    if present.is_empty() {
+        return None;
+    }
+    let mut s = format!("UPDATE {} AS t SET ", target(table));
+    for (n, &c) in present.iter().enumerate() {
+        if n > 0 {
+            s.push_str(", ");
+        }
+        push_ident(&mut s, &table.columns[c].name);
+        s.push_str(" = ");
+        push_value_literal(&mut s, e.change.values.at(c));
+    }
+    s.push_str(" WHERE ");
+    push_key_columns(&mut s, table);
+    s.push_str(" = ");
+    push_key_literals(&mut s, e);
+    Some(s)
+}
+
 /// Removes every row of this target that belongs to the entry's source (its sid, or all
 /// rows when the target has no sid column).
 pub fn truncate(e: &Entry) -> String {
@@ -607,6 +731,41 @@ mod tests {
             "UPDATE \"public\".\"T x\" AS t SET \"id\" = s.\"id\" FROM pg_temp.kvsz_r3 AS s, \
              pg_temp.kvsz_k3 AS k WHERE t.\"id\" = k.\"id\" AND t.\"sid\" = k.\"sid\""
         );
+    }
+
+    #[test]
+    fn small_batches_as_literals_resolved_by_the_columns() {
+        let t = Arc::new(TargetTable {
+            arbiter: true,
+            ..(*table(Some("s'1"))).clone()
+        });
+        let mut b = Batch::default();
+        b.push(change(&t, Op::Insert, &[Some("1"), Some("it's")]), 1);
+        b.push(change(&t, Op::Insert, &[Some("2"), None]), 2);
+        b.push(change(&t, Op::Delete, &[Some("3")]), 3);
+        let mut p = change(&t, Op::Update, &[Some("4")]);
+        p.values = Row::from_values([Value::Text("4"), Value::Unchanged].into_iter());
+        b.push(p, 4);
+        let g = &b.groups[0];
+        assert!(literal_ok(&g.table, &g.entries));
+        let e: Vec<&Entry> = g.entries.iter().collect();
+        assert_eq!(
+            upsert_literal(&t, &e[..2]),
+            "WITH i AS (INSERT INTO \"public\".\"T x\" AS t (\"id\", \"na\"\"me\", \"sid\") \
+             OVERRIDING SYSTEM VALUE VALUES ('1', 'it''s', 's''1'), ('2', NULL, 's''1') \
+             ON CONFLICT (\"id\", \"sid\") DO UPDATE SET \"na\"\"me\" = EXCLUDED.\"na\"\"me\" \
+             RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i"
+        );
+        assert_eq!(
+            delete_literal(&t, &e[2..3]),
+            "DELETE FROM \"public\".\"T x\" AS t WHERE (t.\"id\", t.\"sid\") IN (('3', 's''1'))"
+        );
+        assert_eq!(patch_literal(&t, e[3]), None, "only the key is present");
+        let full = Arc::new(TargetTable {
+            full_identity: true,
+            ..(*t).clone()
+        });
+        assert!(!literal_ok(&full, &g.entries));
     }
 
     #[test]

@@ -20,14 +20,26 @@ use super::progress::Progress;
 use super::sql::{self, Stage};
 use super::{Inflight, WriterMsg};
 
-/// How long a writer whose queue ran dry waits for more before it commits, in steps.
-/// Under load the source refills the queue within this time, so runs (one COPY or one
-/// statement each) and transactions grow instead of being cut at every momentary gap,
-/// and a writer that sleeps is not woken by every change the source sends: about a fifth
-/// more throughput in the benchmark. Under light load it is the latency added to a
-/// commit (never more than `app.commit_delay`).
+/// How long a writer whose queue ran dry waits for more before it commits a backlog's
+/// batch, in steps: the source refills the queue within this time, so batches grow
+/// instead of being cut at every momentary gap, and a writer that sleeps is not woken by
+/// every change. Only while the writer takes changes at a backlog's rate (more than
+/// [`BACKLOG_CHANGES`] per [`RATE_WINDOW`]) and for a batch younger than
+/// [`BACKLOG_BATCH_AGE`]: live traffic is committed as soon as the queue is dry, since
+/// waiting after every gap would hold its batch until `app.commit_delay`. (Whether the
+/// writer was idle says nothing: a writer faster than its source is idle between changes
+/// during a backlog too.)
 const LINGER: Duration = Duration::from_millis(2);
 const LINGER_STEP: Duration = Duration::from_micros(500);
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+const BACKLOG_CHANGES: usize = 2000;
+const BACKLOG_BATCH_AGE: Duration = Duration::from_millis(250);
+
+/// Batches of at most this many entries and bytes go in one round trip, their values as
+/// literals ([`Writer::apply_literal`]); larger ones by COPY, where a round trip more is
+/// nothing and parsing a long statement would be.
+const LITERAL_ENTRIES: usize = 256;
+const LITERAL_BYTES: usize = 256 << 10;
 
 /// What a rejected row does to its source (SPEC §4 `app.on_error`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +143,13 @@ pub struct Writer {
     rx: Receiver<WriterMsg>,
     batch: Batch,
     batch_started: Instant,
+    /// The batch may wait for more ([`LINGER`]): it started during a backlog.
+    lingers: bool,
+    /// Changes taken in the current rate window, and whether the last window's rate was
+    /// a backlog's ([`BACKLOG_CHANGES`]).
+    window_changes: usize,
+    window_start: Instant,
+    backlog: bool,
     markers: Vec<(SourceId, Lsn)>,
     flushes: Vec<Sender<()>>,
     /// Staging tables made so far, by target layout (index = stage number).
@@ -195,6 +214,10 @@ impl Writer {
             rx,
             batch: Batch::default(),
             batch_started: Instant::now(),
+            lingers: false,
+            window_changes: 0,
+            window_start: Instant::now(),
+            backlog: false,
             markers: Vec::new(),
             flushes: Vec::new(),
             stages: Vec::new(),
@@ -222,7 +245,11 @@ impl Writer {
                         lingered = 0;
                         m
                     }
-                    Err(TryRecvError::Empty) if lingered < linger_steps => {
+                    Err(TryRecvError::Empty)
+                        if self.lingers
+                            && lingered < linger_steps
+                            && self.batch_started.elapsed() < BACKLOG_BATCH_AGE =>
+                    {
                         lingered += 1;
                         std::thread::sleep(LINGER_STEP);
                         continue;
@@ -277,8 +304,15 @@ impl Writer {
     }
 
     fn push(&mut self, c: Change, key: u64) {
+        if self.window_start.elapsed() >= RATE_WINDOW {
+            self.backlog = self.window_changes >= BACKLOG_CHANGES;
+            self.window_changes = 0;
+            self.window_start = Instant::now();
+        }
+        self.window_changes += 1;
         if self.batch.is_empty() {
             self.batch_started = Instant::now();
+            self.lingers = self.backlog;
         }
         self.batch.push(c, key);
     }
@@ -288,10 +322,12 @@ impl Writer {
     fn commit(&mut self) -> Result<(), WriterError> {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
-            self.apply_batch(&batch)?;
-            self.client
-                .batch_execute("COMMIT")
-                .map_err(self.conn_err())?;
+            if !self.apply_literal(&batch)? {
+                self.apply_batch(&batch)?;
+                self.client
+                    .batch_execute("COMMIT")
+                    .map_err(self.conn_err())?;
+            }
             self.end_txn();
             debug!(
                 "writer {}: committed {} change(s) as {} entries",
@@ -318,6 +354,104 @@ impl Writer {
 
     fn end_txn(&mut self) {
         self.dirty.iter_mut().for_each(|d| *d = false);
+    }
+
+    /// A small batch in one round trip: BEGIN, its statements with the values as
+    /// literals, COMMIT, as one simple query. Under live traffic a batch is a few
+    /// transactions, and round trips (a COPY takes two) are its latency. False when the
+    /// batch does not qualify, or when the destination refused something: then nothing of
+    /// it was applied, and the staged way applies it and isolates what was refused.
+    fn apply_literal(&mut self, batch: &Batch) -> Result<bool, WriterError> {
+        let entries: usize = batch.groups.iter().map(|g| g.entries.len()).sum();
+        // A backlog's batch goes by COPY, however small: throughput counts there, and the
+        // server parses COPY rows for less than literals.
+        if self.lingers
+            || entries > LITERAL_ENTRIES
+            || batch.bytes > LITERAL_BYTES
+            || !batch
+                .groups
+                .iter()
+                .all(|g| !g.ordered && sql::literal_ok(&g.table, &g.entries))
+        {
+            return Ok(false);
+        }
+        let mut q = String::from("BEGIN");
+        let mut plan = vec![Literal::Begin];
+        for g in &batch.groups {
+            let table = g.table.display();
+            let pick = |net| g.entries.iter().filter(move |e: &&Entry| e.net == net);
+            let deletes: Vec<&Entry> = pick(Net::Delete).collect();
+            if !deletes.is_empty() {
+                q.push_str("; ");
+                q.push_str(&sql::delete_literal(&g.table, &deletes));
+                plan.push(Literal::Delete {
+                    table: table.clone(),
+                    n: deletes.len(),
+                });
+            }
+            let upserts: Vec<&Entry> = pick(Net::Upsert).collect();
+            if !upserts.is_empty() {
+                q.push_str("; ");
+                q.push_str(&sql::upsert_literal(&g.table, &upserts));
+                plan.push(Literal::Upsert {
+                    table: table.clone(),
+                    fresh: upserts.iter().filter(|e| e.fresh).count(),
+                });
+            }
+            for e in pick(Net::Patch) {
+                if let Some(stmt) = sql::patch_literal(&g.table, e) {
+                    q.push_str("; ");
+                    q.push_str(&stmt);
+                    plan.push(Literal::Patch {
+                        table: table.clone(),
+                    });
+                }
+            }
+        }
+        q.push_str("; COMMIT");
+        plan.push(Literal::Commit);
+        match self.client.simple_query(&q) {
+            Ok(msgs) => {
+                let mut steps = plan.iter();
+                let mut row = None;
+                for m in &msgs {
+                    match m {
+                        postgres::SimpleQueryMessage::Row(r) => {
+                            row = r.get(0).and_then(|v| v.parse::<usize>().ok());
+                        }
+                        postgres::SimpleQueryMessage::CommandComplete(n) => match steps.next() {
+                            Some(Literal::Delete { table, n: want }) => {
+                                log_deleted(table, *want, *n as usize)
+                            }
+                            Some(Literal::Upsert { table, fresh }) => {
+                                log_upserted(table, *fresh, row.take().unwrap_or(*fresh))
+                            }
+                            Some(Literal::Patch { table }) if *n == 0 => {
+                                info!("{table}: an UPDATE found no row to change")
+                            }
+                            _ => {}
+                        },
+                        _ => {}
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) if is_rejection(&e) => {
+                debug!(
+                    "writer {}: small batch refused ({}); applying it the staged way",
+                    self.id,
+                    describe(&e)
+                );
+                self.client
+                    .batch_execute("ROLLBACK")
+                    .map_err(self.conn_err())?;
+                Ok(false)
+            }
+            Err(error) => Err(WriterError::Connection {
+                writer: self.id,
+                error,
+            }),
+        }
     }
 
     /// Applies a batch: first all at once, which is what nearly always happens; when the
@@ -518,12 +652,7 @@ impl Writer {
                 .statement(sql::delete_staged(table, &stage))
                 .map_err(&fail)?;
             let deleted = self.client.execute(&stmt, &[]).map_err(&fail)? as usize;
-            if deleted < deletes {
-                info!(
-                    "{name}: {} deleted row(s) were already missing",
-                    deletes - deleted
-                );
-            }
+            log_deleted(&name, deletes, deleted);
         }
         let upserts: Vec<&Entry> = entries
             .iter()
@@ -558,17 +687,7 @@ impl Writer {
                         .last()
                         .unwrap_or(0) as usize
                 };
-                if inserted < fresh {
-                    info!(
-                        "{name}: {} inserted row(s) already existed; updated them",
-                        fresh - inserted
-                    );
-                } else if inserted > fresh {
-                    info!(
-                        "{name}: {} updated row(s) were missing; inserted them",
-                        inserted - fresh
-                    );
-                }
+                log_upserted(&name, fresh, inserted);
             }
         }
         let mut masks: Vec<String> = entries
@@ -652,6 +771,41 @@ impl Writer {
             }
         }
     }
+}
+
+/// Logs the anomalies SPEC §4 asks to count among upserts: an INSERT that found its key
+/// (fewer inserted than were new), an UPDATE that did not (more).
+fn log_upserted(table: &str, fresh: usize, inserted: usize) {
+    if inserted < fresh {
+        info!(
+            "{table}: {} inserted row(s) already existed; updated them",
+            fresh - inserted
+        );
+    } else if inserted > fresh {
+        info!(
+            "{table}: {} updated row(s) were missing; inserted them",
+            inserted - fresh
+        );
+    }
+}
+
+/// Logs deletes of keys that were missing.
+fn log_deleted(table: &str, deletes: usize, deleted: usize) {
+    if deleted < deletes {
+        info!(
+            "{table}: {} deleted row(s) were already missing",
+            deletes - deleted
+        );
+    }
+}
+
+/// What one statement of a literal batch does, to read its result.
+enum Literal {
+    Begin,
+    Delete { table: String, n: usize },
+    Upsert { table: String, fresh: usize },
+    Patch { table: String },
+    Commit,
 }
 
 /// The change's row as a `jsonb` expression (column name → text value).
