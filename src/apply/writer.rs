@@ -23,8 +23,8 @@ use super::{Inflight, WriterMsg};
 /// How long a writer whose queue ran dry waits for more before it commits a backlog's
 /// batch, in steps: the source refills the queue within this time, so batches grow
 /// instead of being cut at every momentary gap, and a writer that sleeps is not woken by
-/// every change. Only while the writer takes changes at a backlog's rate (more than
-/// [`BACKLOG_CHANGES`] per [`RATE_WINDOW`]) and for a batch younger than
+/// every change. Only while the writer is busy (more than [`BACKLOG_CHANGES`] changes or
+/// [`BUSY_COMMITS`] commits per [`RATE_WINDOW`]) and for a batch younger than
 /// [`BACKLOG_BATCH_AGE`]: live traffic is committed as soon as the queue is dry, since
 /// waiting after every gap would hold its batch until `app.commit_delay`. (Whether the
 /// writer was idle says nothing: a writer faster than its source is idle between changes
@@ -32,8 +32,13 @@ use super::{Inflight, WriterMsg};
 const LINGER: Duration = Duration::from_millis(2);
 const LINGER_STEP: Duration = Duration::from_micros(500);
 const RATE_WINDOW: Duration = Duration::from_millis(100);
-const BACKLOG_CHANGES: usize = 2000;
-const BACKLOG_BATCH_AGE: Duration = Duration::from_millis(250);
+const BACKLOG_CHANGES: usize = 5000;
+const BACKLOG_BATCH_AGE: Duration = Duration::from_millis(50);
+/// Commits per [`RATE_WINDOW`] that also count as a backlog: a writer committing one
+/// change at a time as fast as it can (a burst that the source hands over a change at a
+/// time, because tiny commits take the CPU it would decode with) falls behind by
+/// hundreds of milliseconds; batching the burst catches up.
+const BUSY_COMMITS: usize = 20;
 
 /// Batches of at most this many entries and bytes go in one round trip, their values as
 /// literals ([`Writer::apply_literal`]); larger ones by COPY, where a round trip more is
@@ -148,6 +153,7 @@ pub struct Writer {
     /// Changes taken in the current rate window, and whether the last window's rate was
     /// a backlog's ([`BACKLOG_CHANGES`]).
     window_changes: usize,
+    window_commits: usize,
     window_start: Instant,
     backlog: bool,
     markers: Vec<(SourceId, Lsn)>,
@@ -216,6 +222,7 @@ impl Writer {
             batch_started: Instant::now(),
             lingers: false,
             window_changes: 0,
+            window_commits: 0,
             window_start: Instant::now(),
             backlog: false,
             markers: Vec::new(),
@@ -305,8 +312,10 @@ impl Writer {
 
     fn push(&mut self, c: Change, key: u64) {
         if self.window_start.elapsed() >= RATE_WINDOW {
-            self.backlog = self.window_changes >= BACKLOG_CHANGES;
+            self.backlog =
+                self.window_changes >= BACKLOG_CHANGES || self.window_commits >= BUSY_COMMITS;
             self.window_changes = 0;
+            self.window_commits = 0;
             self.window_start = Instant::now();
         }
         self.window_changes += 1;
@@ -329,6 +338,7 @@ impl Writer {
                     .map_err(self.conn_err())?;
             }
             self.end_txn();
+            self.window_commits += 1;
             debug!(
                 "writer {}: committed {} change(s) as {} entries",
                 self.id,
