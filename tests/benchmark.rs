@@ -236,6 +236,14 @@ fn tps(output: &str) -> f64 {
 /// The pgbench tables: generated with `scale` on a source, empty (tables and keys only)
 /// on a destination. pgbench_history gets a primary key so both contenders can apply
 /// its rows; all are handed to `kuvasz`, who must own what the daemon publishes.
+/// A pgbench run of CLIENTS clients without vacuum, `args` saying how long and what.
+fn pgbench_clients(c: &Cluster, db: &str, args: &[&str]) -> String {
+    let clients = CLIENTS.to_string();
+    let mut all = vec!["-n", "-c", clients.as_str()];
+    all.extend_from_slice(args);
+    pgbench(c, db, &all)
+}
+
 fn pgbench_tables(c: &Cluster, db: &str, scale: Option<u32>) {
     let hid = match scale {
         Some(s) => {
@@ -872,13 +880,10 @@ impl<'a> Round<'a> {
         .unwrap();
         let per_client = (self.ctx.rows / 10).div_ceil(CLIENTS).max(1);
         let started = Instant::now();
-        pgbench(
+        pgbench_clients(
             self.ctx.src,
             &self.db,
             &[
-                "-n",
-                "-c",
-                &CLIENTS.to_string(),
                 "-t",
                 &per_client.to_string(),
                 "-f",
@@ -896,17 +901,7 @@ impl<'a> Round<'a> {
 
     fn tpcb(&mut self, res: &mut Results) {
         let per_client = self.ctx.txns.div_ceil(CLIENTS).max(1);
-        let out = pgbench(
-            self.ctx.src,
-            &self.db,
-            &[
-                "-n",
-                "-c",
-                &CLIENTS.to_string(),
-                "-t",
-                &per_client.to_string(),
-            ],
-        );
+        let out = pgbench_clients(self.ctx.src, &self.db, &["-t", &per_client.to_string()]);
         println!(
             "round {}: tpcb backlog: {} TPC-B transactions at {:.0} tps on the source",
             self.round,
@@ -1016,7 +1011,7 @@ impl<'a> Round<'a> {
             let mut out = String::new();
             if let Some(secs) = load {
                 let secs = secs.to_string();
-                out = pgbench(src, db, &["-n", "-c", &CLIENTS.to_string(), "-T", &secs]);
+                out = pgbench_clients(src, db, &["-T", &secs]);
                 stop.store(true, Ordering::Relaxed);
             }
             let probed = prober.join().unwrap();

@@ -240,17 +240,24 @@ fn push_one_row_per_key(s: &mut String, table: &TargetTable, stage: &Stage) {
 
 /// Deletes the staged keys. Its row count tells how many existed.
 pub fn delete_staged(table: &TargetTable, stage: &Stage) -> String {
-    let mut s = format!("DELETE FROM {} AS t ", target(table));
+    let mut s = format!("DELETE FROM {} AS t", target(table));
+    push_staged_key_rows(&mut s, table, stage, " USING ");
+    s
+}
+
+/// What finds the target rows `t` of the staged keys: the key stage joined (after
+/// `join`: `USING` or a `FROM` list's comma) and matched by key, or for a whole-row
+/// identity one row per staged key.
+fn push_staged_key_rows(s: &mut String, table: &TargetTable, stage: &Stage, join: &str) {
     if table.full_identity {
-        s.push_str("WHERE ");
-        push_one_row_per_key(&mut s, table, stage);
+        s.push_str(" WHERE ");
+        push_one_row_per_key(s, table, stage);
     } else {
-        s.push_str("USING ");
+        s.push_str(join);
         s.push_str(&stage.keys);
         s.push_str(" AS k WHERE ");
-        push_key_match(&mut s, table, "t", "k");
+        push_key_match(s, table, "t", "k");
     }
-    s
 }
 
 /// `INSERT INTO target (cols…) OVERRIDING SYSTEM VALUE SELECT s.cols… FROM <rows> AS s
@@ -286,23 +293,7 @@ pub fn upsert_staged(table: &TargetTable, stage: &Stage) -> String {
         // One index probe a row.
         s.push_str("WITH i AS (");
         push_insert_select(&mut s, table, stage, true);
-        s.push_str(" ON CONFLICT (");
-        push_cols(&mut s, table, &table.key, "", true);
-        s.push(')');
-        if non_key.is_empty() {
-            s.push_str(" DO NOTHING");
-        } else {
-            s.push_str(" DO UPDATE SET ");
-            for (n, &c) in non_key.iter().enumerate() {
-                if n > 0 {
-                    s.push_str(", ");
-                }
-                push_ident(&mut s, &table.columns[c].name);
-                s.push_str(" = EXCLUDED.");
-                push_ident(&mut s, &table.columns[c].name);
-            }
-        }
-        s.push_str(" RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i");
+        push_on_conflict(&mut s, table);
         return s;
     }
     // Without a unique index on the key: update the rows whose key exists, then insert
@@ -331,6 +322,31 @@ pub fn upsert_staged(table: &TargetTable, stage: &Stage) -> String {
     push_key_match(&mut s, table, "t", "s");
     s.push(')');
     s
+}
+
+/// ` ON CONFLICT (key…) DO UPDATE SET …` of an upsert into a target with a unique key
+/// index, then what returns the inserted count (`xmax` is 0 on a freshly inserted row
+/// version, set on one that conflicted).
+fn push_on_conflict(s: &mut String, table: &TargetTable) {
+    s.push_str(" ON CONFLICT (");
+    push_cols(s, table, &table.key, "", true);
+    s.push(')');
+    let mut non_key = (0..table.columns.len()).filter(|c| !table.key.contains(c));
+    match non_key.next() {
+        None => s.push_str(" DO NOTHING"),
+        Some(first) => {
+            s.push_str(" DO UPDATE SET ");
+            for (n, c) in std::iter::once(first).chain(non_key).enumerate() {
+                if n > 0 {
+                    s.push_str(", ");
+                }
+                push_ident(s, &table.columns[c].name);
+                s.push_str(" = EXCLUDED.");
+                push_ident(s, &table.columns[c].name);
+            }
+        }
+    }
+    s.push_str(" RETURNING t.xmax = 0 AS ins) SELECT count(*) FILTER (WHERE ins) FROM i");
 }
 
 /// The staged whole rows of a whole-row identity as new rows. With `only_missing`
@@ -408,15 +424,7 @@ pub fn move_staged(table: &TargetTable, stage: &Stage, mask: &str) -> String {
     s.push_str(" FROM ");
     s.push_str(&stage.rows);
     s.push_str(" AS s");
-    if table.full_identity {
-        s.push_str(" WHERE ");
-        push_one_row_per_key(&mut s, table, stage);
-    } else {
-        s.push_str(", ");
-        s.push_str(&stage.keys);
-        s.push_str(" AS k WHERE ");
-        push_key_match(&mut s, table, "t", "k");
-    }
+    push_staged_key_rows(&mut s, table, stage, ", ");
     s
 }
 
@@ -470,11 +478,7 @@ pub fn upsert_literal(table: &TargetTable, entries: &[&Entry]) -> String {
         }
         s.push(')');
     }
-    let upsert = upsert_staged(table, &Stage::new(0));
-    // The same conflict clause as the staged upsert.
-    if let Some(at) = upsert.find(" ON CONFLICT") {
-        s.push_str(&upsert[at..]);
-    }
+    push_on_conflict(&mut s, table);
     s
 }
 

@@ -311,6 +311,21 @@ impl Writer {
     }
 
     fn push(&mut self, c: Change, key: u64) {
+        // The clock is read at a batch's start, at each commit and every 64 changes, not
+        // for each change.
+        if self.batch.is_empty() {
+            self.roll_window();
+            self.batch_started = Instant::now();
+            self.lingers = self.backlog;
+        } else if self.window_changes.is_multiple_of(64) {
+            self.roll_window();
+        }
+        self.window_changes += 1;
+        self.batch.push(c, key);
+    }
+
+    /// Ends the rate window once it is [`RATE_WINDOW`] old: whether the writer is busy.
+    fn roll_window(&mut self) {
         if self.window_start.elapsed() >= RATE_WINDOW {
             self.backlog =
                 self.window_changes >= BACKLOG_CHANGES || self.window_commits >= BUSY_COMMITS;
@@ -318,12 +333,6 @@ impl Writer {
             self.window_commits = 0;
             self.window_start = Instant::now();
         }
-        self.window_changes += 1;
-        if self.batch.is_empty() {
-            self.batch_started = Instant::now();
-            self.lingers = self.backlog;
-        }
-        self.batch.push(c, key);
     }
 
     /// Applies the batch in one transaction and commits it, then acknowledges markers
@@ -339,6 +348,7 @@ impl Writer {
             }
             self.end_txn();
             self.window_commits += 1;
+            self.roll_window();
             debug!(
                 "writer {}: committed {} change(s) as {} entries",
                 self.id,
@@ -387,39 +397,38 @@ impl Writer {
         }
         let mut q = String::from("BEGIN");
         let mut plan = vec![Literal::Begin];
+        let mut add = |stmt: String, step: Literal| {
+            q.push_str("; ");
+            q.push_str(&stmt);
+            plan.push(step);
+        };
         for g in &batch.groups {
             let table = g.table.display();
             let pick = |net| g.entries.iter().filter(move |e: &&Entry| e.net == net);
             let deletes: Vec<&Entry> = pick(Net::Delete).collect();
             if !deletes.is_empty() {
-                q.push_str("; ");
-                q.push_str(&sql::delete_literal(&g.table, &deletes));
-                plan.push(Literal::Delete {
-                    table: table.clone(),
-                    n: deletes.len(),
-                });
+                let n = deletes.len();
+                let table = table.clone();
+                add(
+                    sql::delete_literal(&g.table, &deletes),
+                    Literal::Delete { table, n },
+                );
             }
             let upserts: Vec<&Entry> = pick(Net::Upsert).collect();
             if !upserts.is_empty() {
-                q.push_str("; ");
-                q.push_str(&sql::upsert_literal(&g.table, &upserts));
-                plan.push(Literal::Upsert {
-                    table: table.clone(),
-                    fresh: upserts.iter().filter(|e| e.fresh).count(),
-                });
+                let fresh = upserts.iter().filter(|e| e.fresh).count();
+                let table = table.clone();
+                add(
+                    sql::upsert_literal(&g.table, &upserts),
+                    Literal::Upsert { table, fresh },
+                );
             }
-            for e in pick(Net::Patch) {
-                if let Some(stmt) = sql::patch_literal(&g.table, e) {
-                    q.push_str("; ");
-                    q.push_str(&stmt);
-                    plan.push(Literal::Patch {
-                        table: table.clone(),
-                    });
-                }
+            for stmt in pick(Net::Patch).filter_map(|e| sql::patch_literal(&g.table, e)) {
+                let table = table.clone();
+                add(stmt, Literal::Patch { table });
             }
         }
-        q.push_str("; COMMIT");
-        plan.push(Literal::Commit);
+        add("COMMIT".into(), Literal::Commit);
         match self.client.simple_query(&q) {
             Ok(msgs) => {
                 let mut steps = plan.iter();
