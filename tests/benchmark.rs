@@ -268,10 +268,17 @@ fn pgbench_tables(c: &Cluster, db: &str, scale: Option<u32>) {
     }
 }
 
+/// The decode-only read, with the options the daemon asks for (protocol 2 streams big
+/// transactions instead of spilling them).
 fn decode_sql(slot: &str, proto: &str, publication: &str) -> String {
+    let streaming = if proto == "1" {
+        ""
+    } else {
+        ", 'streaming', 'on'"
+    };
     format!(
         "SELECT count(*) FROM pg_logical_slot_get_binary_changes('{slot}', NULL, NULL, \
-         'proto_version', '{proto}', 'publication_names', '{publication}')"
+         'proto_version', '{proto}', 'publication_names', '{publication}'{streaming})"
     )
 }
 
@@ -316,6 +323,112 @@ fn proc_kb(pid: u32, field: &str) -> Option<u64> {
             .parse()
             .ok()
     })
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start with field 3.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+/// Where a contender's catch-up spent CPU: the source's walsenders, the consumer
+/// process (the daemon; native has none besides its apply worker) and the destination
+/// backends that wrote (the daemon's writers, or native's apply worker). All of them
+/// start with the catch-up, so their totals are its cost.
+struct Cpu {
+    walsender: f64,
+    daemon: Option<f64>,
+    dest: f64,
+    /// The busiest single process: on 2 cores, the one that limits.
+    busiest: (String, f64),
+}
+
+impl Cpu {
+    /// Samples the processes of a running contender; `poller` is one of the benchmark's
+    /// own connections to the destination (they, without application_name, are left out:
+    /// their comparisons are not the contender's cost).
+    fn sample(
+        src: &Cluster,
+        src_dbs: &[&str],
+        dest_dbs: &[&str],
+        poller: &mut Client,
+        daemon: Option<u32>,
+    ) -> Cpu {
+        let list = |dbs: &[&str]| {
+            dbs.iter()
+                .map(|d| format!("'{d}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let pids = |c: &mut Client, sql: &str| -> Vec<u32> {
+            c.simple_query(sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let senders = pids(
+            &mut src.client("postgres"),
+            &format!(
+                "SELECT active_pid FROM pg_replication_slots WHERE active AND database IN ({})",
+                list(src_dbs)
+            ),
+        );
+        let writers = pids(
+            poller,
+            &format!(
+                "SELECT pid FROM pg_stat_activity WHERE datname IN ({}) AND pid <> pg_backend_pid() \
+                 AND (backend_type <> 'client backend' OR application_name <> '')",
+                list(dest_dbs)
+            ),
+        );
+        let mut busiest = (String::new(), 0.0);
+        let mut sum = |pids: &[u32], what: &str| {
+            let mut total = 0.0;
+            for &pid in pids {
+                let s = cpu_secs(pid);
+                if s > busiest.1 {
+                    busiest = (what.to_string(), s);
+                }
+                total += s;
+            }
+            total
+        };
+        let walsender = sum(&senders, "walsender");
+        let dest = sum(&writers, "destination backend");
+        let daemon = daemon.map(|pid| sum(&[pid], "daemon"));
+        Cpu {
+            walsender,
+            daemon,
+            dest,
+            busiest,
+        }
+    }
+}
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cpu s: walsender {:.1}", self.walsender)?;
+        if let Some(d) = self.daemon {
+            write!(f, ", daemon {d:.1}, writers {:.1}", self.dest)?;
+        } else {
+            write!(f, ", apply {:.1}", self.dest)?;
+        }
+        write!(f, "; busiest {} {:.1}", self.busiest.0, self.busiest.1)
+    }
 }
 
 /// Samples a process's VmRSS every 50 ms, for a window inside a longer-lived process.
@@ -771,7 +884,7 @@ impl<'a> Round<'a> {
         who: Who,
         fp: &str,
         expected: &str,
-    ) -> (Duration, Option<f64>) {
+    ) -> (Duration, Option<f64>, Cpu) {
         let (src, dest) = (self.ctx.src, self.ctx.dest);
         let db = self.dest_db(who).to_string();
         src.execute(&self.db, "CHECKPOINT");
@@ -791,13 +904,14 @@ impl<'a> Round<'a> {
             .pid()
             .and_then(|pid| proc_kb(pid, "VmHWM"))
             .map(|kb| kb as f64 / 1024.0);
+        let cpu = Cpu::sample(src, &[&self.db], &[&db], &mut c, running.pid());
         self.stop(running);
         assert_eq!(
             one(&mut c, fp),
             expected,
             "{phase}: after {who} stopped the destination differs from the source ({fp})"
         );
-        (t, rss)
+        (t, rss, cpu)
     }
 
     fn decode(&self) -> Duration {
@@ -830,13 +944,14 @@ impl<'a> Round<'a> {
             &unit[..unit.len() - 2]
         );
         for who in self.order.clone() {
-            let (t, rss) = self.catch_up(phase, who, fp, &expected);
+            let (t, rss, cpu) = self.catch_up(phase, who, fp, &expected);
             let rate = units as f64 / secs(t);
             res.add(phase, unit, who, rate, rss);
             let _ = write!(line, " {who} {:.2} s = {rate:.0} {unit}", secs(t));
             if let Some(mb) = rss {
                 let _ = write!(line, " (peak RSS {mb:.0} MB)");
             }
+            let _ = write!(line, " [{cpu}]");
             line.push_str(" |");
         }
         let t = self.decode();
@@ -1185,7 +1300,7 @@ fn tenants(ctx: &Ctx, n: usize, round: usize, res: &mut Results) {
     let phase = format!("tenants {n}");
     let mut line = format!("round {round} {phase} ({n} x {per} rows):");
     for who in ctx.order(round) {
-        let (t, rss) = match who {
+        let (t, rss, cpu) = match who {
             Who::Ours => {
                 let mut c = dest.client(&ours_db);
                 let values: Vec<String> = sids.iter().map(|s| format!("('{s}')")).collect();
@@ -1215,9 +1330,11 @@ fn tenants(ctx: &Ctx, n: usize, round: usize, res: &mut Results) {
                     },
                 );
                 let rss = proc_kb(d.pid(), "VmHWM").map(|kb| kb as f64 / 1024.0);
+                let src_dbs: Vec<&str> = dbs.iter().map(String::as_str).collect();
+                let cpu = Cpu::sample(src, &src_dbs, &[&ours_db], &mut c, Some(d.pid()));
                 d.stop_ok();
                 assert_eq!(int(&mut c, "SELECT count(*) FROM bench"), total as i64);
-                (t, rss)
+                (t, rss, cpu)
             }
             Who::Native => {
                 let mut clients: Vec<Client> =
@@ -1248,6 +1365,9 @@ fn tenants(ctx: &Ctx, n: usize, round: usize, res: &mut Results) {
                         }
                     },
                 );
+                let src_dbs: Vec<&str> = dbs.iter().map(String::as_str).collect();
+                let dest_dbs: Vec<&str> = native_dbs.iter().map(String::as_str).collect();
+                let cpu = Cpu::sample(src, &src_dbs, &dest_dbs, &mut clients[0], None);
                 for (db, sub) in native_dbs.iter().zip(&subs) {
                     dest.execute(db, &format!("ALTER SUBSCRIPTION {sub} DISABLE"));
                 }
@@ -1257,7 +1377,7 @@ fn tenants(ctx: &Ctx, n: usize, round: usize, res: &mut Results) {
                 for c in &mut clients {
                     assert_eq!(int(c, "SELECT count(*) FROM bench"), per as i64);
                 }
-                (t, None)
+                (t, None, cpu)
             }
         };
         let rate = total as f64 / secs(t);
@@ -1266,6 +1386,7 @@ fn tenants(ctx: &Ctx, n: usize, round: usize, res: &mut Results) {
         if let Some(mb) = rss {
             let _ = write!(line, " (peak RSS {mb:.0} MB)");
         }
+        let _ = write!(line, " [{cpu}]");
         line.push_str(" |");
     }
 

@@ -440,8 +440,12 @@ per_version! {
     clone_pg18 => 18,
 }
 
-/// A transaction far larger than `logical_decoding_work_mem` (spilled to disk by the
-/// server and sent at commit) arrives whole and in order on 14+ as on older servers.
+/// Transactions far larger than `logical_decoding_work_mem` arrive whole and in order.
+/// On 14+ the server streams them while they run (the daemon keeps them until Stream
+/// Commit; the slot's `stream_txns` proves they were streamed), on older servers it
+/// spills them and sends them at commit. An aborted one leaves nothing, a rolled-back
+/// savepoint loses exactly its rows, and a small transaction committed in the middle
+/// lands as well.
 fn large_transaction(version: u32) {
     let Pair {
         src,
@@ -460,23 +464,63 @@ fn large_transaction(version: u32) {
     src.execute(
         &db,
         "BEGIN; \
+         INSERT INTO items SELECT g, 'gone', g, 'aborted' FROM generate_series(500001, 520000) g; \
+         ROLLBACK",
+    );
+    let mut big = src.client(&db);
+    big.batch_execute(
+        "BEGIN; \
          INSERT INTO items SELECT g, repeat('n', 50), g, 'big' FROM generate_series(1, 100000) g; \
          UPDATE items SET qty = -qty WHERE id % 3 = 0; \
-         DELETE FROM items WHERE id % 5 = 0; \
-         UPDATE items SET id = id + 1000000 WHERE id % 7 = 0; \
-         COMMIT",
+         SAVEPOINT a; \
+         INSERT INTO items SELECT g, 'rolled back', g, 'a' FROM generate_series(200001, 220000) g; \
+         UPDATE items SET name = 'rolled back' WHERE id % 2 = 0; \
+         ROLLBACK TO a; \
+         SAVEPOINT b; \
+         INSERT INTO items SELECT g, 'released', g, 'b' FROM generate_series(300001, 310000) g; \
+         RELEASE b; \
+         DELETE FROM items WHERE id % 5 = 0;",
+    )
+    .expect("first half of the big transaction");
+    // Committed while the big one is open: it lands before it, as on the source.
+    src.execute(
+        &db,
+        "INSERT INTO items VALUES (900001, 'small', 1, 'small')",
     );
+    big.batch_execute(
+        "UPDATE items SET id = id + 1000000 WHERE id % 7 = 0; \
+         COMMIT",
+    )
+    .expect("second half of the big transaction");
     converge_items("large transaction", (src, &db), (dest, &ddb), "b");
     assert_eq!(
-        dest.query(&ddb, "SELECT count(*) FROM items"),
-        src.query(&db, "SELECT count(*) FROM items")
+        dest.query(&ddb, "SELECT count(*), count(*) FILTER (WHERE name = 'rolled back' OR id > 500000 AND id <= 520000) FROM items"),
+        vec![vec![Some("88001".to_string()), Some("0".to_string())]],
+        "100,000 rows less a fifth, the 10,000 released ones less a fifth, the small one"
     );
+    if version >= 14 {
+        let streamed = format!(
+            "SELECT s.stream_txns > 0 FROM pg_stat_replication_slots s \
+             JOIN pg_replication_slots r USING (slot_name) WHERE r.database = '{db}'"
+        );
+        assert!(
+            wait_for_opt(Duration::from_secs(10), || src.query(&db, &streamed)
+                == vec![vec![Some("t".to_string())]]),
+            "the server did not stream the big transactions: {:?}",
+            src.query(&db, &streamed)
+        );
+    }
     daemon.stop_ok();
 }
 
 #[test]
 fn large_transaction_pg13() {
     large_transaction(13);
+}
+
+#[test]
+fn large_transaction_pg14() {
+    large_transaction(14);
 }
 
 #[test]

@@ -369,6 +369,7 @@ fn slot_snapshot_and_streaming(version: u32) {
         &publication,
         proto_version(version),
         false,
+        false,
     )
     .unwrap_or_else(|e| panic!("start replication: {e}"));
     assert_eq!(
@@ -556,6 +557,7 @@ fn keepalive(version: u32) {
         &publication,
         proto_version(version),
         false,
+        false,
     )
     .unwrap_or_else(|e| panic!("start replication: {e}"));
 
@@ -613,6 +615,7 @@ fn errors(version: u32) {
             &publication,
             proto_version(version),
             false,
+            false,
         ),
         "42704",
         "START_REPLICATION of a missing slot",
@@ -638,6 +641,7 @@ fn errors(version: u32) {
         &publication,
         proto_version(version),
         false,
+        false,
     )
     .unwrap_or_else(|e| panic!("start replication: {e}"));
     let mut second = connect(&c.url(&db), "kvsz-test-errors-2");
@@ -647,6 +651,7 @@ fn errors(version: u32) {
             created.consistent_point,
             &publication,
             proto_version(version),
+            false,
             false,
         ),
         "55006",

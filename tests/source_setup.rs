@@ -388,7 +388,7 @@ fn slot_in_use(version: u32) {
     let info = ConnInfo::parse(&src.url(&f.db)).expect("parse url");
     let mut holder = ReplicationConnection::connect(&info, "other_consumer").expect("connect");
     holder
-        .start_replication(&f.slot, Lsn::ZERO, &f.slot, 1, false)
+        .start_replication(&f.slot, Lsn::ZERO, &f.slot, 1, false, false)
         .expect("START_REPLICATION");
     let active_pid = |f: &Fixture| {
         f.src.query(

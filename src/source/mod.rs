@@ -3,6 +3,7 @@
 
 pub mod mapping;
 pub mod setup;
+pub mod spool;
 pub mod stream;
 pub mod sync;
 
@@ -120,6 +121,12 @@ pub enum SourceError {
         table: String,
         error: MappingError,
     },
+    /// A streamed transaction could not be kept until its commit.
+    Spool {
+        source: String,
+        xid: u32,
+        error: spool::SpoolError,
+    },
     /// The writer pool went away under us.
     PoolClosed { source: String },
 }
@@ -156,6 +163,9 @@ impl fmt::Display for SourceError {
                 table,
                 error,
             } => write!(f, "source {source}: table {table}: {error}"),
+            SourceError::Spool { source, xid, error } => {
+                write!(f, "source {source}: streamed transaction {xid}: {error}")
+            }
             SourceError::PoolClosed { source } => {
                 write!(f, "source {source}: writer pool stopped")
             }

@@ -17,6 +17,7 @@ use crate::pg::Lsn;
 
 use super::mapping::{map_relation, RelationMap};
 use super::setup::{connect_dest, StartPoint};
+use super::spool::{SpoolError, Spools};
 use super::{SourceEnv, SourceError, SourceSpec};
 
 /// How often routed progress is announced to the writers.
@@ -41,6 +42,8 @@ struct Streamer<'a> {
     repl: ReplicationConnection,
     dest: Client,
     decoder: Decoder,
+    /// Transactions streamed before their commit (PostgreSQL 14+).
+    spools: Spools,
     relations: HashMap<u32, Option<Mapped>>,
     in_txn: bool,
     /// Messages since the last progress check (see CHECK_EVERY).
@@ -67,7 +70,9 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<(
         server_version,
     } = start;
     let proto = if server_version >= 140000 { 2 } else { 1 };
-    repl.start_replication(&spec.slot, start, &spec.slot, proto, false)
+    // Protocol 2 streams big transactions as they are decoded (see spool.rs).
+    let streaming = proto >= 2;
+    repl.start_replication(&spec.slot, start, &spec.slot, proto, false, streaming)
         .map_err(|error| SourceError::Replication {
             source: spec.label(),
             context: format!("start replication from slot {}", spec.slot),
@@ -85,6 +90,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<(
         repl,
         dest,
         decoder: Decoder::new(),
+        spools: Spools::new(&std::env::temp_dir()),
         relations: HashMap::new(),
         in_txn: false,
         unchecked: 0,
@@ -141,6 +147,21 @@ impl Streamer<'_> {
             match received {
                 Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
                     self.received = self.received.max(wal_end);
+                    // Inside a streamed block, data and schema messages are kept as they
+                    // are (decoded at replay); the decoder's state does not change.
+                    if let (Some(xid), Some(b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M')) =
+                        (self.decoder.stream_xid(), data.first())
+                    {
+                        self.spools
+                            .push(xid, &data)
+                            .map_err(|e| self.spool_err(xid, e))?;
+                        self.unchecked += 1;
+                        if self.unchecked >= CHECK_EVERY {
+                            self.unchecked = 0;
+                            self.send_status(false)?;
+                        }
+                        continue;
+                    }
                     let msg = self
                         .decoder
                         .decode(&data)
@@ -319,14 +340,79 @@ impl Streamer<'_> {
                     self.apply_alone(c)?;
                 }
             }
+            PgOutput::StreamStart { xid, first_segment } => self
+                .spools
+                .start(xid, first_segment)
+                .map_err(|e| self.spool_err(xid, e))?,
+            PgOutput::StreamAbort { xid, sub_xid } => self.spools.abort(xid, sub_xid),
+            PgOutput::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+                ..
+            } => self.replay(xid, commit_lsn, end_lsn, commit_time)?,
             PgOutput::Origin { .. }
             | PgOutput::Type { .. }
             | PgOutput::Message { .. }
-            | PgOutput::StreamStart { .. }
-            | PgOutput::StreamStop
-            | PgOutput::StreamCommit { .. }
-            | PgOutput::StreamAbort { .. } => {}
+            | PgOutput::StreamStop => {}
         }
+        Ok(())
+    }
+
+    fn spool_err(&self, xid: u32, error: SpoolError) -> SourceError {
+        SourceError::Spool {
+            source: self.label(),
+            xid,
+            error,
+        }
+    }
+
+    /// A Stream Commit: the transaction's kept messages, in order, as one ordinary
+    /// transaction at its commit position (like Begin … Commit).
+    fn replay(
+        &mut self,
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: i64,
+    ) -> Result<(), SourceError> {
+        let replay = self
+            .spools
+            .commit(xid)
+            .map_err(|e| self.spool_err(xid, e))?;
+        if let Some(mut replay) = replay {
+            debug!(
+                "source {}: streamed transaction {xid} committed at {commit_lsn}: {} message(s)",
+                self.label(),
+                replay.messages()
+            );
+            self.in_txn = true;
+            self.txn_lsn = commit_lsn;
+            self.txn_time = commit_time;
+            self.seq = 0;
+            let mut decoder = Decoder::new();
+            let mut buf = Vec::new();
+            let mut n = 0u32;
+            while replay
+                .next_into(&mut buf)
+                .map_err(|e| self.spool_err(xid, e))?
+            {
+                let msg = decoder.decode(&buf).map_err(|error| SourceError::Decode {
+                    source: self.label(),
+                    lsn: commit_lsn,
+                    error,
+                })?;
+                self.handle(msg)?;
+                n += 1;
+                // The walsender waits meanwhile; it must still hear from us.
+                if n.is_multiple_of(CHECK_EVERY) {
+                    self.send_status(false)?;
+                }
+            }
+        }
+        self.in_txn = false;
+        self.routed = self.routed.max(end_lsn);
         Ok(())
     }
 
