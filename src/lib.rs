@@ -8,5 +8,6 @@ pub mod apply;
 pub mod change;
 pub mod config;
 pub mod daemon;
+pub mod memory;
 pub mod pg;
 pub mod source;

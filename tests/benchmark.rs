@@ -325,20 +325,20 @@ fn proc_kb(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
-/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
-fn cpu_secs(pid: u32) -> f64 {
+/// CPU seconds (user, system) process `pid` has used so far, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     // Fields after the command name (which may hold spaces) start with field 3.
     let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
+    (ticks(11) as f64 / hz, ticks(12) as f64 / hz)
 }
 
 /// Where a contender's catch-up spent CPU: the source's walsenders, the consumer
@@ -347,7 +347,11 @@ fn cpu_secs(pid: u32) -> f64 {
 /// start with the catch-up, so their totals are its cost.
 struct Cpu {
     walsender: f64,
+    /// Of which in the kernel (sending, waking the reader).
+    walsender_sys: f64,
     daemon: Option<f64>,
+    /// The daemon's VmRSS once caught up (MB): its steady size, where the peak is not.
+    rss_after: Option<f64>,
     dest: f64,
     /// The busiest single process: on 2 cores, the one that limits.
     busiest: (String, f64),
@@ -397,21 +401,30 @@ impl Cpu {
         );
         let mut busiest = (String::new(), 0.0);
         let mut sum = |pids: &[u32], what: &str| {
-            let mut total = 0.0;
+            let (mut total, mut sys) = (0.0, 0.0);
             for &pid in pids {
-                let s = cpu_secs(pid);
-                if s > busiest.1 {
-                    busiest = (what.to_string(), s);
+                let (u, k) = cpu_secs(pid);
+                if u + k > busiest.1 {
+                    busiest = (what.to_string(), u + k);
                 }
-                total += s;
+                total += u + k;
+                sys += k;
             }
-            total
+            (total, sys)
         };
-        let walsender = sum(&senders, "walsender");
-        let dest = sum(&writers, "destination backend");
-        let daemon = daemon.map(|pid| sum(&[pid], "daemon"));
+        let (walsender, walsender_sys) = sum(&senders, "walsender");
+        let dest = sum(&writers, "destination backend").0;
+        // Steady: a second after catching up (writers idle for 500 ms hand memory back).
+        let rss_after = daemon.and_then(|pid| {
+            thread::sleep(Duration::from_secs(1));
+            proc_kb(pid, "VmRSS")
+        });
+        let rss_after = rss_after.map(|kb| kb as f64 / 1024.0);
+        let daemon = daemon.map(|pid| sum(&[pid], "daemon").0);
         Cpu {
+            rss_after,
             walsender,
+            walsender_sys,
             daemon,
             dest,
             busiest,
@@ -421,13 +434,21 @@ impl Cpu {
 
 impl std::fmt::Display for Cpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cpu s: walsender {:.1}", self.walsender)?;
+        write!(
+            f,
+            "cpu s: walsender {:.1} (kernel {:.1})",
+            self.walsender, self.walsender_sys
+        )?;
         if let Some(d) = self.daemon {
             write!(f, ", daemon {d:.1}, writers {:.1}", self.dest)?;
         } else {
             write!(f, ", apply {:.1}", self.dest)?;
         }
-        write!(f, "; busiest {} {:.1}", self.busiest.0, self.busiest.1)
+        write!(f, "; busiest {} {:.1}", self.busiest.0, self.busiest.1)?;
+        if let Some(mb) = self.rss_after {
+            write!(f, "; RSS caught up {mb:.0} MB")?;
+        }
+        Ok(())
     }
 }
 

@@ -45,6 +45,8 @@ const BUSY_COMMITS: usize = 20;
 /// nothing and parsing a long statement would be.
 const LITERAL_ENTRIES: usize = 256;
 const LITERAL_BYTES: usize = 256 << 10;
+/// A batch this big makes the writer hand freed memory back once it is idle.
+const TRIM_AFTER_BYTES: usize = 1 << 20;
 
 /// What a rejected row does to its source (SPEC §4 `app.on_error`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,6 +169,9 @@ pub struct Writer {
     prepared: HashMap<String, Statement>,
     /// Reused buffer for COPY data.
     copy_buf: Vec<u8>,
+    /// A big batch was committed since memory was last handed back (see
+    /// [`crate::memory`]); done once the queue is idle.
+    trim_due: bool,
 }
 
 /// Writes one entry's line of COPY data.
@@ -231,6 +236,7 @@ impl Writer {
             dirty: Vec::new(),
             prepared: HashMap::new(),
             copy_buf: Vec::new(),
+            trim_due: false,
         })
     }
 
@@ -272,7 +278,14 @@ impl Writer {
             } else {
                 match self.rx.recv_timeout(Duration::from_millis(500)) {
                     Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if self.trim_due {
+                            self.trim_due = false;
+                            self.copy_buf = Vec::new();
+                            crate::memory::release_free_memory();
+                        }
+                        continue;
+                    }
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
                 }
             };
@@ -347,6 +360,7 @@ impl Writer {
                     .map_err(self.conn_err())?;
             }
             self.end_txn();
+            self.trim_due |= batch.bytes >= TRIM_AFTER_BYTES;
             self.window_commits += 1;
             self.roll_window();
             debug!(
