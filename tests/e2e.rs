@@ -528,6 +528,68 @@ fn large_transaction_pg18() {
     large_transaction(18);
 }
 
+/// SIGKILL while a big transaction is being streamed (14+): what the daemon kept of it
+/// is lost with it, the slot sends the whole transaction again after the restart, and
+/// it lands once, exactly.
+fn killed_while_a_transaction_streams(version: u32) {
+    let Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        map,
+        ..
+    } = items_pair(version, "bigkill", "k", "");
+    src.execute(
+        &db,
+        &format!("ALTER DATABASE {db} SET logical_decoding_work_mem = '64kB'"),
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
+    daemon.wait_streaming(1);
+    let mut big = src.client(&db);
+    big.batch_execute(
+        "BEGIN; \
+         INSERT INTO items SELECT g, 'first', g, 'k' FROM generate_series(1, 50000) g;",
+    )
+    .expect("first half");
+    let streamed = format!(
+        "SELECT s.stream_bytes > 0 FROM pg_stat_replication_slots s \
+         JOIN pg_replication_slots r USING (slot_name) WHERE r.database = '{db}'"
+    );
+    assert!(
+        wait_for_opt(Duration::from_secs(20), || src.query(&db, &streamed)
+            == vec![vec![Some("t".to_string())]]),
+        "the server did not start streaming the open transaction"
+    );
+    let dir = daemon.kill();
+    big.batch_execute(
+        "SAVEPOINT s; \
+         DELETE FROM items WHERE id % 2 = 0; \
+         ROLLBACK TO s; \
+         UPDATE items SET qty = -qty WHERE id % 3 = 0; \
+         INSERT INTO items SELECT g, 'second', g, 'k' FROM generate_series(50001, 60000) g; \
+         COMMIT",
+    )
+    .expect("second half");
+    let daemon = Daemon::spawn(dir);
+    converge_items("after the restart", (src, &db), (dest, &ddb), "k");
+    assert_eq!(
+        dest.query(&ddb, "SELECT count(*), count(*) FILTER (WHERE qty < 0) FROM items"),
+        vec![vec![Some("60000".to_string()), Some("16666".to_string())]]
+    );
+    daemon.stop_ok();
+}
+
+#[test]
+fn killed_while_a_transaction_streams_pg14() {
+    killed_while_a_transaction_streams(14);
+}
+
+#[test]
+fn killed_while_a_transaction_streams_pg18() {
+    killed_while_a_transaction_streams(18);
+}
+
 /// REPLICA IDENTITY FULL on a table without a key: rows are found by their whole old
 /// value, NULLs included.
 #[test]
