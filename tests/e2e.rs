@@ -574,7 +574,10 @@ fn killed_while_a_transaction_streams(version: u32) {
     let daemon = Daemon::spawn(dir);
     converge_items("after the restart", (src, &db), (dest, &ddb), "k");
     assert_eq!(
-        dest.query(&ddb, "SELECT count(*), count(*) FILTER (WHERE qty < 0) FROM items"),
+        dest.query(
+            &ddb,
+            "SELECT count(*), count(*) FILTER (WHERE qty < 0) FROM items"
+        ),
         vec![vec![Some("60000".to_string()), Some("16666".to_string())]]
     );
     daemon.stop_ok();

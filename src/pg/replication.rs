@@ -267,24 +267,58 @@ impl Write for Stream {
     }
 }
 
-/// How the reader paces itself. A walsender streaming a backlog sends one small message
-/// at a time, and a reader that keeps up sleeps between them: every send then pays for
-/// waking it (in the walsender's profile, a fifth of its time in the kernel's wake-up
-/// path, and the walsender is what limits a backlog). While bytes arrive faster than
-/// [`BACKLOG_RATE`] per [`RATE_WINDOW`] (a backlog: some 100,000 small messages a second;
-/// a lower threshold, tried for the streams of many tenants, cost a third of the TPC-B
-/// backlog's rate), the socket's low-water mark is raised to [`BACKLOG_LOWAT`], so the
-/// kernel wakes the reader once per that many bytes, or after [`LOWAT_WAIT`] at most;
-/// when the rate drops it is 1 again, so a quiet stream loses no latency. 256 KiB rather
-/// than 32 KiB took the walsender's CPU for a streamed 1M-row transaction from 4.7 s to
-/// 3.1 s (and the catch-up from 137,000 to 195,000 rows/s); 16 KiB had cost TPC-B a third.
+/// How the reader paces itself. A walsender sends one small message at a time, and a
+/// reader that keeps up sleeps between them: every send then pays for waking it, and the
+/// reader, just woken and with little CPU used, preempts the walsender on its CPU. The
+/// walsender is what limits a backlog, and under live load it fell behind by up to
+/// 100-200 ms (measured: a transaction's send time against its commit time; nothing
+/// of that delay was ours), a p99 of 150-230 ms where native had 20 ms. So the socket's
+/// low-water mark follows the rate of the last [`RATE_WINDOW`]:
+/// - below [`BUSY_RATE`] (idle, a trickle) it is 1: every message at once;
+/// - from there ([`Level::Busy`], live load of some 1,000 transactions a second and up)
+///   [`BUSY_LOWAT`], so the kernel wakes the reader once per that many bytes or after
+///   [`LOWAT_WAIT`] at most: p99 under live TPC-B went to 28 ms;
+/// - above [`BACKLOG_RATE`] ([`Level::Backlog`]) [`BACKLOG_LOWAT`]: 256 KiB rather than
+///   32 KiB took the walsender's CPU for a streamed 1M-row transaction from 4.7 s to
+///   3.1 s; 16 KiB cost TPC-B a third.
+///
+/// A read that waits the whole [`LOWAT_WAIT`] for nothing drops back to 1.
 struct Pace {
     window_start: Instant,
     bytes: usize,
-    lowat: bool,
+    level: Level,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Level {
+    Idle,
+    Busy,
+    Backlog,
+}
+
+impl Level {
+    fn of_rate(bytes_per_window: usize) -> Level {
+        if bytes_per_window >= BACKLOG_RATE {
+            Level::Backlog
+        } else if bytes_per_window >= BUSY_RATE {
+            Level::Busy
+        } else {
+            Level::Idle
+        }
+    }
+
+    fn lowat(self) -> i32 {
+        match self {
+            Level::Idle => 1,
+            Level::Busy => BUSY_LOWAT,
+            Level::Backlog => BACKLOG_LOWAT,
+        }
+    }
+}
+
+const BUSY_LOWAT: i32 = 4 * 1024;
 const BACKLOG_LOWAT: i32 = 256 * 1024;
+const BUSY_RATE: usize = 8 * 1024;
 const BACKLOG_RATE: usize = 256 * 1024;
 const RATE_WINDOW: Duration = Duration::from_millis(20);
 const LOWAT_WAIT: Duration = Duration::from_millis(1);
@@ -345,7 +379,7 @@ impl ReplicationConnection {
             pace: Pace {
                 window_start: Instant::now(),
                 bytes: 0,
-                lowat: false,
+                level: Level::Idle,
             },
             params: HashMap::new(),
             server_version_num: 0,
@@ -894,7 +928,7 @@ impl ReplicationConnection {
             self.inbuf.resize(cap, 0);
         }
         let timeout = match timeout {
-            Some(t) if self.pace.lowat => Some(t.min(LOWAT_WAIT)),
+            Some(t) if self.pace.level != Level::Idle => Some(t.min(LOWAT_WAIT)),
             t => t,
         };
         self.set_read_timeout(timeout)?;
@@ -913,9 +947,9 @@ impl ReplicationConnection {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    if is_timeout(&e) && self.pace.lowat {
-                        // Nothing for a whole wait: the backlog is over.
-                        self.set_lowat(false)?;
+                    if is_timeout(&e) && self.pace.level != Level::Idle {
+                        // Nothing for a whole wait: the burst is over.
+                        self.set_level(Level::Idle)?;
                     }
                     return Err(e);
                 }
@@ -928,20 +962,19 @@ impl ReplicationConnection {
     fn paced(&mut self, n: usize) -> io::Result<()> {
         self.pace.bytes += n;
         if self.pace.window_start.elapsed() >= RATE_WINDOW {
-            let fast = self.pace.bytes >= BACKLOG_RATE;
+            let level = Level::of_rate(self.pace.bytes);
             self.pace.bytes = 0;
             self.pace.window_start = Instant::now();
-            if fast != self.pace.lowat {
-                self.set_lowat(fast)?;
+            if level != self.pace.level {
+                self.set_level(level)?;
             }
         }
         Ok(())
     }
 
-    fn set_lowat(&mut self, on: bool) -> io::Result<()> {
-        self.stream
-            .set_rcvlowat(if on { BACKLOG_LOWAT } else { 1 })?;
-        self.pace.lowat = on;
+    fn set_level(&mut self, level: Level) -> io::Result<()> {
+        self.stream.set_rcvlowat(level.lowat())?;
+        self.pace.level = level;
         Ok(())
     }
 
@@ -1146,6 +1179,19 @@ fn parse_server_version(v: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pace_levels_by_rate() {
+        // Idle probes (50 small transactions a second: some 200 bytes per window), live
+        // TPC-B at 2,000 a second (some 20 KiB), a backlog (megabytes).
+        assert_eq!(Level::of_rate(200), Level::Idle);
+        assert_eq!(Level::of_rate(BUSY_RATE - 1), Level::Idle);
+        assert_eq!(Level::of_rate(20 * 1024), Level::Busy);
+        assert_eq!(Level::of_rate(BACKLOG_RATE - 1), Level::Busy);
+        assert_eq!(Level::of_rate(4 << 20), Level::Backlog);
+        assert_eq!(Level::Idle.lowat(), 1);
+        assert!(Level::Busy.lowat() < Level::Backlog.lowat());
+    }
 
     #[test]
     fn server_versions() {
