@@ -373,6 +373,51 @@ fn rejected_row_goes_to_deadletter() {
 }
 
 /// Several servers of different major versions into one target table.
+/// A destination constraint checked only at COMMIT (DEFERRABLE INITIALLY DEFERRED) is
+/// still pinned on the one row that breaks it: the careful redo checks constraints at
+/// each statement, so the row goes to the dead letters and the rest lands.
+#[test]
+fn deferred_constraint_rejection_is_isolated() {
+    let v = newest();
+    let Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        map,
+        ..
+    } = items_pair(v, "dfr", "t3", "");
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE allowed (q int PRIMARY KEY); \
+         INSERT INTO allowed SELECT generate_series(0, 1000); \
+         ALTER TABLE items ADD CONSTRAINT qty_allowed FOREIGN KEY (qty) REFERENCES allowed (q) \
+         DEFERRABLE INITIALLY DEFERRED",
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
+    daemon.wait_streaming(1);
+    src.execute(&db, "BEGIN; INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(1, 50) g; INSERT INTO items VALUES (51, 'bad', -1, 'n'); COMMIT; INSERT INTO items VALUES (52, 'later', 3, NULL)");
+    let good = || {
+        src.query(
+            &db,
+            "SELECT 't3', id::text, name, qty::text, 'x' FROM items WHERE qty >= 0 ORDER BY id",
+        )
+    };
+    converge("good rows", good, || items_actual(dest, &ddb, "t3"));
+    let dead = support::wait_for("deadletter row", Duration::from_secs(30), || {
+        let rows = dest.query(
+            &ddb,
+            "SELECT row->>'id', (error LIKE '%qty_allowed%')::text FROM kvsz_deadletter",
+        );
+        (!rows.is_empty()).then_some(rows)
+    });
+    assert_eq!(
+        dead,
+        vec![vec![Some("51".to_string()), Some("true".to_string())]]
+    );
+    daemon.stop_ok();
+}
+
 #[test]
 fn two_servers_into_one_table() {
     let vs = support::versions();

@@ -45,6 +45,13 @@ const BUSY_COMMITS: usize = 20;
 /// nothing and parsing a long statement would be.
 const LITERAL_ENTRIES: usize = 256;
 const LITERAL_BYTES: usize = 256 << 10;
+/// Checks what deferred constraints still have pending, as a statement: run before each
+/// COMMIT, a row the destination refuses at commit (a DEFERRABLE INITIALLY DEFERRED
+/// foreign key) fails here, inside the transaction, and is isolated like any other; a
+/// refused COMMIT would only say that the whole batch was. The careful redo runs it
+/// first, so that every statement checks them and bisection finds the row.
+const CHECK_DEFERRED: &str = "SET CONSTRAINTS ALL IMMEDIATE";
+
 /// A batch this big makes the writer hand freed memory back once it is idle.
 const TRIM_AFTER_BYTES: usize = 1 << 20;
 
@@ -442,6 +449,7 @@ impl Writer {
                 add(stmt, Literal::Patch { table });
             }
         }
+        add(CHECK_DEFERRED.into(), Literal::Constraints);
         add("COMMIT".into(), Literal::Commit);
         match self.client.simple_query(&q) {
             Ok(msgs) => {
@@ -493,11 +501,19 @@ impl Writer {
     fn apply_batch(&mut self, batch: &Batch) -> Result<(), WriterError> {
         self.make_stages(batch)?;
         self.begin()?;
-        let fast = batch.groups.iter().try_for_each(|g| {
-            g.segments()
-                .into_iter()
-                .try_for_each(|s| self.apply(g, s, false))
-        });
+        let fast = batch
+            .groups
+            .iter()
+            .try_for_each(|g| {
+                g.segments()
+                    .into_iter()
+                    .try_for_each(|s| self.apply(g, s, false))
+            })
+            .and_then(|()| {
+                self.client
+                    .batch_execute(CHECK_DEFERRED)
+                    .map_err(self.fail())
+            });
         match fast {
             Ok(()) => Ok(()),
             Err(Failure::Fatal(e)) => Err(e),
@@ -512,6 +528,9 @@ impl Writer {
                     .map_err(self.conn_err())?;
                 self.end_txn();
                 self.begin()?;
+                self.client
+                    .batch_execute(CHECK_DEFERRED)
+                    .map_err(self.conn_err())?;
                 for g in &batch.groups {
                     for s in g.segments() {
                         self.careful(g, s)?;
@@ -838,6 +857,7 @@ enum Literal {
     Delete { table: String, n: usize },
     Upsert { table: String, fresh: usize },
     Patch { table: String },
+    Constraints,
     Commit,
 }
 
