@@ -328,34 +328,13 @@ fn rejected_row_stops_and_resumes() {
 /// rest streams on.
 #[test]
 fn rejected_row_goes_to_deadletter() {
-    let v = oldest();
-    let Pair {
-        src,
-        dest,
-        db,
-        ddb,
-        family,
-        map,
-    } = items_pair(v, "dl", "t2", "");
-    dest.execute(
-        &ddb,
+    let (dead, family) = refused_row_deadlettered(
+        oldest(),
+        "dl",
+        "t2",
         "ALTER TABLE items ADD CONSTRAINT qty_ok CHECK (qty >= 0)",
+        "SELECT sid, source, source_table, op, row->>'id', row->>'qty', (error LIKE '%qty_ok%')::text FROM kvsz_deadletter",
     );
-    let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
-    // Streaming, not the initial copy, is what this test is about.
-    daemon.wait_streaming(1);
-    src.execute(&db, "BEGIN; INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(1, 50) g; INSERT INTO items VALUES (51, 'bad', -1, 'n'); COMMIT; INSERT INTO items VALUES (52, 'later', 3, NULL)");
-    let good = || {
-        src.query(
-            &db,
-            "SELECT 't2', id::text, name, qty::text, 'x' FROM items WHERE qty >= 0 ORDER BY id",
-        )
-    };
-    converge("good rows", good, || items_actual(dest, &ddb, "t2"));
-    let dead = support::wait_for("deadletter row", Duration::from_secs(30), || {
-        let rows = dest.query(&ddb, "SELECT sid, source, source_table, op, row->>'id', row->>'qty', (error LIKE '%qty_ok%')::text FROM kvsz_deadletter");
-        (!rows.is_empty()).then_some(rows)
-    });
     let s = |v: &str| Some(v.to_string());
     assert_eq!(
         dead,
@@ -369,7 +348,45 @@ fn rejected_row_goes_to_deadletter() {
             s("true")
         ]]
     );
+}
+
+/// With `on_error = deadletter`, streams 50 good rows and one with qty -1 in one
+/// transaction, then one more, into a destination that `dest_ddl` makes refuse qty -1;
+/// waits until the good rows match the source, then returns the rows of `dead_sql` over
+/// `kvsz_deadletter`, and the family name.
+fn refused_row_deadlettered(
+    version: u32,
+    prefix: &str,
+    sid: &str,
+    dest_ddl: &str,
+    dead_sql: &str,
+) -> (Rows, String) {
+    let Pair {
+        src,
+        dest,
+        db,
+        ddb,
+        family,
+        map,
+    } = items_pair(version, prefix, sid, "");
+    dest.execute(&ddb, dest_ddl);
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
+    // Streaming, not the initial copy, is what this is about.
+    daemon.wait_streaming(1);
+    src.execute(&db, "BEGIN; INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(1, 50) g; INSERT INTO items VALUES (51, 'bad', -1, 'n'); COMMIT; INSERT INTO items VALUES (52, 'later', 3, NULL)");
+    let good = || {
+        src.query(
+            &db,
+            &format!("SELECT '{sid}', id::text, name, qty::text, 'x' FROM items WHERE qty >= 0 ORDER BY id"),
+        )
+    };
+    converge("good rows", good, || items_actual(dest, &ddb, sid));
+    let dead = support::wait_for("deadletter row", Duration::from_secs(30), || {
+        let rows = dest.query(&ddb, dead_sql);
+        (!rows.is_empty()).then_some(rows)
+    });
     daemon.stop_ok();
+    (dead, family)
 }
 
 /// Several servers of different major versions into one target table.
@@ -378,44 +395,20 @@ fn rejected_row_goes_to_deadletter() {
 /// each statement, so the row goes to the dead letters and the rest lands.
 #[test]
 fn deferred_constraint_rejection_is_isolated() {
-    let v = newest();
-    let Pair {
-        src,
-        dest,
-        db,
-        ddb,
-        map,
-        ..
-    } = items_pair(v, "dfr", "t3", "");
-    dest.execute(
-        &ddb,
+    let (dead, _) = refused_row_deadlettered(
+        newest(),
+        "dfr",
+        "t3",
         "SET ROLE kuvasz; CREATE TABLE allowed (q int PRIMARY KEY); \
          INSERT INTO allowed SELECT generate_series(0, 1000); \
          ALTER TABLE items ADD CONSTRAINT qty_allowed FOREIGN KEY (qty) REFERENCES allowed (q) \
          DEFERRABLE INITIALLY DEFERRED",
+        "SELECT row->>'id', (error LIKE '%qty_allowed%')::text FROM kvsz_deadletter",
     );
-    let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
-    daemon.wait_streaming(1);
-    src.execute(&db, "BEGIN; INSERT INTO items SELECT g, 'ok', g, NULL FROM generate_series(1, 50) g; INSERT INTO items VALUES (51, 'bad', -1, 'n'); COMMIT; INSERT INTO items VALUES (52, 'later', 3, NULL)");
-    let good = || {
-        src.query(
-            &db,
-            "SELECT 't3', id::text, name, qty::text, 'x' FROM items WHERE qty >= 0 ORDER BY id",
-        )
-    };
-    converge("good rows", good, || items_actual(dest, &ddb, "t3"));
-    let dead = support::wait_for("deadletter row", Duration::from_secs(30), || {
-        let rows = dest.query(
-            &ddb,
-            "SELECT row->>'id', (error LIKE '%qty_allowed%')::text FROM kvsz_deadletter",
-        );
-        (!rows.is_empty()).then_some(rows)
-    });
     assert_eq!(
         dead,
         vec![vec![Some("51".to_string()), Some("true".to_string())]]
     );
-    daemon.stop_ok();
 }
 
 #[test]
@@ -485,6 +478,34 @@ per_version! {
     clone_pg18 => 18,
 }
 
+/// An `items` pair whose source database decodes with 64 kB of memory (so that 14+
+/// streams any sizeable transaction, older servers spill it), and the daemon streaming.
+fn small_decoding_memory(version: u32, prefix: &str, sid: &str) -> (Pair<'static>, Daemon) {
+    let pair = items_pair(version, prefix, sid, "");
+    pair.src.execute(
+        &pair.db,
+        &format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            pair.db
+        ),
+    );
+    let daemon = Daemon::start(&pair.dest.url(&pair.ddb), &pair.map, &[]);
+    daemon.wait_streaming(1);
+    (pair, daemon)
+}
+
+/// Whether `stat` of the slot of `db` (pg_stat_replication_slots, 14+) becomes
+/// positive within 20 s (the statistics are reported with some delay).
+fn slot_statistic_grows(src: &Cluster, db: &str, stat: &str) -> bool {
+    let sql = format!(
+        "SELECT s.{stat} > 0 FROM pg_stat_replication_slots s \
+         JOIN pg_replication_slots r USING (slot_name) WHERE r.database = '{db}'"
+    );
+    wait_for_opt(Duration::from_secs(20), || {
+        src.query(db, &sql) == vec![vec![Some("t".to_string())]]
+    })
+}
+
 /// Transactions far larger than `logical_decoding_work_mem` arrive whole and in order.
 /// On 14+ the server streams them while they run (the daemon keeps them until Stream
 /// Commit; the slot's `stream_txns` proves they were streamed), on older servers it
@@ -492,20 +513,8 @@ per_version! {
 /// savepoint loses exactly its rows, and a small transaction committed in the middle
 /// lands as well.
 fn large_transaction(version: u32) {
-    let Pair {
-        src,
-        dest,
-        db,
-        ddb,
-        map,
-        ..
-    } = items_pair(version, "big", "b", "");
-    src.execute(
-        &db,
-        &format!("ALTER DATABASE {db} SET logical_decoding_work_mem = '64kB'"),
-    );
-    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
-    daemon.wait_streaming(1);
+    let (pair, daemon) = small_decoding_memory(version, "big", "b");
+    let (src, dest, db, ddb) = (pair.src, pair.dest, pair.db, pair.ddb);
     src.execute(
         &db,
         "BEGIN; \
@@ -544,15 +553,9 @@ fn large_transaction(version: u32) {
         "100,000 rows less a fifth, the 10,000 released ones less a fifth, the small one"
     );
     if version >= 14 {
-        let streamed = format!(
-            "SELECT s.stream_txns > 0 FROM pg_stat_replication_slots s \
-             JOIN pg_replication_slots r USING (slot_name) WHERE r.database = '{db}'"
-        );
         assert!(
-            wait_for_opt(Duration::from_secs(10), || src.query(&db, &streamed)
-                == vec![vec![Some("t".to_string())]]),
-            "the server did not stream the big transactions: {:?}",
-            src.query(&db, &streamed)
+            slot_statistic_grows(src, &db, "stream_txns"),
+            "the server did not stream the big transactions"
         );
     }
     daemon.stop_ok();
@@ -577,33 +580,16 @@ fn large_transaction_pg18() {
 /// is lost with it, the slot sends the whole transaction again after the restart, and
 /// it lands once, exactly.
 fn killed_while_a_transaction_streams(version: u32) {
-    let Pair {
-        src,
-        dest,
-        db,
-        ddb,
-        map,
-        ..
-    } = items_pair(version, "bigkill", "k", "");
-    src.execute(
-        &db,
-        &format!("ALTER DATABASE {db} SET logical_decoding_work_mem = '64kB'"),
-    );
-    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
-    daemon.wait_streaming(1);
+    let (pair, daemon) = small_decoding_memory(version, "bigkill", "k");
+    let (src, dest, db, ddb) = (pair.src, pair.dest, pair.db, pair.ddb);
     let mut big = src.client(&db);
     big.batch_execute(
         "BEGIN; \
          INSERT INTO items SELECT g, 'first', g, 'k' FROM generate_series(1, 50000) g;",
     )
     .expect("first half");
-    let streamed = format!(
-        "SELECT s.stream_bytes > 0 FROM pg_stat_replication_slots s \
-         JOIN pg_replication_slots r USING (slot_name) WHERE r.database = '{db}'"
-    );
     assert!(
-        wait_for_opt(Duration::from_secs(20), || src.query(&db, &streamed)
-            == vec![vec![Some("t".to_string())]]),
+        slot_statistic_grows(src, &db, "stream_bytes"),
         "the server did not start streaming the open transaction"
     );
     let dir = daemon.kill();
