@@ -12,6 +12,7 @@ use kuvasz_streamer::source::SourceSpec;
 use log::{error, info, warn};
 
 fn main() -> ExitCode {
+    kuvasz_streamer::memory::limit_arenas();
     let cmd = match config::parse_cli(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
