@@ -325,6 +325,15 @@ fn proc_kb(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// For [`wait_until`]: fails fast once the daemon has exited.
+fn daemon_alive(d: &mut Daemon) -> Result<(), String> {
+    if d.running() {
+        Ok(())
+    } else {
+        Err("kuvasz-streamer exited (its log follows)".into())
+    }
+}
+
 /// CPU seconds (user, system) process `pid` has used so far, from `/proc/<pid>/stat`.
 fn cpu_secs(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -661,13 +670,7 @@ enum Running {
 impl Running {
     fn alive(&mut self) -> Result<(), String> {
         match self {
-            Running::Ours(d) => {
-                if d.running() {
-                    Ok(())
-                } else {
-                    Err("kuvasz-streamer exited (its log follows)".into())
-                }
-            }
+            Running::Ours(d) => daemon_alive(d),
             Running::Native => Ok(()),
         }
     }
@@ -783,13 +786,7 @@ impl<'a> Round<'a> {
         let t = wait_until(
             "kuvasz initial sync",
             started,
-            &mut || {
-                if d.running() {
-                    Ok(())
-                } else {
-                    Err("kuvasz-streamer exited".into())
-                }
-            },
+            &mut || daemon_alive(&mut d),
             &mut || compare(&mut c, fp, &expected),
         );
         if self.pgbench {
@@ -1335,13 +1332,7 @@ fn tenants(ctx: &Ctx, n: usize, round: usize, res: &mut Results) {
                 let t = wait_until(
                     &format!("{phase}: kuvasz"),
                     started,
-                    &mut || {
-                        if d.running() {
-                            Ok(())
-                        } else {
-                            Err("kuvasz-streamer exited (its log follows)".into())
-                        }
-                    },
+                    &mut || daemon_alive(&mut d),
                     &mut || {
                         if int(&mut c, &cheap) < per as i64 {
                             Poll::Behind

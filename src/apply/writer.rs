@@ -51,6 +51,9 @@ const LITERAL_BYTES: usize = 256 << 10;
 /// refused COMMIT would only say that the whole batch was. The careful redo runs it
 /// first, so that every statement checks them and bisection finds the row.
 const CHECK_DEFERRED: &str = "SET CONSTRAINTS ALL IMMEDIATE";
+/// [`CHECK_DEFERRED`] and COMMIT in one round trip: if the check refuses, COMMIT does
+/// not run and the transaction is still there to roll back.
+const CHECKED_COMMIT: &str = "SET CONSTRAINTS ALL IMMEDIATE; COMMIT";
 
 /// A batch this big makes the writer hand freed memory back once it is idle.
 const TRIM_AFTER_BYTES: usize = 1 << 20;
@@ -362,9 +365,6 @@ impl Writer {
             let batch = std::mem::take(&mut self.batch);
             if !self.apply_literal(&batch)? {
                 self.apply_batch(&batch)?;
-                self.client
-                    .batch_execute("COMMIT")
-                    .map_err(self.conn_err())?;
             }
             self.end_txn();
             self.trim_due |= batch.bytes >= TRIM_AFTER_BYTES;
@@ -495,9 +495,10 @@ impl Writer {
         }
     }
 
-    /// Applies a batch: first all at once, which is what nearly always happens; when the
-    /// destination refuses something, again from the start with a savepoint around each
-    /// table's statements, bisecting a refused set down to the entry at fault.
+    /// Applies a batch and commits it: first all at once, which is what nearly always
+    /// happens; when the destination refuses something, again from the start with a
+    /// savepoint around each table's statements, bisecting a refused set down to the
+    /// entry at fault.
     fn apply_batch(&mut self, batch: &Batch) -> Result<(), WriterError> {
         self.make_stages(batch)?;
         self.begin()?;
@@ -511,7 +512,7 @@ impl Writer {
             })
             .and_then(|()| {
                 self.client
-                    .batch_execute(CHECK_DEFERRED)
+                    .batch_execute(CHECKED_COMMIT)
                     .map_err(self.fail())
             });
         match fast {
@@ -527,16 +528,15 @@ impl Writer {
                     .batch_execute("ROLLBACK")
                     .map_err(self.conn_err())?;
                 self.end_txn();
-                self.begin()?;
                 self.client
-                    .batch_execute(CHECK_DEFERRED)
+                    .batch_execute(&format!("BEGIN; {CHECK_DEFERRED}"))
                     .map_err(self.conn_err())?;
                 for g in &batch.groups {
                     for s in g.segments() {
                         self.careful(g, s)?;
                     }
                 }
-                Ok(())
+                self.client.batch_execute("COMMIT").map_err(self.conn_err())
             }
         }
     }

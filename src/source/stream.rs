@@ -143,8 +143,8 @@ impl Streamer<'_> {
                 .repl
                 .recv(Duration::from_millis(100))
                 .map_err(self.repl_err("receive"))?;
-            let streamed_change = matches!(received, Some(ReplicationMessage::XLogData { .. }));
-            match received {
+            // Whether this was one of a transaction's changes (ordinary or streamed).
+            let mid_changes = match received {
                 Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
                     self.received = self.received.max(wal_end);
                     // Inside a streamed block, data and schema messages are kept as they
@@ -155,22 +155,19 @@ impl Streamer<'_> {
                         self.spools
                             .push(xid, &data)
                             .map_err(|e| self.spool_err(xid, e))?;
-                        self.unchecked += 1;
-                        if self.unchecked >= CHECK_EVERY {
-                            self.unchecked = 0;
-                            self.send_status(false)?;
-                        }
-                        continue;
+                        true
+                    } else {
+                        let msg =
+                            self.decoder
+                                .decode(&data)
+                                .map_err(|error| SourceError::Decode {
+                                    source: self.label(),
+                                    lsn: wal_end,
+                                    error,
+                                })?;
+                        self.handle(msg)?;
+                        self.in_txn
                     }
-                    let msg = self
-                        .decoder
-                        .decode(&data)
-                        .map_err(|error| SourceError::Decode {
-                            source: self.label(),
-                            lsn: wal_end,
-                            error,
-                        })?;
-                    self.handle(msg)?;
                 }
                 Some(ReplicationMessage::Keepalive {
                     wal_end,
@@ -186,13 +183,14 @@ impl Streamer<'_> {
                     if reply_requested {
                         self.send_status(true)?;
                     }
+                    false
                 }
-                None => {}
-            }
+                None => false,
+            };
             // Inside a transaction's changes nothing new becomes confirmable: the clock is
             // read every CHECK_EVERY changes (for the 10 s status), not for each one.
             self.unchecked += 1;
-            if !streamed_change || !self.in_txn || self.unchecked >= CHECK_EVERY {
+            if !mid_changes || self.unchecked >= CHECK_EVERY {
                 self.unchecked = 0;
                 self.mark()?;
                 self.send_status(false)?;
@@ -263,16 +261,8 @@ impl Streamer<'_> {
                 final_lsn,
                 commit_time,
                 ..
-            } => {
-                self.in_txn = true;
-                self.txn_lsn = final_lsn;
-                self.txn_time = commit_time;
-                self.seq = 0;
-            }
-            PgOutput::Commit { end_lsn, .. } => {
-                self.in_txn = false;
-                self.routed = self.routed.max(end_lsn);
-            }
+            } => self.begin_txn(final_lsn, commit_time),
+            PgOutput::Commit { end_lsn, .. } => self.end_txn(end_lsn),
             PgOutput::Relation(rel) => self.relation(rel)?,
             PgOutput::Insert { rel, new } => {
                 let pos = self.pos();
@@ -387,10 +377,7 @@ impl Streamer<'_> {
                 self.label(),
                 replay.messages()
             );
-            self.in_txn = true;
-            self.txn_lsn = commit_lsn;
-            self.txn_time = commit_time;
-            self.seq = 0;
+            self.begin_txn(commit_lsn, commit_time);
             let mut decoder = Decoder::new();
             let mut buf = Vec::new();
             let mut n = 0u32;
@@ -411,9 +398,22 @@ impl Streamer<'_> {
                 }
             }
         }
+        self.end_txn(end_lsn);
+        Ok(())
+    }
+
+    /// A transaction's changes start: they take positions at its commit LSN.
+    fn begin_txn(&mut self, commit_lsn: Lsn, commit_time: i64) {
+        self.in_txn = true;
+        self.txn_lsn = commit_lsn;
+        self.txn_time = commit_time;
+        self.seq = 0;
+    }
+
+    /// A transaction's changes are all routed: everything before `end_lsn` is.
+    fn end_txn(&mut self, end_lsn: Lsn) {
         self.in_txn = false;
         self.routed = self.routed.max(end_lsn);
-        Ok(())
     }
 
     fn pos(&mut self) -> Position {
