@@ -13,6 +13,7 @@ use postgres::Statement;
 
 use crate::change::{Change, SourceId, TargetTable, Value};
 use crate::pg::quote::{literal, qualified};
+use crate::pg::session::open_destination;
 use crate::pg::{describe, Lsn};
 
 use super::batch::{Batch, Entry, Group, Net, MAX_COPY_BYTES, MAX_COPY_ROWS};
@@ -205,29 +206,16 @@ impl Writer {
         rx: Receiver<WriterMsg>,
     ) -> Result<Writer, WriterError> {
         let conn = |error| WriterError::Connection { writer: id, error };
-        let mut client = settings.dest.connect(postgres::NoTls).map_err(conn)?;
+        let mut client = open_destination(&settings.dest).map_err(conn)?;
         // Every statement joins a batch of keys to a possibly huge target: nested loops over
         // the key index, never a hash join that scans the whole target per batch when the
         // planner's statistics lag behind a fast-growing table.
         client
             .batch_execute(
                 "SET standard_conforming_strings = on; SET synchronous_commit = on; \
-                 SET DateStyle = ISO; SET IntervalStyle = postgres; \
                  SET enable_hashjoin = off; SET enable_mergejoin = off",
             )
             .map_err(conn)?;
-        // Like PostgreSQL's own apply worker: no triggers, no FK checks on our writes.
-        if let Err(e) = client.batch_execute("SET session_replication_role = replica") {
-            if id == 0 {
-                warn!(
-                    "destination: cannot SET session_replication_role = replica ({}); \
-                     triggers and foreign keys of target tables will fire. Grant it with \
-                     GRANT SET ON PARAMETER session_replication_role TO <role> (PostgreSQL 15+) \
-                     or run as superuser",
-                    describe(&e)
-                );
-            }
-        }
         Ok(Writer {
             id,
             client,

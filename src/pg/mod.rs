@@ -7,6 +7,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod quote;
 pub mod replication;
+pub mod session;
 
 pub use lsn::Lsn;
 

@@ -9,6 +9,7 @@ use postgres::{Client, NoTls};
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
+use crate::pg::session::open_destination;
 use crate::pg::Lsn;
 
 use super::sync::{copy_table, CopyPlan, RateLimiter};
@@ -71,15 +72,9 @@ pub fn connect_source(spec: &SourceSpec, env: &SourceEnv) -> Result<Client, Sour
     ))
 }
 
-/// Opens a destination connection.
+/// Opens a destination connection (the same session settings as the writers').
 pub fn connect_dest(spec: &SourceSpec, env: &SourceEnv) -> Result<Client, SourceError> {
-    let mut c = env
-        .dest
-        .connect(NoTls)
-        .map_err(sql_err(spec, "connect to the destination"))?;
-    c.batch_execute("SET DateStyle = ISO; SET IntervalStyle = postgres")
-        .map_err(sql_err(spec, "prepare the destination session"))?;
-    Ok(c)
+    open_destination(&env.dest).map_err(sql_err(spec, "connect to the destination"))
 }
 
 /// Checks what the server must offer before anything is created on it.

@@ -533,3 +533,35 @@ pub fn ident(name: &str) -> String {
 pub fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
+
+/// Rows of a query, every value in PostgreSQL's text form.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// Waits until the destination rows equal the expected ones; panics with both if never.
+pub fn converge(what: &str, expected: impl Fn() -> Rows, actual: impl Fn() -> Rows) {
+    let mut last = (Vec::new(), Vec::new());
+    let ok = wait_for_opt(Duration::from_secs(60), || {
+        let (e, a) = (expected(), actual());
+        if e == a {
+            return true;
+        }
+        last = (e, a);
+        false
+    });
+    assert!(
+        ok,
+        "{what}: destination never matched the source\nexpected: {:?}\nactual:   {:?}",
+        last.0, last.1
+    );
+}
+
+pub fn wait_for_opt(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < until {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
