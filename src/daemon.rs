@@ -109,9 +109,10 @@ fn prepare_destination(s: &DaemonSettings) -> Result<(), String> {
         .connect(NoTls)
         .map_err(|e| format!("connect to destination {}: {}", s.dest_label, describe(&e)))?;
     let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {} (slot_name text NOT NULL, source_table text NOT NULL, \
+        "CREATE TABLE IF NOT EXISTS {0} (slot_name text NOT NULL, source_table text NOT NULL, \
          target_table text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
-         PRIMARY KEY (slot_name, source_table))",
+         lsn pg_lsn, PRIMARY KEY (slot_name, source_table)); \
+         ALTER TABLE {0} ADD COLUMN IF NOT EXISTS lsn pg_lsn",
         qualified(&s.dest_schema, SYNC_STATE_TABLE)
     );
     if s.on_error == RejectPolicy::Deadletter {

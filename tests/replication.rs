@@ -366,7 +366,7 @@ fn slot_snapshot_and_streaming(version: u32) {
     conn.start_replication(
         &slot,
         created.consistent_point,
-        &publication,
+        &[publication.as_str()],
         proto_version(version),
         false,
         false,
@@ -554,7 +554,7 @@ fn keepalive(version: u32) {
     conn.start_replication(
         &slot,
         created.consistent_point,
-        &publication,
+        &[publication.as_str()],
         proto_version(version),
         false,
         false,
@@ -612,7 +612,7 @@ fn errors(version: u32) {
         conn.start_replication(
             &missing,
             Lsn::ZERO,
-            &publication,
+            &[publication.as_str()],
             proto_version(version),
             false,
             false,
@@ -638,7 +638,7 @@ fn errors(version: u32) {
     conn.start_replication(
         &slot,
         created.consistent_point,
-        &publication,
+        &[publication.as_str()],
         proto_version(version),
         false,
         false,
@@ -649,7 +649,7 @@ fn errors(version: u32) {
         second.start_replication(
             &slot,
             created.consistent_point,
-            &publication,
+            &[publication.as_str()],
             proto_version(version),
             false,
             false,

@@ -192,7 +192,7 @@ impl<'a> Fixture<'a> {
     fn wait_sync_done(&self, tables: &[&str]) {
         let expected: Rows = tables
             .iter()
-            .map(|t| row(&[&format!("public.{t}"), t, "done"]))
+            .map(|t| row(&[&format!("public.{t}"), &format!("public.{t}"), "done"]))
             .collect();
         let mut last = Vec::new();
         let ok = poll(TIMEOUT, || {
@@ -349,33 +349,7 @@ on_versions! {
     role_without_replication_is_reported_pg18 => role_without_replication(18),
 }
 
-// 3. A table without primary key or replica identity.
-
-fn table_without_identity(version: u32) {
-    let src = source(version);
-    let f = Fixture::new(src, &["items"]);
-    f.src_exec("SET ROLE kuvasz; CREATE TABLE nopk (id int, v text)");
-    f.dest_exec("SET ROLE kuvasz; CREATE TABLE nopk (id int, v text)");
-    f.src_exec("INSERT INTO nopk VALUES (1, 'a'), (2, 'b'); INSERT INTO items VALUES (1, 'x')");
-    let daemon = f.start(&["items", "nopk"], &[]);
-    wait_log(
-        &daemon,
-        &[
-            "table public.nopk has no primary key and no replica identity",
-            "REPLICA IDENTITY FULL",
-        ],
-    );
-    daemon.kill();
-    // The source must stay writable: nopk is in no publication, so UPDATE works.
-    f.src_exec("UPDATE nopk SET v = 'c' WHERE id = 2; DELETE FROM nopk WHERE id = 1");
-    assert_nothing_created(&f, "nopk");
-    assert_eq!(f.dest_rows("items"), Rows::new());
-}
-
-on_versions! {
-    table_without_identity_is_refused_pg12 => table_without_identity(12),
-    table_without_identity_is_refused_pg18 => table_without_identity(18),
-}
+// 3. A table without primary key or replica identity: tests/shapes.rs, keyless_table.
 
 // 4. The slot is streaming to someone else.
 
@@ -388,7 +362,7 @@ fn slot_in_use(version: u32) {
     let info = ConnInfo::parse(&src.url(&f.db)).expect("parse url");
     let mut holder = ReplicationConnection::connect(&info, "other_consumer").expect("connect");
     holder
-        .start_replication(&f.slot, Lsn::ZERO, &f.slot, 1, false, false)
+        .start_replication(&f.slot, Lsn::ZERO, &[f.slot.as_str()], 1, false, false)
         .expect("START_REPLICATION");
     let active_pid = |f: &Fixture| {
         f.src.query(
@@ -546,7 +520,7 @@ fn map_change_between_runs(version: u32) {
     assert_eq!(f.published(), vec!["public.b".to_string()]);
     assert_eq!(
         f.sync_state(),
-        vec![row(&["public.b", "b", "done"])],
+        vec![row(&["public.b", "public.b", "done"])],
         "kvsz_sync_state keeps no row for a"
     );
 }
@@ -586,7 +560,10 @@ fn crash_mid_sync(version: u32) {
             .unwrap()
     };
     assert_eq!(count(), "0");
-    assert_eq!(f.sync_state(), vec![row(&["public.big", "big", "pending"])]);
+    assert_eq!(
+        f.sync_state(),
+        vec![row(&["public.big", "public.big", "pending"])]
+    );
 
     // While stopped.
     f.src_exec(
@@ -681,7 +658,7 @@ fn stop_while_creating_slot(version: u32) {
     assert_eq!(f.dest_rows("items"), Rows::new());
     assert_eq!(
         f.sync_state(),
-        vec![row(&["public.items", "items", "pending"])]
+        vec![row(&["public.items", "public.items", "pending"])]
     );
 
     holder.batch_execute("COMMIT").expect("commit");

@@ -612,14 +612,25 @@ impl ReplicationConnection {
     /// Creates a logical pgoutput slot exporting a snapshot for the initial copy; the
     /// syntax changed in PostgreSQL 15.
     pub fn create_slot(&mut self, name: &str) -> Result<CreatedSlot, PgError> {
+        self.create_slot_as(name, "")
+    }
+
+    /// A slot that lives only as long as this session: its exported snapshot sees
+    /// exactly the transactions that committed before its consistent point, which makes
+    /// it the copy snapshot of a table entering an existing slot's publication.
+    pub fn create_temporary_slot(&mut self, name: &str) -> Result<CreatedSlot, PgError> {
+        self.create_slot_as(name, " TEMPORARY")
+    }
+
+    fn create_slot_as(&mut self, name: &str, kind: &str) -> Result<CreatedSlot, PgError> {
         let sql = if self.server_version_num >= 150000 {
             format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+                "CREATE_REPLICATION_SLOT {}{kind} LOGICAL pgoutput (SNAPSHOT 'export')",
                 quote_ident(name)
             )
         } else {
             format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                "CREATE_REPLICATION_SLOT {}{kind} LOGICAL pgoutput EXPORT_SNAPSHOT",
                 quote_ident(name)
             )
         };
@@ -633,7 +644,7 @@ impl ReplicationConnection {
         })
     }
 
-    /// Starts streaming `publication` from `slot`. On success the connection is in
+    /// Starts streaming `publications` from `slot`. On success the connection is in
     /// copy-both mode: use `recv` and `send_standby_status`, then `finish`. With
     /// `streaming` (protocol 2+) the server sends big transactions while they are in
     /// progress, between Stream Start and Stream Stop, instead of spilling them to disk
@@ -642,7 +653,7 @@ impl ReplicationConnection {
         &mut self,
         slot: &str,
         start: Lsn,
-        publication: &str,
+        publications: &[&str],
         proto_version: u32,
         messages: bool,
         streaming: bool,
@@ -653,7 +664,13 @@ impl ReplicationConnection {
             quote_ident(slot),
             start,
             proto_version,
-            quote_literal(&quote_ident(publication)),
+            quote_literal(
+                &publications
+                    .iter()
+                    .map(|p| quote_ident(p))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             if messages { ", messages 'true'" } else { "" },
             if streaming { ", streaming 'on'" } else { "" }
         );

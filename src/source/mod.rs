@@ -185,9 +185,13 @@ pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
         .map_err(|_| SourceError::PoolClosed {
             source: spec.label(),
         })?;
-    let start = setup::prepare(spec, env)?;
-    if env.stop.is_set() {
-        return Ok(());
+    loop {
+        let start = setup::prepare(spec, env)?;
+        if env.stop.is_set() {
+            return Ok(());
+        }
+        if stream::stream(spec, env, start)? == stream::Ended::Stopped {
+            return Ok(());
+        }
     }
-    stream::stream(spec, env, start)
 }

@@ -1,33 +1,94 @@
-//! Bringing a source to the point where it can stream: prerequisites, the publication
+//! Bringing a source to the point where it can stream: prerequisites, the publications
 //! matching the map, the slot, and the initial copy of every table that needs one.
+//!
+//! Two publications share the slot: `<slot>` carries every change of the tables with a
+//! replica identity, `<slot>_ins` only INSERT and TRUNCATE of those without one (so that
+//! PostgreSQL keeps accepting their UPDATE and DELETE on the source). A table that cannot
+//! be replicated at all is left out of both and reported; the rest of the source streams.
 
 use std::collections::{BTreeSet, HashMap};
 
 use log::{info, warn};
 use postgres::{Client, NoTls};
 
+use crate::config::TableMap;
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::session::open_destination;
 use crate::pg::Lsn;
 
-use super::sync::{copy_table, CopyPlan, RateLimiter};
+use super::sync::{copy_group, CopyPlan, RateLimiter};
 use super::{SourceEnv, SourceError, SourceSpec, SYNC_STATE_TABLE};
 
-/// Where streaming starts: the open replication connection and the LSN to ask for
-/// (zero: the slot's confirmed position).
+/// Source table name as `(schema, table)`.
+pub type TableName = (String, String);
+
+/// Where streaming starts and what the stream must know of the tables.
 pub struct StartPoint {
     pub repl: ReplicationConnection,
     pub start: Lsn,
     pub server_version: u32,
+    /// The publications to stream (the `_ins` one only once the slot is past its creation).
+    pub publications: Vec<String>,
+    /// Stream only up to here, then set up again: the `_ins` publication was created after
+    /// the slot's position, and PostgreSQL before 18 fails on WAL older than a publication
+    /// it is asked for.
+    pub restart_at: Option<Lsn>,
+    pub routes: HashMap<TableName, Route>,
+    /// Mapped tables left out of the publications, with the reason (their changes still
+    /// in the slot's WAL are skipped).
+    pub excluded: HashMap<TableName, String>,
+}
+
+/// How the changes of one published source table are carried.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub map: TableMap,
+    /// The copy holds every transaction that committed before this LSN: the stream skips
+    /// the table's changes of those, so each arrives exactly once.
+    pub copied_at: Lsn,
+    /// Published for INSERT and TRUNCATE only (no replica identity).
+    pub insert_only: bool,
+    /// The target has no `sid` column and several URLs write into it: a TRUNCATE from one
+    /// of them cannot be confined to its rows.
+    pub shared: bool,
 }
 
 /// A mapped table as both catalogs describe it.
 struct Resolved {
     source: TableInfo,
     plan: CopyPlan,
+    map: TableMap,
+    insert_only: bool,
+    shared: bool,
 }
+
+impl Resolved {
+    fn name(&self) -> TableName {
+        (self.source.schema.clone(), self.source.name.clone())
+    }
+    /// Its key in `kvsz_sync_state`.
+    fn key(&self) -> String {
+        format!("{}.{}", self.source.schema, self.source.name)
+    }
+    /// Its target as recorded in `kvsz_sync_state`: a changed target (or
+    /// `database.schema`) is a table to copy again.
+    fn target(&self) -> String {
+        format!("{}.{}", self.plan.target_schema, self.plan.target_table)
+    }
+}
+
+/// One `kvsz_sync_state` row.
+struct SyncState {
+    target: String,
+    state: String,
+    lsn: Option<Lsn>,
+}
+
+/// `kvsz_sync_state.source_table` of the row recording where the `_ins` publication
+/// became safe to stream (`lsn`): no source table is named without a schema.
+const INS_MARKER: &str = "";
 
 fn sql_err(
     spec: &SourceSpec,
@@ -102,70 +163,91 @@ fn check_prerequisites(spec: &SourceSpec, src: &mut Client) -> Result<(), Source
     Ok(())
 }
 
-/// Looks up every mapped table on both sides and refuses what cannot work.
+/// Looks up every mapped table on both sides. What cannot be replicated is returned
+/// apart, with the reason, to be left out and reported; nothing here stops the source.
 fn resolve_tables(
     spec: &SourceSpec,
     env: &SourceEnv,
     src: &mut Client,
     dest: &mut Client,
-) -> Result<Vec<Resolved>, SourceError> {
+) -> Result<(Vec<Resolved>, HashMap<TableName, String>), SourceError> {
     let mut out = Vec::new();
+    let mut excluded = HashMap::new();
     for t in &spec.tables {
         let name = format!("{}.{}", t.schema, t.table);
+        let mut exclude = |reason: String| {
+            warn!(
+                "source {}: table {name} is not replicated: {reason}; the rest of the source \
+                 streams, and the table is published and copied at the next start once fixed",
+                spec.label()
+            );
+            excluded.insert((t.schema.clone(), t.table.clone()), reason);
+        };
         let Some(info) = catalog::table_info(src, &t.schema, &t.table)
             .map_err(sql_err(spec, format!("look up {name}")))?
         else {
-            return Err(prerequisite(
-                spec,
-                format!("source table {name} does not exist"),
-            ));
+            exclude("the source table does not exist".into());
+            continue;
         };
-        if !info.has_identity {
-            return Err(prerequisite(
-                spec,
-                format!(
-                    "table {name} has no primary key and no replica identity: once it is in a \
-                     publication, UPDATE and DELETE on it fail on the source. Add a primary key, \
-                     or ALTER TABLE {} REPLICA IDENTITY FULL",
-                    qualified(&t.schema, &t.table)
-                ),
-            ));
-        }
         let target_name = format!("{}.{}", env.dest_schema, t.target);
         let Some(target) = catalog::table_info(dest, &env.dest_schema, &t.target)
             .map_err(sql_err(spec, format!("look up target {target_name}")))?
         else {
-            return Err(prerequisite(
-                spec,
-                format!(
-                    "target table {target_name} (for {name}) does not exist on the destination"
-                ),
+            exclude(format!(
+                "its target table {target_name} does not exist on the destination"
             ));
+            continue;
         };
         let has_sid = target.columns.iter().any(|c| c.name == "sid");
-        if !has_sid && spec.family_size > 1 {
-            return Err(prerequisite(
-                spec,
-                format!(
-                    "target table {target_name} has no sid column, but {} URLs of source {} \
-                     write into it: their rows would overwrite and delete each other. Add a \
-                     column sid text to it (and to its primary key)",
-                    spec.family_size, spec.database
-                ),
-            ));
-        }
+        let shared = !has_sid && spec.family_size > 1;
+        let on_target = |c: &str| target.columns.iter().any(|tc| tc.name == c);
         let columns: Vec<String> = info
             .columns
             .iter()
             .filter(|c| !(has_sid && c.name == "sid"))
-            .filter(|c| target.columns.iter().any(|tc| tc.name == c.name))
+            .filter(|c| on_target(&c.name))
             .map(|c| c.name.clone())
             .collect();
         if columns.is_empty() {
-            return Err(prerequisite(
-                spec,
-                format!("{name} and its target {target_name} have no column name in common"),
+            exclude(format!(
+                "it and its target {target_name} have no column name in common"
             ));
+            continue;
+        }
+        let insert_only = !info.has_identity;
+        if info.replica_identity != 'f' && !insert_only {
+            if let Some(k) = info
+                .columns
+                .iter()
+                .find(|c| c.is_key && !(has_sid && c.name == "sid") && !on_target(&c.name))
+            {
+                exclude(format!(
+                    "its key column {:?} does not exist on the target {target_name}",
+                    k.name
+                ));
+                continue;
+            }
+        }
+        if insert_only {
+            warn!(
+                "source {}: table {name} has no primary key and no replica identity: only its \
+                 INSERTs and TRUNCATEs are replicated (publication {}_ins); its UPDATEs and \
+                 DELETEs are not carried. Add a primary key, or ALTER TABLE {} REPLICA IDENTITY FULL",
+                spec.label(),
+                spec.slot,
+                qualified(&t.schema, &t.table)
+            );
+        }
+        if shared {
+            warn!(
+                "source {}: target table {target_name} has no sid column and {} URLs of source {} \
+                 write into it: their keys must never collide, and a TRUNCATE from one of them \
+                 is not applied (it cannot be confined to its rows). Add a column sid text to \
+                 it (and to its primary key) to keep them apart",
+                spec.label(),
+                spec.family_size,
+                spec.database
+            );
         }
         let plan = CopyPlan {
             source_schema: t.schema.clone(),
@@ -173,14 +255,27 @@ fn resolve_tables(
             target_schema: env.dest_schema.clone(),
             target_table: t.target.clone(),
             columns,
+            key: info
+                .columns
+                .iter()
+                .filter(|c| c.is_key && on_target(&c.name))
+                .map(|c| c.name.clone())
+                .collect(),
             sid: has_sid.then(|| spec.sid.clone()),
+            mode: t.mode,
         };
-        out.push(Resolved { source: info, plan });
+        out.push(Resolved {
+            source: info,
+            plan,
+            map: t.clone(),
+            insert_only,
+            shared,
+        });
     }
-    Ok(out)
+    Ok((out, excluded))
 }
 
-fn table_list(tables: &[&(String, String)]) -> String {
+fn table_list(tables: &[&TableName]) -> String {
     tables
         .iter()
         .map(|(s, t)| qualified(s, t))
@@ -188,41 +283,44 @@ fn table_list(tables: &[&(String, String)]) -> String {
         .join(", ")
 }
 
-/// Makes the publication name exactly the mapped tables; returns the tables it added.
+/// Makes publication `name` (created `WITH with` when missing, unless it would be empty
+/// and `create_empty` is off) name exactly `wanted`. Returns the tables it added, and
+/// whether the publication exists now.
 fn reconcile_publication(
     spec: &SourceSpec,
     src: &mut Client,
-    wanted: &BTreeSet<(String, String)>,
-) -> Result<BTreeSet<(String, String)>, SourceError> {
-    let pubname = ident(&spec.slot);
-    if !catalog::publication_exists(src, &spec.slot)
-        .map_err(sql_err(spec, "look up publication"))?
-    {
-        let list: Vec<&(String, String)> = wanted.iter().collect();
-        let sql = if list.is_empty() {
-            format!("CREATE PUBLICATION {pubname}")
+    name: &str,
+    with: &str,
+    wanted: &BTreeSet<TableName>,
+    create_empty: bool,
+) -> Result<(BTreeSet<TableName>, bool), SourceError> {
+    let pubname = ident(name);
+    if !catalog::publication_exists(src, name).map_err(sql_err(spec, "look up publication"))? {
+        if wanted.is_empty() && !create_empty {
+            return Ok((BTreeSet::new(), false));
+        }
+        let list: Vec<&TableName> = wanted.iter().collect();
+        let tables = if list.is_empty() {
+            String::new()
         } else {
-            format!(
-                "CREATE PUBLICATION {pubname} FOR TABLE {}",
-                table_list(&list)
-            )
+            format!(" FOR TABLE {}", table_list(&list))
         };
-        src.batch_execute(&sql).map_err(sql_err(
-            spec,
-            format!(
-                "create publication {} (the role must own the mapped tables, or be superuser)",
-                spec.slot
-            ),
-        ))?;
-        info!("source {}: created publication {}", spec.label(), spec.slot);
-        return Ok(wanted.clone());
+        src.batch_execute(&format!("CREATE PUBLICATION {pubname}{tables}{with}"))
+            .map_err(sql_err(
+                spec,
+                format!(
+                    "create publication {name} (the role must own the mapped tables, or be superuser)"
+                ),
+            ))?;
+        info!("source {}: created publication {name}", spec.label());
+        return Ok((wanted.clone(), true));
     }
-    let current: BTreeSet<(String, String)> = catalog::publication_tables(src, &spec.slot)
+    let current: BTreeSet<TableName> = catalog::publication_tables(src, name)
         .map_err(sql_err(spec, "list publication tables"))?
         .into_iter()
         .collect();
-    let add: Vec<&(String, String)> = wanted.difference(&current).collect();
-    let drop: Vec<&(String, String)> = current.difference(wanted).collect();
+    let add: Vec<&TableName> = wanted.difference(&current).collect();
+    let drop: Vec<&TableName> = current.difference(wanted).collect();
     if !drop.is_empty() {
         src.batch_execute(&format!(
             "ALTER PUBLICATION {pubname} DROP TABLE {}",
@@ -230,7 +328,7 @@ fn reconcile_publication(
         ))
         .map_err(sql_err(spec, "remove tables from the publication"))?;
         info!(
-            "source {}: removed {} from publication",
+            "source {}: removed {} from publication {name}",
             spec.label(),
             table_list(&drop)
         );
@@ -245,37 +343,59 @@ fn reconcile_publication(
             "add tables to the publication (the role must own them, or be superuser)",
         ))?;
         info!(
-            "source {}: added {} to publication",
+            "source {}: added {} to publication {name}",
             spec.label(),
             table_list(&add)
         );
     }
-    Ok(add.into_iter().cloned().collect())
+    Ok((add.into_iter().cloned().collect(), true))
 }
 
-/// Sync states recorded on the destination for this slot: source table → state.
+/// Sync states recorded on the destination for this slot, by source table.
 fn sync_states(
     spec: &SourceSpec,
     env: &SourceEnv,
     dest: &mut Client,
-) -> Result<HashMap<String, String>, SourceError> {
+) -> Result<HashMap<String, SyncState>, SourceError> {
     let rows = dest
         .query(
             &format!(
-                "SELECT source_table, state FROM {} WHERE slot_name = $1",
+                "SELECT source_table, target_table, state, lsn::text FROM {} WHERE slot_name = $1",
                 qualified(&env.dest_schema, SYNC_STATE_TABLE)
             ),
             &[&spec.slot],
         )
         .map_err(sql_err(spec, "read sync state"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let lsn: Option<String> = r.get(3);
+            (
+                r.get(0),
+                SyncState {
+                    target: r.get(1),
+                    state: r.get(2),
+                    lsn: lsn.and_then(|l| l.parse().ok()),
+                },
+            )
+        })
+        .collect())
 }
 
-fn state_sql(spec: &SourceSpec, env: &SourceEnv, table: &str, target: &str, state: &str) -> String {
+fn state_sql(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    table: &str,
+    target: &str,
+    state: &str,
+    lsn: Option<Lsn>,
+) -> String {
+    let lsn = lsn.map_or("NULL".to_string(), |l| format!("'{l}'"));
     format!(
-        "INSERT INTO {} (slot_name, source_table, target_table, state, updated_at) \
-         VALUES ({}, {}, {}, {}, now()) ON CONFLICT (slot_name, source_table) \
-         DO UPDATE SET target_table = EXCLUDED.target_table, state = EXCLUDED.state, updated_at = now()",
+        "INSERT INTO {} (slot_name, source_table, target_table, state, lsn, updated_at) \
+         VALUES ({}, {}, {}, {}, {lsn}, now()) ON CONFLICT (slot_name, source_table) \
+         DO UPDATE SET target_table = EXCLUDED.target_table, state = EXCLUDED.state, \
+         lsn = EXCLUDED.lsn, updated_at = now()",
         qualified(&env.dest_schema, SYNC_STATE_TABLE),
         literal(&spec.slot),
         literal(table),
@@ -303,7 +423,7 @@ fn record_states(
         ));
     }
     for r in tables {
-        batch.push_str(&state_sql(spec, env, &key(r), &r.plan.target_table, state));
+        batch.push_str(&state_sql(spec, env, &r.key(), &r.target(), state, None));
         batch.push(';');
     }
     batch.push_str("COMMIT");
@@ -311,8 +431,51 @@ fn record_states(
         .map_err(sql_err(spec, "record sync state"))
 }
 
-fn key(r: &Resolved) -> String {
-    format!("{}.{}", r.source.schema, r.source.name)
+/// Records that the `_ins` publication may be streamed from `lsn` on.
+fn record_ins_marker(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    dest: &mut Client,
+    lsn: Lsn,
+) -> Result<(), SourceError> {
+    dest.batch_execute(&state_sql(
+        spec,
+        env,
+        INS_MARKER,
+        &ins_publication(spec),
+        "publication",
+        Some(lsn),
+    ))
+    .map_err(sql_err(spec, "record sync state"))
+}
+
+/// Name of the publication of tables without a replica identity (SPEC §5).
+pub fn ins_publication(spec: &SourceSpec) -> String {
+    format!("{}_ins", spec.slot)
+}
+
+/// Both publications made to match the map: returns the tables added to either (they
+/// are copied again: a table moving between them lost its updates meanwhile) and
+/// whether the `_ins` publication exists.
+fn reconcile_publications(
+    spec: &SourceSpec,
+    src: &mut Client,
+    tables: &[Resolved],
+) -> Result<(BTreeSet<TableName>, bool), SourceError> {
+    let (ins, changes): (Vec<&Resolved>, Vec<&Resolved>) =
+        tables.iter().partition(|r| r.insert_only);
+    let names = |v: &[&Resolved]| v.iter().map(|r| r.name()).collect::<BTreeSet<_>>();
+    let (mut added, _) = reconcile_publication(spec, src, &spec.slot, "", &names(&changes), true)?;
+    let (added_ins, ins_exists) = reconcile_publication(
+        spec,
+        src,
+        &ins_publication(spec),
+        " WITH (publish = 'insert, truncate')",
+        &names(&ins),
+        false,
+    )?;
+    added.extend(added_ins);
+    Ok((added, ins_exists))
 }
 
 /// Prepares the source and returns where to start streaming.
@@ -320,11 +483,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
     let mut src = connect_source(spec, env)?;
     let mut dest = connect_dest(spec, env)?;
     check_prerequisites(spec, &mut src)?;
-    let tables = resolve_tables(spec, env, &mut src, &mut dest)?;
-    let wanted: BTreeSet<(String, String)> = tables
-        .iter()
-        .map(|r| (r.source.schema.clone(), r.source.name.clone()))
-        .collect();
+    let (tables, excluded) = resolve_tables(spec, env, &mut src, &mut dest)?;
 
     let mut slot =
         catalog::slot_info(&mut src, &spec.slot).map_err(sql_err(spec, "look up slot"))?;
@@ -365,19 +524,21 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
         slot = None;
     }
 
-    let state_table = qualified(&env.dest_schema, SYNC_STATE_TABLE);
     let mut limiter = RateLimiter::new(env.sync_rate, env.sync_burst);
     let mut repl = ReplicationConnection::connect(&spec.conn, &env.app_name).map_err(repl_err(
         spec,
         format!("replication connection to {}", spec.conn.redacted()),
     ))?;
     let server_version = repl.server_version_num();
+    let mut publications = vec![spec.slot.clone()];
+    let mut restart_at = None;
 
-    match slot {
+    let (start, routes) = match slot {
         None => {
             // New slot: every table is copied from the slot's exported snapshot, so the
-            // copy and the stream meet exactly at the slot's consistent point.
-            reconcile_publication(spec, &mut src, &wanted)?;
+            // copy and the stream meet exactly at the slot's consistent point. Both
+            // publications exist before the slot, so both may be streamed from its start.
+            let (_, ins_exists) = reconcile_publications(spec, &mut src, &tables)?;
             let all: Vec<&Resolved> = tables.iter().collect();
             record_states(spec, env, &mut dest, &all, "pending", true)?;
             let created = repl.create_slot(&spec.slot).map_err(repl_err(
@@ -390,40 +551,37 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 spec.slot,
                 created.consistent_point
             );
-            let snapshot = created.snapshot_name.clone();
-            for r in &tables {
-                copy_one(
-                    spec,
-                    env,
-                    &mut src,
-                    &mut dest,
-                    r,
-                    snapshot.as_deref(),
-                    &mut limiter,
-                )?;
-                if env.stop.is_set() {
-                    break;
-                }
+            let at = created.consistent_point;
+            copy_pending(
+                spec,
+                env,
+                &mut src,
+                &mut dest,
+                &all,
+                created.snapshot_name.as_deref(),
+                at,
+                &mut limiter,
+            )?;
+            if ins_exists {
+                record_ins_marker(spec, env, &mut dest, at)?;
+                publications.push(ins_publication(spec));
             }
-            Ok(StartPoint {
-                repl,
-                start: created.consistent_point,
-                server_version,
-            })
+            (at, routes(&tables, &HashMap::new(), at))
         }
         Some(existing) => {
-            let states = sync_states(spec, env, &mut dest)?;
-            let current: BTreeSet<(String, String)> =
-                catalog::publication_tables(&mut src, &spec.slot)
-                    .map_err(sql_err(spec, "list publication tables"))?
-                    .into_iter()
-                    .collect();
+            let confirmed = existing.confirmed_flush.unwrap_or(Lsn::ZERO);
+            let mut states = sync_states(spec, env, &mut dest)?;
             // A slot and publication with no sync state at all were made by the Go
             // implementation (or an earlier version): their tables are taken as copied.
             if states.is_empty() {
+                let current: BTreeSet<TableName> =
+                    catalog::publication_tables(&mut src, &spec.slot)
+                        .map_err(sql_err(spec, "list publication tables"))?
+                        .into_iter()
+                        .collect();
                 let adopted: Vec<&Resolved> = tables
                     .iter()
-                    .filter(|r| current.contains(&(r.source.schema.clone(), r.source.name.clone())))
+                    .filter(|r| current.contains(&r.name()))
                     .collect();
                 record_states(spec, env, &mut dest, &adopted, "done", false)?;
                 info!(
@@ -431,61 +589,182 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     spec.label(),
                     spec.slot
                 );
+                states = sync_states(spec, env, &mut dest)?;
             }
-            let states = sync_states(spec, env, &mut dest)?;
-            let pending: Vec<&Resolved> = tables
-                .iter()
-                .filter(|r| states.get(&key(r)).map(String::as_str) != Some("done"))
-                .collect();
+            let done = |r: &Resolved| {
+                states.get(&r.key()).is_some_and(|s| {
+                    s.state == "done"
+                        && (s.target == r.target()
+                            // Recorded by an earlier version, without the schema.
+                            || (s.target == r.plan.target_table && !s.target.contains('.')))
+                })
+            };
+            let mut pending: Vec<&Resolved> = tables.iter().filter(|r| !done(r)).collect();
             // Mark before publishing: a crash between the two still leaves them pending.
             if !pending.is_empty() {
                 record_states(spec, env, &mut dest, &pending, "pending", false)?;
             }
-            reconcile_publication(spec, &mut src, &wanted)?;
+            let (added, ins_exists) = reconcile_publications(spec, &mut src, &tables)?;
+            for r in &tables {
+                if added.contains(&r.name()) && done(r) {
+                    record_states(spec, env, &mut dest, &[r], "pending", false)?;
+                    pending.push(r);
+                }
+            }
             let stale: Vec<String> = states
                 .keys()
-                .filter(|k| !tables.iter().any(|r| &key(r) == *k))
+                .filter(|k| k.as_str() != INS_MARKER && !tables.iter().any(|r| &r.key() == *k))
                 .map(|k| literal(k))
                 .collect();
             if !stale.is_empty() {
                 dest.batch_execute(&format!(
-                    "DELETE FROM {state_table} WHERE slot_name = {} AND source_table IN ({})",
+                    "DELETE FROM {} WHERE slot_name = {} AND source_table IN ({})",
+                    qualified(&env.dest_schema, SYNC_STATE_TABLE),
                     literal(&spec.slot),
                     stale.join(", ")
                 ))
                 .map_err(sql_err(spec, "clear sync state"))?;
             }
-            // Copied from a snapshot taken after the publication changed; the stream from
-            // the slot's confirmed point overlaps it and idempotent apply absorbs that.
-            for r in pending {
-                copy_one(spec, env, &mut src, &mut dest, r, None, &mut limiter)?;
-                if env.stop.is_set() {
-                    break;
+            let mut ins_from = states.get(INS_MARKER).and_then(|s| s.lsn);
+            let mut copied_at = Lsn::ZERO;
+            if !pending.is_empty() || (ins_exists && ins_from.is_none()) {
+                // Copied from the snapshot of a temporary slot made after the publications
+                // changed: it sees every transaction that committed before its consistent
+                // point, including one that was in flight when the table was published
+                // (which the stream decodes with the old catalog and so never sends).
+                let tmp_name = format!("{}_sync_{}", spec.slot, std::process::id());
+                let mut tmp =
+                    ReplicationConnection::connect(&spec.conn, &env.app_name).map_err(repl_err(
+                        spec,
+                        format!("replication connection to {}", spec.conn.redacted()),
+                    ))?;
+                let created = tmp.create_temporary_slot(&tmp_name).map_err(repl_err(
+                    spec,
+                    format!("create temporary replication slot {tmp_name} for the copy"),
+                ))?;
+                copied_at = created.consistent_point;
+                copy_pending(
+                    spec,
+                    env,
+                    &mut src,
+                    &mut dest,
+                    &pending,
+                    created.snapshot_name.as_deref(),
+                    copied_at,
+                    &mut limiter,
+                )?;
+                // Closing the session drops the temporary slot.
+                let _ = tmp.finish();
+                if ins_exists && ins_from.is_none() {
+                    record_ins_marker(spec, env, &mut dest, copied_at)?;
+                    ins_from = Some(copied_at);
                 }
             }
-            Ok(StartPoint {
-                repl,
-                // The server starts at the slot's confirmed position whatever we ask;
-                // asking for it makes our own bookkeeping start there too.
-                start: existing.confirmed_flush.unwrap_or(Lsn::ZERO),
-                server_version,
-            })
+            if ins_exists {
+                match ins_from {
+                    Some(at) if at <= confirmed => publications.push(ins_publication(spec)),
+                    at => restart_at = at,
+                }
+            }
+            let recorded: HashMap<String, Lsn> = states
+                .iter()
+                .filter_map(|(k, s)| s.lsn.map(|l| (k.clone(), l)))
+                .collect();
+            let mut routes = routes(&tables, &recorded, Lsn::ZERO);
+            for r in &pending {
+                if let Some(route) = routes.get_mut(&r.name()) {
+                    route.copied_at = copied_at;
+                }
+            }
+            // The server starts at the slot's confirmed position whatever we ask;
+            // asking for it makes our own bookkeeping start there too.
+            (confirmed, routes)
         }
-    }
+    };
+    Ok(StartPoint {
+        repl,
+        start,
+        server_version,
+        publications,
+        restart_at,
+        routes,
+        excluded,
+    })
 }
 
-/// Copies one table inside a REPEATABLE READ transaction on the source (the exported
-/// snapshot when given) and marks it done on the destination in the same commit.
-fn copy_one(
+/// The routes of the published tables; `copied_at` from the recorded sync states, or
+/// `default`.
+fn routes(
+    tables: &[Resolved],
+    recorded: &HashMap<String, Lsn>,
+    default: Lsn,
+) -> HashMap<TableName, Route> {
+    tables
+        .iter()
+        .map(|r| {
+            (
+                r.name(),
+                Route {
+                    map: r.map.clone(),
+                    copied_at: recorded.get(&r.key()).copied().unwrap_or(default),
+                    insert_only: r.insert_only,
+                    shared: r.shared,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Copies `pending` from `snapshot`, target by target: the source tables of one target
+/// are copied together, in one destination transaction, so a clone target's re-copy
+/// replaces exactly what this source put there and no source table wipes another's rows.
+#[allow(clippy::too_many_arguments)]
+fn copy_pending(
     spec: &SourceSpec,
     env: &SourceEnv,
     src: &mut Client,
     dest: &mut Client,
-    r: &Resolved,
+    pending: &[&Resolved],
     snapshot: Option<&str>,
+    at: Lsn,
     limiter: &mut RateLimiter,
 ) -> Result<(), SourceError> {
-    let name = key(r);
+    let mut targets: Vec<String> = Vec::new();
+    for r in pending {
+        if !targets.contains(&r.target()) {
+            targets.push(r.target());
+        }
+    }
+    for target in targets {
+        let group: Vec<&Resolved> = pending
+            .iter()
+            .copied()
+            .filter(|r| r.target() == target)
+            .collect();
+        copy_one_target(spec, env, src, dest, &group, snapshot, at, limiter)?;
+        if env.stop.is_set() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the source tables of one target inside a REPEATABLE READ transaction on the
+/// source (the exported snapshot when given) and marks them done on the destination in
+/// the same commit.
+#[allow(clippy::too_many_arguments)]
+fn copy_one_target(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    src: &mut Client,
+    dest: &mut Client,
+    group: &[&Resolved],
+    snapshot: Option<&str>,
+    at: Lsn,
+    limiter: &mut RateLimiter,
+) -> Result<(), SourceError> {
+    let names: Vec<String> = group.iter().map(|r| r.key()).collect();
+    let name = names.join(", ");
     // The text the source writes must mean the same to the destination: fix the styles.
     let mut begin = String::from(
         "SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; \
@@ -497,21 +776,28 @@ fn copy_one(
     src.batch_execute(&begin)
         .map_err(sql_err(spec, format!("open snapshot for {name}")))?;
     let started = std::time::Instant::now();
-    let done = state_sql(spec, env, &name, &r.plan.target_table, "done");
+    let done: String = group
+        .iter()
+        .map(|r| state_sql(spec, env, &r.key(), &r.target(), "done", Some(at)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let plans: Vec<&CopyPlan> = group.iter().map(|r| &r.plan).collect();
     let stop = || env.stop.is_set();
-    let result = copy_table(src, dest, &r.plan, &done, limiter, &stop);
+    let result = copy_group(src, dest, &plans, &done, limiter, &stop);
     let _ = src.batch_execute("COMMIT");
-    let (rows, bytes) = result.map_err(|error| SourceError::Sync {
+    let counts = result.map_err(|error| SourceError::Sync {
         source: spec.label(),
         table: name.clone(),
         error,
     })?;
-    info!(
-        "source {}: copied {name} → {}.{}: {rows} rows, {bytes} bytes in {:.1}s",
-        spec.label(),
-        r.plan.target_schema,
-        r.plan.target_table,
-        started.elapsed().as_secs_f64()
-    );
+    for (r, (rows, bytes)) in group.iter().zip(counts) {
+        info!(
+            "source {}: copied {} → {}: {rows} rows, {bytes} bytes in {:.1}s",
+            spec.label(),
+            r.key(),
+            r.target(),
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }

@@ -9,14 +9,14 @@ use postgres::Client;
 
 use crate::apply::route::{PoolClosed, Routed, Router, Wait};
 use crate::change::{Change, Position};
-use crate::config::{Mode, TableMap};
+use crate::config::Mode;
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::Lsn;
 
 use super::mapping::{map_relation, RelationMap};
-use super::setup::{connect_dest, StartPoint};
+use super::setup::{connect_dest, Route, StartPoint, TableName};
 use super::spool::{SpoolError, Spools};
 use super::{SourceEnv, SourceError, SourceSpec};
 
@@ -34,6 +34,19 @@ struct Mapped {
     map: RelationMap,
     mode: Mode,
     source_name: String,
+    /// Changes of transactions that committed before this are in the copy already.
+    copied_at: Lsn,
+    /// A TRUNCATE cannot be confined to this source's rows (see [`Route::shared`]).
+    shared: bool,
+}
+
+/// How a stream ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped on request.
+    Stopped,
+    /// Reached [`StartPoint::restart_at`]: set up again and stream on.
+    Restart,
 }
 
 struct Streamer<'a> {
@@ -45,6 +58,12 @@ struct Streamer<'a> {
     /// Transactions streamed before their commit (PostgreSQL 14+).
     spools: Spools,
     relations: HashMap<u32, Option<Mapped>>,
+    routes: HashMap<TableName, Route>,
+    excluded: HashMap<TableName, String>,
+    /// See [`StartPoint::restart_at`].
+    restart_at: Option<Lsn>,
+    /// Everything before `restart_at` is routed: stop reading and set up again.
+    restart_now: bool,
     in_txn: bool,
     /// Messages since the last progress check (see CHECK_EVERY).
     unchecked: u32,
@@ -63,26 +82,40 @@ struct Streamer<'a> {
     last_status: Instant,
 }
 
-pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<(), SourceError> {
+pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<Ended, SourceError> {
     let StartPoint {
         mut repl,
         start,
         server_version,
+        publications,
+        restart_at,
+        routes,
+        excluded,
     } = start;
     let proto = if server_version >= 140000 { 2 } else { 1 };
     // Protocol 2 streams big transactions as they are decoded (see spool.rs).
     let streaming = proto >= 2;
-    repl.start_replication(&spec.slot, start, &spec.slot, proto, false, streaming)
+    let names: Vec<&str> = publications.iter().map(String::as_str).collect();
+    repl.start_replication(&spec.slot, start, &names, proto, false, streaming)
         .map_err(|error| SourceError::Replication {
             source: spec.label(),
             context: format!("start replication from slot {}", spec.slot),
             error: Box::new(error),
         })?;
     info!(
-        "source {}: streaming from slot {} at {start}",
+        "source {}: streaming from slot {} at {start} (publications {})",
         spec.label(),
-        spec.slot
+        spec.slot,
+        publications.join(", ")
     );
+    if let Some(at) = restart_at {
+        info!(
+            "source {}: publication {} is newer than the slot's position: streaming the \
+             other one up to {at}, then both",
+            spec.label(),
+            super::setup::ins_publication(spec)
+        );
+    }
     let dest = connect_dest(spec, env)?;
     let s = Streamer {
         spec,
@@ -92,6 +125,10 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<(
         decoder: Decoder::new(),
         spools: Spools::new(&std::env::temp_dir()),
         relations: HashMap::new(),
+        routes,
+        excluded,
+        restart_at,
+        restart_now: false,
         in_txn: false,
         unchecked: 0,
         txn_lsn: Lsn::ZERO,
@@ -131,13 +168,16 @@ impl Streamer<'_> {
         }
     }
 
-    fn run(mut self) -> Result<(), SourceError> {
+    fn run(mut self) -> Result<Ended, SourceError> {
         loop {
             if self.env.stop.is_abort() {
-                return Ok(());
+                return Ok(Ended::Stopped);
             }
             if self.env.stop.is_set() {
-                return self.drain();
+                return self.drain().map(|()| Ended::Stopped);
+            }
+            if self.restart_now {
+                return self.drain().map(|()| Ended::Restart);
             }
             let received = self
                 .repl
@@ -178,7 +218,7 @@ impl Streamer<'_> {
                     // Between transactions everything up to the server's position has been
                     // received, so a quiet publication does not pin WAL.
                     if !self.in_txn {
-                        self.routed = self.routed.max(wal_end);
+                        self.routed = self.routed.max(self.capped(wal_end));
                     }
                     if reply_requested {
                         self.send_status(true)?;
@@ -196,6 +236,28 @@ impl Streamer<'_> {
                 self.send_status(false)?;
             }
         }
+    }
+
+    /// `lsn`, or `restart_at` when that comes first: once the stream reaches it, it stops
+    /// there (see [`StartPoint::restart_at`]).
+    fn capped(&mut self, lsn: Lsn) -> Lsn {
+        match self.restart_at {
+            Some(at) if lsn >= at => {
+                self.restart_now = true;
+                at
+            }
+            _ => lsn,
+        }
+    }
+
+    /// Whether a transaction committing at `commit_lsn` is past `restart_at`: then every
+    /// transaction before it has been routed, and it is left for the next stream.
+    fn past_restart(&mut self, commit_lsn: Lsn) -> bool {
+        if self.restart_at.is_some_and(|at| commit_lsn >= at) {
+            self.routed = self.routed.max(self.capped(commit_lsn));
+            return true;
+        }
+        false
     }
 
     /// Announces routed progress to the writers (at most every MARK_EVERY).
@@ -261,7 +323,12 @@ impl Streamer<'_> {
                 final_lsn,
                 commit_time,
                 ..
-            } => self.begin_txn(final_lsn, commit_time),
+            } => {
+                if self.past_restart(final_lsn) {
+                    return Ok(());
+                }
+                self.begin_txn(final_lsn, commit_time)
+            }
             PgOutput::Commit { end_lsn, .. } => self.end_txn(end_lsn),
             PgOutput::Relation(rel) => self.relation(rel)?,
             PgOutput::Insert { rel, new } => {
@@ -318,6 +385,19 @@ impl Streamer<'_> {
                         debug!("{}: TRUNCATE ignored ({:?} mode)", m.source_name, m.mode);
                         continue;
                     }
+                    if m.shared {
+                        warn!(
+                            "source {}: TRUNCATE {} at {} not applied: its target {}.{} has no \
+                             sid column and receives rows from other URLs too, so it cannot be \
+                             confined to this source's rows",
+                            self.label(),
+                            m.source_name,
+                            self.txn_lsn,
+                            m.map.table.schema,
+                            m.map.table.name
+                        );
+                        continue;
+                    }
                     let c = m.map.truncate(self.spec.id, pos, self.txn_time);
                     info!(
                         "source {}: TRUNCATE {} at {}",
@@ -341,7 +421,12 @@ impl Streamer<'_> {
                 end_lsn,
                 commit_time,
                 ..
-            } => self.replay(xid, commit_lsn, end_lsn, commit_time)?,
+            } => {
+                if self.past_restart(commit_lsn) {
+                    return Ok(());
+                }
+                self.replay(xid, commit_lsn, end_lsn, commit_time)?
+            }
             PgOutput::Origin { .. }
             | PgOutput::Type { .. }
             | PgOutput::Message { .. }
@@ -475,9 +560,11 @@ impl Streamer<'_> {
         }
     }
 
+    /// The mapping of a changed relation; `None` when its changes are skipped (not
+    /// mapped, or already in the table's copy).
     fn mapped(&self, rel: u32) -> Result<Option<&Mapped>, SourceError> {
         match self.relations.get(&rel) {
-            Some(m) => Ok(m.as_ref()),
+            Some(m) => Ok(m.as_ref().filter(|m| self.txn_lsn >= m.copied_at)),
             None => Err(SourceError::Replication {
                 source: self.label(),
                 context: "stream".into(),
@@ -486,13 +573,6 @@ impl Streamer<'_> {
                 ))),
             }),
         }
-    }
-
-    fn table_map(&self, rel: &Relation) -> Option<&TableMap> {
-        self.spec
-            .tables
-            .iter()
-            .find(|t| t.schema == rel.namespace && t.table == rel.name)
     }
 
     /// A Relation message: (re)builds its mapping from the target's current columns, so
@@ -504,14 +584,22 @@ impl Streamer<'_> {
         if matches!(self.relations.get(&rel.id), Some(Some(_))) {
             self.flush_all()?;
         }
-        let Some(t) = self.table_map(&rel).cloned() else {
-            warn!(
-                "source {}: {source_name} is published but not mapped; its changes are skipped",
-                self.label()
-            );
+        let name = (rel.namespace.clone(), rel.name.clone());
+        let Some(route) = self.routes.get(&name).cloned() else {
+            match self.excluded.get(&name) {
+                Some(reason) => warn!(
+                    "source {}: {source_name} is not replicated ({reason}); its changes are skipped",
+                    self.label()
+                ),
+                None => warn!(
+                    "source {}: {source_name} is published but not mapped; its changes are skipped",
+                    self.label()
+                ),
+            }
             self.relations.insert(rel.id, None);
             return Ok(());
         };
+        let t = &route.map;
         let schema = self.env.dest_schema.clone();
         let target = catalog::table_info(&mut self.dest, &schema, &t.target)
             .map_err(|error| SourceError::Sql {
@@ -526,13 +614,16 @@ impl Streamer<'_> {
                     t.target
                 ),
             })?;
+        // A table without a replica identity sends only inserts: every row is distinct,
+        // as with REPLICA IDENTITY FULL.
+        let whole_row = rel.replica_identity == b'f' || route.insert_only;
         let source_cols: Vec<Column> = rel
             .columns
             .iter()
             .map(|c| Column {
                 name: c.name.clone(),
                 type_name: String::new(),
-                is_key: c.is_key,
+                is_key: c.is_key || route.insert_only,
             })
             .collect();
         let unique =
@@ -549,7 +640,7 @@ impl Streamer<'_> {
             &t.target,
             &target.columns,
             &unique,
-            rel.replica_identity == b'f',
+            whole_row,
             &self.spec.sid,
         )
         .map_err(|error| SourceError::Mapping {
@@ -568,6 +659,8 @@ impl Streamer<'_> {
                 map,
                 mode: t.mode,
                 source_name,
+                copied_at: route.copied_at,
+                shared: route.shared,
             }),
         );
         Ok(())

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use crate::change::Sid;
+use crate::config::Mode;
 use crate::pg::describe;
 use crate::pg::quote::{ident, literal, push_copy_field, qualified};
 
@@ -19,8 +20,11 @@ pub struct CopyPlan {
     pub target_schema: String,
     pub target_table: String,
     pub columns: Vec<String>,
+    /// The source's key columns (replica identity) that the target has.
+    pub key: Vec<String>,
     /// Set when the target has a `sid` column.
     pub sid: Option<Sid>,
+    pub mode: Mode,
 }
 
 impl CopyPlan {
@@ -33,16 +37,86 @@ impl CopyPlan {
         )
     }
 
-    pub fn copy_in_sql(&self) -> String {
+    /// The target's columns a copied row fills, `sid` last.
+    fn target_columns(&self) -> Vec<String> {
         let mut cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
         if self.sid.is_some() {
             cols.push(ident("sid"));
         }
+        cols
+    }
+
+    pub fn copy_in_sql(&self) -> String {
         format!(
             "COPY {} ({}) FROM STDIN",
             qualified(&self.target_schema, &self.target_table),
-            cols.join(", ")
+            self.target_columns().join(", ")
         )
+    }
+
+    /// Whether the target may already hold rows this copy must merge with rather than
+    /// replace: an append target keeps what its source deleted, so a re-copy updates and
+    /// adds rows by key and removes nothing.
+    fn merges(&self) -> bool {
+        self.mode != Mode::Clone && !self.key.is_empty()
+    }
+
+    /// Whether the target holds rows of this sid (all rows without `sid`).
+    fn any_rows_sql(&self) -> String {
+        let t = qualified(&self.target_schema, &self.target_table);
+        match &self.sid {
+            Some(sid) => format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE {} = {})",
+                ident("sid"),
+                literal(sid.as_str())
+            ),
+            None => format!("SELECT EXISTS (SELECT 1 FROM {t})"),
+        }
+    }
+
+    /// A staging table typed like the target's copied columns.
+    fn stage_sql(&self) -> String {
+        format!(
+            "CREATE TEMP TABLE {STAGE} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA",
+            self.target_columns().join(", "),
+            qualified(&self.target_schema, &self.target_table)
+        )
+    }
+
+    /// Merges the staged rows into the target by key (sid included), then drops the
+    /// stage: rows with a key already there are updated, the others added.
+    fn merge_sql(&self) -> String {
+        let t = qualified(&self.target_schema, &self.target_table);
+        let mut key: Vec<String> = self.key.iter().map(|c| ident(c)).collect();
+        if self.sid.is_some() {
+            key.push(ident("sid"));
+        }
+        let matches = key
+            .iter()
+            .map(|k| format!("t.{k} = s.{k}"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let cols = self.target_columns();
+        let sets: Vec<String> = cols
+            .iter()
+            .filter(|c| !key.contains(c))
+            .map(|c| format!("{c} = s.{c}"))
+            .collect();
+        let mut sql = String::new();
+        if !sets.is_empty() {
+            sql.push_str(&format!(
+                "UPDATE {t} t SET {} FROM {STAGE} s WHERE {matches}; ",
+                sets.join(", ")
+            ));
+        }
+        let list = cols.join(", ");
+        let picked: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
+        sql.push_str(&format!(
+            "INSERT INTO {t} ({list}) SELECT {} FROM {STAGE} s \
+             WHERE NOT EXISTS (SELECT 1 FROM {t} t WHERE {matches}); DROP TABLE {STAGE}",
+            picked.join(", ")
+        ));
+        sql
     }
 
     /// Clears what an earlier copy of this source left in the target, so a re-sync
@@ -59,6 +133,9 @@ impl CopyPlan {
         }
     }
 }
+
+/// The staging table of a merging copy.
+const STAGE: &str = "kvsz_copy_stage";
 
 /// The sid as a COPY text field.
 pub fn copy_escape(s: &str) -> Vec<u8> {
@@ -140,52 +217,86 @@ impl std::fmt::Display for CopyError {
     }
 }
 
-/// Copies one table. The source must already be inside the snapshot's transaction; the
-/// destination work (clear, COPY, `done_sql`) commits as one transaction, so a table is
-/// either fully copied and marked done, or not at all.
-pub fn copy_table(
+/// Copies the source tables of one target. The source must already be inside the
+/// snapshot's transaction; the destination work (a clone target's rows of this sid
+/// cleared once, every COPY, `done_sql`) commits as one transaction, so the tables are
+/// either all copied and marked done, or not at all. Returns rows and bytes per plan.
+pub fn copy_group(
     src: &mut Client,
     dest: &mut Client,
-    plan: &CopyPlan,
+    plans: &[&CopyPlan],
     done_sql: &str,
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
-) -> Result<(u64, u64), CopyError> {
+) -> Result<Vec<(u64, u64)>, CopyError> {
     let mut tx = dest.transaction().map_err(CopyError::Destination)?;
-    tx.batch_execute(&plan.clear_sql())
-        .map_err(CopyError::Destination)?;
-    let field = plan.sid.as_ref().map(|s| copy_escape(s.as_str()));
-    let mut rows = 0u64;
-    let mut bytes = 0u64;
-    {
-        let mut reader = src
-            .copy_out(plan.copy_out_sql().as_str())
-            .map_err(CopyError::Source)?;
-        let mut writer = tx
-            .copy_in(plan.copy_in_sql().as_str())
+    if let Some(first) = plans.first().filter(|p| p.mode == Mode::Clone) {
+        tx.batch_execute(&first.clear_sql())
             .map_err(CopyError::Destination)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut out = Vec::with_capacity(320 * 1024);
-        loop {
-            if stop() {
-                // Dropping the writer unfinished aborts the COPY; the transaction rolls back.
-                return Err(CopyError::Stopped);
-            }
-            let n = reader.read(&mut buf).map_err(CopyError::Io)?;
-            if n == 0 {
-                break;
-            }
-            out.clear();
-            let r = append_field(&buf[..n], field.as_deref(), &mut out);
-            rows += r;
-            bytes += n as u64;
-            limiter.take(r);
-            writer.write_all(&out).map_err(CopyError::Io)?;
+    }
+    let mut counts = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let merge = plan.merges()
+            && tx
+                .query_one(plan.any_rows_sql().as_str(), &[])
+                .map_err(CopyError::Destination)?
+                .get::<_, bool>(0);
+        let into = if merge {
+            tx.batch_execute(&plan.stage_sql())
+                .map_err(CopyError::Destination)?;
+            format!(
+                "COPY {STAGE} ({}) FROM STDIN",
+                plan.target_columns().join(", ")
+            )
+        } else {
+            plan.copy_in_sql()
+        };
+        counts.push(pipe(src, &mut tx, plan, &into, limiter, stop)?);
+        if merge {
+            tx.batch_execute(&plan.merge_sql())
+                .map_err(CopyError::Destination)?;
         }
-        writer.finish().map_err(CopyError::Destination)?;
     }
     tx.batch_execute(done_sql).map_err(CopyError::Destination)?;
     tx.commit().map_err(CopyError::Destination)?;
+    Ok(counts)
+}
+
+/// COPY out of the source into `into` on the destination, the sid appended to each row.
+fn pipe(
+    src: &mut Client,
+    tx: &mut postgres::Transaction<'_>,
+    plan: &CopyPlan,
+    into: &str,
+    limiter: &mut RateLimiter,
+    stop: &dyn Fn() -> bool,
+) -> Result<(u64, u64), CopyError> {
+    let field = plan.sid.as_ref().map(|s| copy_escape(s.as_str()));
+    let mut rows = 0u64;
+    let mut bytes = 0u64;
+    let mut reader = src
+        .copy_out(plan.copy_out_sql().as_str())
+        .map_err(CopyError::Source)?;
+    let mut writer = tx.copy_in(into).map_err(CopyError::Destination)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut out = Vec::with_capacity(320 * 1024);
+    loop {
+        if stop() {
+            // Dropping the writer unfinished aborts the COPY; the transaction rolls back.
+            return Err(CopyError::Stopped);
+        }
+        let n = reader.read(&mut buf).map_err(CopyError::Io)?;
+        if n == 0 {
+            break;
+        }
+        out.clear();
+        let r = append_field(&buf[..n], field.as_deref(), &mut out);
+        rows += r;
+        bytes += n as u64;
+        limiter.take(r);
+        writer.write_all(&out).map_err(CopyError::Io)?;
+    }
+    writer.finish().map_err(CopyError::Destination)?;
     Ok((rows, bytes))
 }
 
@@ -219,7 +330,9 @@ mod tests {
             target_schema: "public".into(),
             target_table: "t\"2".into(),
             columns: vec!["id".into(), "Na me".into()],
+            key: vec!["id".into()],
             sid: Some(Sid::new("o'k")),
+            mode: Mode::Append,
         };
         assert_eq!(
             p.copy_out_sql(),
