@@ -31,9 +31,10 @@ pub struct StartPoint {
     pub server_version: u32,
     /// The publications to stream (the `_ins` one only once the slot is past its creation).
     pub publications: Vec<String>,
-    /// Stream only up to here, then set up again: the `_ins` publication was created after
-    /// the slot's position, and PostgreSQL before 18 fails on WAL older than a publication
-    /// it is asked for.
+    /// Stream only up to here, then set up again: a publication changed after the slot's
+    /// position. PostgreSQL before 18 fails on WAL older than a publication it is asked
+    /// for, and 12 keeps a table unpublished in a walsender that decoded a transaction
+    /// from before the table entered the publication.
     pub restart_at: Option<Lsn>,
     pub routes: HashMap<TableName, Route>,
     /// Mapped tables left out of the publications, with the reason (their changes still
@@ -263,6 +264,7 @@ fn resolve_tables(
                 .collect(),
             sid: has_sid.then(|| spec.sid.clone()),
             mode: t.mode,
+            shared,
         };
         out.push(Resolved {
             source: info,
@@ -665,6 +667,13 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     Some(at) if at <= confirmed => publications.push(ins_publication(spec)),
                     at => restart_at = at,
                 }
+            }
+            // A transaction in flight when a table was published is decoded with the old
+            // catalog, and PostgreSQL 12 keeps that verdict for the table in its walsender:
+            // later changes would never be sent. A walsender started past the copy's
+            // snapshot decodes none of those transactions.
+            if !added.is_empty() {
+                restart_at = Some(restart_at.map_or(copied_at, |a: Lsn| a.min(copied_at)));
             }
             let recorded: HashMap<String, Lsn> = states
                 .iter()

@@ -110,10 +110,9 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
     );
     if let Some(at) = restart_at {
         info!(
-            "source {}: publication {} is newer than the slot's position: streaming the \
-             other one up to {at}, then both",
-            spec.label(),
-            super::setup::ins_publication(spec)
+            "source {}: the publications changed after the slot's position: streaming up to \
+             {at} (the copy's snapshot), then again from there",
+            spec.label()
         );
     }
     let dest = connect_dest(spec, env)?;

@@ -25,6 +25,9 @@ pub struct CopyPlan {
     /// Set when the target has a `sid` column.
     pub sid: Option<Sid>,
     pub mode: Mode,
+    /// Other URLs write into the same target without `sid`: their rows are not ours to
+    /// clear.
+    pub shared: bool,
 }
 
 impl CopyPlan {
@@ -55,10 +58,16 @@ impl CopyPlan {
     }
 
     /// Whether the target may already hold rows this copy must merge with rather than
-    /// replace: an append target keeps what its source deleted, so a re-copy updates and
-    /// adds rows by key and removes nothing.
+    /// replace: an append target keeps what its source deleted, and a shared target
+    /// holds other URLs' rows, so a copy updates and adds rows by key and removes nothing.
     fn merges(&self) -> bool {
-        self.mode != Mode::Clone && !self.key.is_empty()
+        !self.clears() && !self.key.is_empty()
+    }
+
+    /// Whether a copy replaces the target's rows of this sid: a clone target's, unless
+    /// other URLs' rows share it without `sid`.
+    fn clears(&self) -> bool {
+        self.mode == Mode::Clone && !self.shared
     }
 
     /// Whether the target holds rows of this sid (all rows without `sid`).
@@ -230,7 +239,7 @@ pub fn copy_group(
     stop: &dyn Fn() -> bool,
 ) -> Result<Vec<(u64, u64)>, CopyError> {
     let mut tx = dest.transaction().map_err(CopyError::Destination)?;
-    if let Some(first) = plans.first().filter(|p| p.mode == Mode::Clone) {
+    if let Some(first) = plans.first().filter(|p| p.clears()) {
         tx.batch_execute(&first.clear_sql())
             .map_err(CopyError::Destination)?;
     }
@@ -333,6 +342,7 @@ mod tests {
             key: vec!["id".into()],
             sid: Some(Sid::new("o'k")),
             mode: Mode::Append,
+            shared: false,
         };
         assert_eq!(
             p.copy_out_sql(),

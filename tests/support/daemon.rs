@@ -20,11 +20,16 @@ impl Daemon {
     /// Writes `kuvasz-streamer.toml` (destination URL, map path, a fast commit delay and
     /// `extra` lines appended to `[app]`) and `map.toml`, and starts the binary.
     pub fn start(dest_url: &str, map: &str, extra_app: &[&str]) -> Daemon {
+        Self::start_in(dest_url, "", map, extra_app)
+    }
+
+    /// Like [`Daemon::start`], with `database_extra` lines in `[database]` (a schema).
+    pub fn start_in(dest_url: &str, database_extra: &str, map: &str, extra_app: &[&str]) -> Daemon {
         let dir = work_dir();
         fs::write(dir.join("map.toml"), map).expect("write map");
         let mut conf = format!(
             "[server]\naddress = \"127.0.0.1:0\"\n[logs]\nlevel = \"info\"\n[database]\nurl = \"{dest_url}\"\n\
-             [app]\nmap_file = \"{}\"\ncommit_delay = 0.2\n",
+             {database_extra}\n[app]\nmap_file = \"{}\"\ncommit_delay = 0.2\n",
             dir.join("map.toml").display()
         );
         for line in extra_app {
