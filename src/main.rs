@@ -98,8 +98,6 @@ fn refuse_unsupported(map: &Map, file: &std::path::Path) -> Result<(), String> {
                 Some("filter")
             } else if !t.set.is_empty() {
                 Some("set")
-            } else if t.partitions_regex.is_some() {
-                Some("partitions_regex")
             } else {
                 None
             };

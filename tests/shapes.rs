@@ -738,3 +738,107 @@ every_major! { quiet_publication:
     quiet_publication_pg17 => 17,
     quiet_publication_pg18 => 18,
 }
+
+/// Partitions: a partitioned table mapped by its root (its leaf partitions are
+/// published, on every major), tables matching `partitions_regex` into one target, a
+/// cross-partition UPDATE, a TRUNCATE of one partition (not applied: its rows cannot be
+/// told apart in the target) and of the root (applied), a partition attached while
+/// stopped; an inheritance parent copies and streams its own rows only.
+fn partitions(version: u32) {
+    let s = Setup::new(
+        source(version),
+        "pt",
+        "CREATE TABLE meas (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region); \
+         CREATE TABLE meas_n PARTITION OF meas FOR VALUES IN ('n'); \
+         CREATE TABLE meas_s PARTITION OF meas FOR VALUES IN ('s') PARTITION BY RANGE (id); \
+         CREATE TABLE meas_s_low PARTITION OF meas_s FOR VALUES FROM (MINVALUE) TO (100); \
+         CREATE TABLE meas_s_high PARTITION OF meas_s FOR VALUES FROM (100) TO (MAXVALUE); \
+         CREATE TABLE log_2023 (id int PRIMARY KEY, v text); CREATE TABLE log_2024 (id int PRIMARY KEY, v text); \
+         CREATE TABLE log_notes (id int PRIMARY KEY, v text); \
+         CREATE TABLE base (id int PRIMARY KEY, v text); CREATE TABLE derived (extra int) INHERITS (base)",
+        "CREATE TABLE meas (sid text, id int, region text, v text, PRIMARY KEY (sid, id, region)); \
+         CREATE TABLE logs (sid text, id int, v text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE base (id int PRIMARY KEY, v text)",
+    );
+    s.src_exec(
+        "INSERT INTO meas VALUES (1, 'n', 'a'), (2, 's', 'b'), (150, 's', 'c'); \
+         INSERT INTO log_2023 VALUES (1, 'x'); INSERT INTO log_2024 VALUES (2, 'y'); \
+         INSERT INTO log_notes VALUES (3, 'not matched'); \
+         INSERT INTO base VALUES (1, 'base'); INSERT INTO derived VALUES (2, 'derived', 0)",
+    );
+    let tables = "meas = {}\nlogs = { partitions_regex = \"log_[0-9]+\" }\nbase = {}";
+    let meas = "SELECT id || region || ':' || v FROM meas ORDER BY 1";
+    let logs_src = "SELECT id || ':' || v FROM log_2023 UNION ALL SELECT id || ':' || v FROM log_2024 ORDER BY 1";
+    let logs = "SELECT id || ':' || v FROM logs ORDER BY 1";
+    let base_src = "SELECT id || ':' || v FROM ONLY base ORDER BY 1";
+    let base = "SELECT id || ':' || v FROM base ORDER BY 1";
+    let check = |what: &str| {
+        s.converge(what, meas, meas);
+        s.converge(what, logs_src, logs);
+        s.converge(what, base_src, base);
+    };
+    let daemon = s.start(tables);
+    check("copy");
+    s.src_exec(
+        "INSERT INTO meas VALUES (3, 'n', 'd'), (250, 's', 'e'); UPDATE meas SET v = 'B' WHERE id = 2; \
+         UPDATE meas SET region = 's' WHERE id = 1; UPDATE meas SET id = 120 WHERE id = 2; \
+         DELETE FROM meas WHERE id = 150; \
+         INSERT INTO log_2024 VALUES (4, 'z'); UPDATE log_2023 SET v = 'X'; \
+         INSERT INTO base VALUES (3, 'b3'); INSERT INTO derived VALUES (4, 'd4', 0)",
+    );
+    check("stream");
+    assert_eq!(
+        s.published(&s.slot()),
+        [
+            "base",
+            "log_2023",
+            "log_2024",
+            "meas_n",
+            "meas_s_high",
+            "meas_s_low"
+        ]
+        .map(|t| format!("public.{t}"))
+        .to_vec()
+    );
+    // One partition truncated alone: reported, not applied.
+    s.src_exec("TRUNCATE meas_n; INSERT INTO meas VALUES (7, 'n', 'after')");
+    s.converge_to(
+        "truncate of one partition",
+        meas,
+        &["120s:B", "1s:a", "250s:e", "3n:d", "7n:after"],
+    );
+    assert!(
+        daemon.log().contains("TRUNCATE public.meas_n"),
+        "{}",
+        daemon.log()
+    );
+    // The root truncated: every partition in one message, applied.
+    s.src_exec("TRUNCATE meas; INSERT INTO meas VALUES (8, 's', 'fresh')");
+    s.converge("truncate of the root", meas, meas);
+    let dir = daemon.stop_ok();
+
+    // A partition attached (with rows) while stopped is published and copied.
+    s.src_exec(
+        "CREATE TABLE meas_w (id int, region text, v text, PRIMARY KEY (id, region)); \
+         ALTER TABLE meas_w OWNER TO kuvasz; INSERT INTO meas_w VALUES (9, 'w', 'west'); \
+         ALTER TABLE meas ATTACH PARTITION meas_w FOR VALUES IN ('w'); \
+         INSERT INTO meas VALUES (10, 'n', 'while stopped')",
+    );
+    let daemon = restart_with(dir, &s.map(tables));
+    s.converge("attached partition", meas, meas);
+    s.src_exec(
+        "INSERT INTO meas VALUES (11, 'w', 'streamed'); UPDATE meas SET region = 'w' WHERE id = 8",
+    );
+    check("attached partition streams");
+    daemon.stop_ok();
+}
+
+every_major! { partitions:
+    partitions_pg12 => 12,
+    partitions_pg13 => 13,
+    partitions_pg14 => 14,
+    partitions_pg15 => 15,
+    partitions_pg16 => 16,
+    partitions_pg17 => 17,
+    partitions_pg18 => 18,
+}

@@ -91,6 +91,37 @@ pub fn table_info(
     }))
 }
 
+/// The leaf partitions of partitioned table `schema.name` that are tables (not foreign
+/// tables), at any depth, sorted.
+pub fn leaf_partitions(
+    client: &mut Client,
+    schema: &str,
+    name: &str,
+) -> Result<Vec<String>, postgres::Error> {
+    let rows = client.query(
+        "SELECT c.relname::text FROM pg_partition_tree(format('%I.%I', $1::text, $2::text)::regclass) p \
+           JOIN pg_class c ON c.oid = p.relid \
+          WHERE p.isleaf AND c.relkind = 'r' ORDER BY 1",
+        &[&schema, &name],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The tables (not partitioned parents, views or foreign tables) of `schema` whose whole
+/// name matches the POSIX regular expression `regex`, sorted.
+pub fn tables_matching(
+    client: &mut Client,
+    schema: &str,
+    regex: &str,
+) -> Result<Vec<String>, postgres::Error> {
+    let rows = client.query(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+          WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname ~ ('^(' || $2 || ')$') ORDER BY 1",
+        &[&schema, &regex],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// A unique index or exclusion constraint of a table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UniqueIndex {

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use log::{info, warn};
 use postgres::{Client, NoTls};
 
-use crate::config::TableMap;
+use crate::config::{Mode, TableMap};
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
@@ -54,6 +54,8 @@ pub struct Route {
     /// The target has no `sid` column and several URLs write into it: a TRUNCATE from one
     /// of them cannot be confined to its rows.
     pub shared: bool,
+    /// How many source tables of this source (itself included) feed its target.
+    pub siblings: usize,
 }
 
 /// A mapped table as both catalogs describe it.
@@ -175,62 +177,125 @@ fn resolve_tables(
     let mut out = Vec::new();
     let mut excluded = HashMap::new();
     for t in &spec.tables {
-        let name = format!("{}.{}", t.schema, t.table);
-        let mut exclude = |reason: String| {
-            warn!(
-                "source {}: table {name} is not replicated: {reason}; the rest of the source \
-                 streams, and the table is published and copied at the next start once fixed",
-                spec.label()
-            );
-            excluded.insert((t.schema.clone(), t.table.clone()), reason);
-        };
-        let Some(info) = catalog::table_info(src, &t.schema, &t.table)
-            .map_err(sql_err(spec, format!("look up {name}")))?
-        else {
-            exclude("the source table does not exist".into());
-            continue;
-        };
-        let target_name = format!("{}.{}", env.dest_schema, t.target);
-        let Some(target) = catalog::table_info(dest, &env.dest_schema, &t.target)
-            .map_err(sql_err(spec, format!("look up target {target_name}")))?
-        else {
-            exclude(format!(
-                "its target table {target_name} does not exist on the destination"
-            ));
-            continue;
-        };
-        let has_sid = target.columns.iter().any(|c| c.name == "sid");
-        let shared = !has_sid && spec.family_size > 1;
-        let on_target = |c: &str| target.columns.iter().any(|tc| tc.name == c);
-        let columns: Vec<String> = info
-            .columns
-            .iter()
-            .filter(|c| !(has_sid && c.name == "sid"))
-            .filter(|c| on_target(&c.name))
-            .map(|c| c.name.clone())
-            .collect();
-        if columns.is_empty() {
-            exclude(format!(
-                "it and its target {target_name} have no column name in common"
-            ));
-            continue;
-        }
-        let insert_only = !info.has_identity;
-        if info.replica_identity != 'f' && !insert_only {
-            if let Some(k) = info
-                .columns
-                .iter()
-                .find(|c| c.is_key && !(has_sid && c.name == "sid") && !on_target(&c.name))
-            {
-                exclude(format!(
-                    "its key column {:?} does not exist on the target {target_name}",
-                    k.name
-                ));
+        for (table, info) in source_tables(spec, src, t)? {
+            let name = format!("{}.{table}", t.schema);
+            let mut exclude = |reason: String| {
+                warn!(
+                    "source {}: table {name} is not replicated: {reason}; the rest of the source \
+                     streams, and the table is published and copied at the next start once fixed",
+                    spec.label()
+                );
+                excluded.insert((t.schema.clone(), table.clone()), reason);
+            };
+            let Some(info) = info else {
+                exclude("the source table does not exist".into());
                 continue;
+            };
+            if let Some(r) = resolve_one(spec, env, dest, t, info, &mut exclude)? {
+                out.push(r);
             }
         }
-        if insert_only {
-            warn!(
+    }
+    Ok((out, excluded))
+}
+
+/// The source tables a map entry stands for, each with its catalog facts (`None`: it
+/// does not exist): the tables matching `partitions_regex`, the leaf partitions of a
+/// partitioned table (published one by one, which every major supports), or the table.
+fn source_tables(
+    spec: &SourceSpec,
+    src: &mut Client,
+    t: &TableMap,
+) -> Result<Vec<(String, Option<TableInfo>)>, SourceError> {
+    let lookup = |src: &mut Client, name: &str| {
+        catalog::table_info(src, &t.schema, name)
+            .map_err(sql_err(spec, format!("look up {}.{name}", t.schema)))
+    };
+    let names = match &t.partitions_regex {
+        Some(regex) => {
+            let names = catalog::tables_matching(src, &t.schema, regex).map_err(sql_err(
+                spec,
+                format!("list the tables of {} matching {regex:?}", t.schema),
+            ))?;
+            if names.is_empty() {
+                warn!(
+                    "source {}: no table of schema {} matches partitions_regex {regex:?} of {}",
+                    spec.label(),
+                    t.schema,
+                    t.table
+                );
+            }
+            names
+        }
+        None => match lookup(src, &t.table)? {
+            Some(info) if info.relkind == 'p' => catalog::leaf_partitions(src, &t.schema, &t.table)
+                .map_err(sql_err(
+                    spec,
+                    format!("list the partitions of {}.{}", t.schema, t.table),
+                ))?,
+            info => return Ok(vec![(t.table.clone(), info)]),
+        },
+    };
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let info = lookup(src, &name)?;
+        out.push((name, info));
+    }
+    Ok(out)
+}
+
+/// Checks one source table against its target; `None` when it is excluded (and
+/// reported through `exclude`).
+fn resolve_one(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    dest: &mut Client,
+    t: &TableMap,
+    info: TableInfo,
+    exclude: &mut dyn FnMut(String),
+) -> Result<Option<Resolved>, SourceError> {
+    let name = format!("{}.{}", info.schema, info.name);
+    let target_name = format!("{}.{}", env.dest_schema, t.target);
+    let Some(target) = catalog::table_info(dest, &env.dest_schema, &t.target)
+        .map_err(sql_err(spec, format!("look up target {target_name}")))?
+    else {
+        exclude(format!(
+            "its target table {target_name} does not exist on the destination"
+        ));
+        return Ok(None);
+    };
+    let has_sid = target.columns.iter().any(|c| c.name == "sid");
+    let shared = !has_sid && spec.family_size > 1;
+    let on_target = |c: &str| target.columns.iter().any(|tc| tc.name == c);
+    let columns: Vec<String> = info
+        .columns
+        .iter()
+        .filter(|c| !(has_sid && c.name == "sid"))
+        .filter(|c| on_target(&c.name))
+        .map(|c| c.name.clone())
+        .collect();
+    if columns.is_empty() {
+        exclude(format!(
+            "it and its target {target_name} have no column name in common"
+        ));
+        return Ok(None);
+    }
+    let insert_only = !info.has_identity;
+    if info.replica_identity != 'f' && !insert_only {
+        if let Some(k) = info
+            .columns
+            .iter()
+            .find(|c| c.is_key && !(has_sid && c.name == "sid") && !on_target(&c.name))
+        {
+            exclude(format!(
+                "its key column {:?} does not exist on the target {target_name}",
+                k.name
+            ));
+            return Ok(None);
+        }
+    }
+    if insert_only {
+        warn!(
                 "source {}: table {name} has no primary key and no replica identity: only its \
                  INSERTs and TRUNCATEs are replicated (publication {}_ins); its UPDATEs and \
                  DELETEs are not carried. Add a primary key, or ALTER TABLE {} REPLICA IDENTITY FULL",
@@ -238,49 +303,48 @@ fn resolve_tables(
                 spec.slot,
                 qualified(&t.schema, &t.table)
             );
-        }
-        if shared {
-            warn!(
-                "source {}: target table {target_name} has no sid column and {} URLs of source {} \
+    }
+    if shared {
+        warn!(
+            "source {}: target table {target_name} has no sid column and {} URLs of source {} \
                  write into it: their keys must never collide, and a TRUNCATE from one of them \
                  is not applied (it cannot be confined to its rows). Add a column sid text to \
                  it (and to its primary key) to keep them apart",
-                spec.label(),
-                spec.family_size,
-                spec.database
-            );
-        }
-        let plan = CopyPlan {
-            source_schema: t.schema.clone(),
-            source_table: t.table.clone(),
-            target_schema: env.dest_schema.clone(),
-            target_table: t.target.clone(),
-            columns,
-            key: info
-                .columns
-                .iter()
-                .filter(|c| c.is_key && on_target(&c.name))
-                .map(|c| c.name.clone())
-                .collect(),
-            sid: has_sid.then(|| spec.sid.clone()),
-            mode: t.mode,
-            shared,
-        };
-        out.push(Resolved {
-            source: info,
-            plan,
-            map: t.clone(),
-            insert_only,
-            shared,
-        });
+            spec.label(),
+            spec.family_size,
+            spec.database
+        );
     }
-    Ok((out, excluded))
+    let plan = CopyPlan {
+        source_schema: info.schema.clone(),
+        source_table: info.name.clone(),
+        target_schema: env.dest_schema.clone(),
+        target_table: t.target.clone(),
+        columns,
+        key: info
+            .columns
+            .iter()
+            .filter(|c| c.is_key && on_target(&c.name))
+            .map(|c| c.name.clone())
+            .collect(),
+        sid: has_sid.then(|| spec.sid.clone()),
+        mode: t.mode,
+        shared,
+    };
+    Ok(Some(Resolved {
+        source: info,
+        plan,
+        map: t.clone(),
+        insert_only,
+        shared,
+    }))
 }
 
+/// `ONLY`: an inheritance parent's children are not published with it.
 fn table_list(tables: &[&TableName]) -> String {
     tables
         .iter()
-        .map(|(s, t)| qualified(s, t))
+        .map(|(s, t)| format!("ONLY {}", qualified(s, t)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -613,6 +677,19 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     pending.push(r);
                 }
             }
+            // A clone target is cleared of this sid's rows before its copy, so every
+            // source table that feeds it is copied again with the one that must be.
+            let cleared: BTreeSet<String> = pending
+                .iter()
+                .filter(|r| r.map.mode == Mode::Clone && !r.shared)
+                .map(|r| r.target())
+                .collect();
+            for r in &tables {
+                if cleared.contains(&r.target()) && !pending.iter().any(|p| p.key() == r.key()) {
+                    record_states(spec, env, &mut dest, &[r], "pending", false)?;
+                    pending.push(r);
+                }
+            }
             let stale: Vec<String> = states
                 .keys()
                 .filter(|k| k.as_str() != INS_MARKER && !tables.iter().any(|r| &r.key() == *k))
@@ -718,6 +795,7 @@ fn routes(
                     copied_at: recorded.get(&r.key()).copied().unwrap_or(default),
                     insert_only: r.insert_only,
                     shared: r.shared,
+                    siblings: tables.iter().filter(|o| o.target() == r.target()).count(),
                 },
             )
         })

@@ -38,6 +38,8 @@ struct Mapped {
     copied_at: Lsn,
     /// A TRUNCATE cannot be confined to this source's rows (see [`Route::shared`]).
     shared: bool,
+    /// See [`Route::siblings`].
+    siblings: usize,
 }
 
 /// How a stream ended without an error.
@@ -377,6 +379,18 @@ impl Streamer<'_> {
                 }
             }
             PgOutput::Truncate { rels, .. } => {
+                // Targets fed by several source tables (partitions) are emptied only when
+                // this TRUNCATE covers all of them: their rows cannot be told apart.
+                let mut covered: HashMap<(String, String), usize> = HashMap::new();
+                for rel in &rels {
+                    if let Some(m) = self.mapped(*rel)? {
+                        let t = &m.map.table;
+                        *covered
+                            .entry((t.schema.clone(), t.name.clone()))
+                            .or_default() += 1;
+                    }
+                }
+                let mut done: Vec<(String, String)> = Vec::new();
                 for rel in rels {
                     let pos = self.pos();
                     let Some(m) = self.mapped(rel)? else { continue };
@@ -384,17 +398,27 @@ impl Streamer<'_> {
                         debug!("{}: TRUNCATE ignored ({:?} mode)", m.source_name, m.mode);
                         continue;
                     }
-                    if m.shared {
+                    let target = (m.map.table.schema.clone(), m.map.table.name.clone());
+                    let why = if m.shared {
+                        Some("has no sid column and receives rows from other URLs too")
+                    } else if covered.get(&target).copied().unwrap_or(0) < m.siblings {
+                        Some("also receives the rows of other source tables not truncated with it")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
                         warn!(
-                            "source {}: TRUNCATE {} at {} not applied: its target {}.{} has no \
-                             sid column and receives rows from other URLs too, so it cannot be \
-                             confined to this source's rows",
+                            "source {}: TRUNCATE {} at {} not applied: its target {}.{} {why}, \
+                             so it cannot be confined to this table's rows",
                             self.label(),
                             m.source_name,
                             self.txn_lsn,
-                            m.map.table.schema,
-                            m.map.table.name
+                            target.0,
+                            target.1
                         );
+                        continue;
+                    }
+                    if done.contains(&target) {
                         continue;
                     }
                     let c = m.map.truncate(self.spec.id, pos, self.txn_time);
@@ -404,6 +428,7 @@ impl Streamer<'_> {
                         m.source_name,
                         self.txn_lsn
                     );
+                    done.push(target);
                     // Touches every key: everything routed before must be committed first.
                     self.flush_all()?;
                     self.apply_alone(c)?;
@@ -660,6 +685,7 @@ impl Streamer<'_> {
                 source_name,
                 copied_at: route.copied_at,
                 shared: route.shared,
+                siblings: route.siblings,
             }),
         );
         Ok(())

@@ -31,10 +31,11 @@ pub struct CopyPlan {
 }
 
 impl CopyPlan {
+    /// `ONLY`: an inheritance parent's children are tables of their own.
     pub fn copy_out_sql(&self) -> String {
         let cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
         format!(
-            "COPY (SELECT {} FROM {}) TO STDOUT",
+            "COPY (SELECT {} FROM ONLY {}) TO STDOUT",
             cols.join(", "),
             qualified(&self.source_schema, &self.source_table)
         )
@@ -346,7 +347,7 @@ mod tests {
         };
         assert_eq!(
             p.copy_out_sql(),
-            "COPY (SELECT \"id\", \"Na me\" FROM \"s\".\"My T\") TO STDOUT"
+            "COPY (SELECT \"id\", \"Na me\" FROM ONLY \"s\".\"My T\") TO STDOUT"
         );
         assert_eq!(
             p.copy_in_sql(),
