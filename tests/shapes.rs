@@ -842,3 +842,76 @@ every_major! { partitions:
     partitions_pg17 => 17,
     partitions_pg18 => 18,
 }
+
+/// Schema changes while streaming: a column added on the source is ignored until the
+/// target has it, then used without a restart; a dropped source column leaves the
+/// target's to its default; a type change the target accepts keeps streaming, and a
+/// value it refuses is a rejected row (dead-lettered here), never skipped.
+fn schema_changes(version: u32) {
+    let s = Setup::new(
+        source(version),
+        "sc",
+        "CREATE TABLE t (id int PRIMARY KEY, v text, qty int)",
+        "CREATE TABLE t (sid text, id int, v text DEFAULT 'dflt', qty int, PRIMARY KEY (sid, id))",
+    );
+    s.src_exec("INSERT INTO t VALUES (1, 'a', 1)");
+    let daemon = Daemon::start(
+        &s.dest.url(&s.ddb),
+        &s.map("t = {}"),
+        &["on_error = \"deadletter\""],
+    );
+    let rows = "SELECT id || ':' || coalesce(v, '-') || ':' || coalesce(qty::text, '-') FROM t ORDER BY id";
+    s.converge("copy", rows, rows);
+    // Added on the source only: ignored, the rest streams.
+    s.src_exec("ALTER TABLE t ADD COLUMN note text; INSERT INTO t VALUES (2, 'b', 2, 'n2')");
+    s.converge("a source-only column is ignored", rows, rows);
+    // Added on the target too: used from then on.
+    s.dest.execute(&s.ddb, "ALTER TABLE t ADD COLUMN note text");
+    let notes = "SELECT id || ':' || coalesce(note, '-') FROM t ORDER BY id";
+    support::wait_for(
+        "the target's new column to be used",
+        Duration::from_secs(60),
+        || {
+            s.src_exec("UPDATE t SET note = 'n' || id WHERE id = 1");
+            let got = s.dest.query(&s.ddb, notes);
+            (got.first() == Some(&vec![Some("1:n1".to_string())])).then_some(())
+        },
+    );
+    s.src_exec("INSERT INTO t VALUES (3, 'c', 3, 'n3')");
+    s.converge_to("the new column streams", notes, &["1:n1", "2:-", "3:n3"]);
+    // Dropped on the source: new rows get the target's default.
+    s.src_exec("ALTER TABLE t DROP COLUMN v; INSERT INTO t (id, qty, note) VALUES (4, 4, 'n4')");
+    s.converge_to(
+        "a dropped column takes the default",
+        rows,
+        &["1:a:1", "2:b:2", "3:c:3", "4:dflt:4"],
+    );
+    // A wider type: values that fit stream on, one that does not is rejected.
+    s.src_exec(
+        "ALTER TABLE t ALTER COLUMN qty TYPE bigint; INSERT INTO t (id, qty) VALUES (5, 5); \
+         INSERT INTO t (id, qty) VALUES (6, 10000000000); INSERT INTO t (id, qty) VALUES (7, 7)",
+    );
+    s.converge_to(
+        "the type change streams",
+        rows,
+        &[
+            "1:a:1", "2:b:2", "3:c:3", "4:dflt:4", "5:dflt:5", "7:dflt:7",
+        ],
+    );
+    s.converge_to(
+        "the refused value is dead-lettered",
+        "SELECT row->>'id' FROM kvsz_deadletter",
+        &["6"],
+    );
+    daemon.stop_ok();
+}
+
+every_major! { schema_changes:
+    schema_changes_pg12 => 12,
+    schema_changes_pg13 => 13,
+    schema_changes_pg14 => 14,
+    schema_changes_pg15 => 15,
+    schema_changes_pg16 => 16,
+    schema_changes_pg17 => 17,
+    schema_changes_pg18 => 18,
+}

@@ -40,7 +40,14 @@ struct Mapped {
     shared: bool,
     /// See [`Route::siblings`].
     siblings: usize,
+    /// The Relation message, kept while some of its columns are missing on the target: the
+    /// mapping is rebuilt once the target has them (see [`TARGET_RECHECK`]).
+    incomplete: Option<Relation>,
 }
+
+/// How often targets lacking some source columns are looked at again, so a column the
+/// operator adds to the target is used without a restart.
+const TARGET_RECHECK: Duration = Duration::from_secs(5);
 
 /// How a stream ended without an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -82,6 +89,7 @@ struct Streamer<'a> {
     confirmed: Lsn,
     last_mark: Instant,
     last_status: Instant,
+    last_recheck: Instant,
 }
 
 pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<Ended, SourceError> {
@@ -141,6 +149,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         confirmed: start,
         last_mark: Instant::now(),
         last_status: Instant::now(),
+        last_recheck: Instant::now(),
     };
     s.run()
 }
@@ -235,6 +244,10 @@ impl Streamer<'_> {
                 self.unchecked = 0;
                 self.mark()?;
                 self.send_status(false)?;
+            }
+            if !self.in_txn && self.last_recheck.elapsed() >= TARGET_RECHECK {
+                self.last_recheck = Instant::now();
+                self.recheck_targets()?;
             }
         }
     }
@@ -599,6 +612,46 @@ impl Streamer<'_> {
         }
     }
 
+    /// Rebuilds the mappings of relations whose target has gained one of their columns.
+    fn recheck_targets(&mut self) -> Result<(), SourceError> {
+        let waiting: Vec<Relation> = self
+            .relations
+            .values()
+            .filter_map(|m| m.as_ref().and_then(|m| m.incomplete.clone()))
+            .collect();
+        for rel in waiting {
+            let schema = self.env.dest_schema.clone();
+            let Some(Some(m)) = self.relations.get(&rel.id) else {
+                continue;
+            };
+            let target = m.map.table.name.clone();
+            let mapped = m.map.table.columns.len();
+            let columns = catalog::table_info(&mut self.dest, &schema, &target)
+                .map_err(|error| SourceError::Sql {
+                    source: self.label(),
+                    context: format!("look up target {schema}.{target}"),
+                    error,
+                })?
+                .map(|t| t.columns)
+                .unwrap_or_default();
+            let now = rel
+                .columns
+                .iter()
+                .filter(|c| columns.iter().any(|t| t.name == c.name))
+                .count();
+            if now > mapped {
+                info!(
+                    "source {}: target {schema}.{target} now has more of {}.{}'s columns: using them",
+                    self.label(),
+                    rel.namespace,
+                    rel.name
+                );
+                self.relation(rel)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A Relation message: (re)builds its mapping from the target's current columns, so
     /// a schema change on either side is picked up.
     fn relation(&mut self, rel: Relation) -> Result<(), SourceError> {
@@ -677,6 +730,23 @@ impl Streamer<'_> {
             self.label(),
             t.target
         );
+        let missing: Vec<&str> = rel
+            .columns
+            .iter()
+            .filter(|c| !(c.name == "sid" && map.table.sid.is_some()))
+            .filter(|c| !map.table.columns.iter().any(|t| t.name == c.name))
+            .map(|c| c.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            info!(
+                "source {}: {source_name} columns {} are not on the target {schema}.{}: ignored \
+                 until it has them",
+                self.label(),
+                missing.join(", "),
+                t.target
+            );
+        }
+        let incomplete = (!missing.is_empty()).then(|| rel.clone());
         self.relations.insert(
             rel.id,
             Some(Mapped {
@@ -686,6 +756,7 @@ impl Streamer<'_> {
                 copied_at: route.copied_at,
                 shared: route.shared,
                 siblings: route.siblings,
+                incomplete,
             }),
         );
         Ok(())
