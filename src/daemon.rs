@@ -154,6 +154,8 @@ pub fn run(
             })
             .collect(),
     );
+    let mut retired = false;
+    let specs = sources.clone();
     let sources: Vec<Arc<SourceSpec>> = sources.into_iter().map(Arc::new).collect();
     let mut pool_backoff = Backoff::new();
     loop {
@@ -165,6 +167,13 @@ pub fn run(
             error!("{e}; retrying in {:.0?}", d);
             sleep_unless(&signals.term, d);
             continue;
+        }
+        if !retired {
+            retired = true;
+            match settings.dest.connect(NoTls) {
+                Ok(mut c) => source::retire::retire_removed(&mut c, &settings.dest_schema, &specs),
+                Err(e) => warn!("cannot look for slots of removed URLs: {}", describe(&e)),
+            }
         }
         let started = Instant::now();
         match generation(settings, &sources, &labels, signals) {

@@ -915,3 +915,102 @@ every_major! { schema_changes:
     schema_changes_pg17 => 17,
     schema_changes_pg18 => 18,
 }
+
+/// A URL removed from the map between runs has its slot and publications dropped, with a
+/// log line, while the family's other URL streams on; a map that fails to load drops
+/// nothing.
+fn removed_url(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (a, b, ddb, family) = (
+        unique_name("rma"),
+        unique_name("rmb"),
+        unique_name("rmd"),
+        unique_name("rm"),
+    );
+    for db in [&a, &b] {
+        src.create_database(db);
+        src.execute(
+            db,
+            &format!("SET ROLE kuvasz; {ITEMS}; CREATE TABLE bare (n int)"),
+        );
+    }
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        &format!("SET ROLE kuvasz; {ITEMS_SID}; CREATE TABLE bare (sid text, n int)"),
+    );
+    let map = |urls: &[(&str, &str)]| {
+        let urls: Vec<String> = urls
+            .iter()
+            .map(|(db, sid)| format!("{{ url = \"{}\", sid = \"{sid}\" }}", src.url(db)))
+            .collect();
+        format!(
+            "[[source]]\ndatabase = \"{family}\"\nurls = [ {} ]\n[source.tables]\nitems = {{}}\nbare = {{}}\n",
+            urls.join(", ")
+        )
+    };
+    let daemon = Daemon::start(&dest.url(&ddb), &map(&[(&a, "a"), (&b, "b")]), &[]);
+    daemon.wait_streaming(2);
+    let dir = daemon.stop_ok();
+    let slots = |db: &str| {
+        src.query(
+            db,
+            &format!(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'kuvasz_{family}_%' ORDER BY 1"
+            ),
+        )
+    };
+    let (slot_a, slot_b) = (format!("kuvasz_{family}_a"), format!("kuvasz_{family}_b"));
+    assert_eq!(
+        slots(&a),
+        vec![vec![Some(slot_a.clone())], vec![Some(slot_b.clone())]]
+    );
+
+    let daemon = restart_with(dir, &map(&[(&a, "a")]));
+    support::wait_for(
+        "the removed URL's slot to be dropped",
+        Duration::from_secs(60),
+        || (slots(&a) == vec![vec![Some(slot_a.clone())]]).then_some(()),
+    );
+    assert_eq!(
+        src.query(&b, "SELECT pubname::text FROM pg_publication"),
+        Vec::<Vec<Option<String>>>::new(),
+        "the removed URL's publications are dropped"
+    );
+    assert!(
+        daemon.log().contains(&format!("dropped slot {slot_b}")),
+        "{}",
+        daemon.log()
+    );
+    src.execute(&a, "INSERT INTO items VALUES (1, 'still streaming')");
+    s_converge_items(src, &a, dest, &ddb);
+    let dir = daemon.stop_ok();
+
+    // A map that does not load: the daemon exits, and the slot stays.
+    let mut daemon = restart_with(dir, "[[source]\nbroken");
+    support::wait_for(
+        "the daemon to refuse the map",
+        Duration::from_secs(30),
+        || (!daemon.running()).then_some(()),
+    );
+    assert_eq!(slots(&a), vec![vec![Some(slot_a)]]);
+}
+
+fn s_converge_items(src: &Cluster, db: &str, dest: &Cluster, ddb: &str) {
+    converge(
+        "the remaining URL streams",
+        || src.query(db, "SELECT 'a', id::text, v FROM items ORDER BY id"),
+        || dest.query(ddb, "SELECT sid, id::text, v FROM items ORDER BY id"),
+    );
+}
+
+every_major! { removed_url:
+    removed_url_pg12 => 12,
+    removed_url_pg13 => 13,
+    removed_url_pg14 => 14,
+    removed_url_pg15 => 15,
+    removed_url_pg16 => 16,
+    removed_url_pg17 => 17,
+    removed_url_pg18 => 18,
+}

@@ -2,6 +2,7 @@
 //! sync, and the streaming loop that turns decoded rows into routed Changes.
 
 pub mod mapping;
+pub mod retire;
 pub mod setup;
 pub mod spool;
 pub mod stream;

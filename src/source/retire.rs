@@ -1,0 +1,128 @@
+//! Slots of URLs removed from the map: a slot nobody reads keeps its WAL until the
+//! source's disk fills, so the daemon drops it (with its publications) at start. Only
+//! slots the destination's `kvsz_sync_state` records, of a family still in the map, and
+//! found inactive on one of that family's servers: another deployment's slots, or a
+//! whole family removed, are only reported. Runs only after the map loaded.
+
+use std::collections::BTreeSet;
+
+use log::{info, warn};
+use postgres::{Client, NoTls};
+
+use crate::pg::describe;
+use crate::pg::quote::{ident, qualified};
+
+use super::{SourceSpec, SYNC_STATE_TABLE};
+
+/// Drops the slots (and publications) of removed URLs; every failure is logged, never
+/// fatal: the sources of the map come first.
+pub fn retire_removed(dest: &mut Client, dest_schema: &str, sources: &[SourceSpec]) {
+    let recorded: Vec<String> = match dest.query(
+        &format!(
+            "SELECT DISTINCT slot_name FROM {} ORDER BY 1",
+            qualified(dest_schema, SYNC_STATE_TABLE)
+        ),
+        &[],
+    ) {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => {
+            warn!(
+                "cannot read the sync state for removed sources: {}",
+                describe(&e)
+            );
+            return;
+        }
+    };
+    let current: BTreeSet<&str> = sources.iter().map(|s| s.slot.as_str()).collect();
+    for slot in recorded.iter().filter(|s| !current.contains(s.as_str())) {
+        let family: Vec<&SourceSpec> = sources
+            .iter()
+            .filter(|s| slot.starts_with(&format!("kuvasz_{}_", s.database.replace('-', "_"))))
+            .collect();
+        if family.is_empty() {
+            warn!(
+                "slot {slot} is recorded on the destination but its family is not in the map; \
+                 if no deployment reads it, drop it on its source with \
+                 SELECT pg_drop_replication_slot('{slot}') (and DROP PUBLICATION {})",
+                ident(slot)
+            );
+            continue;
+        }
+        match retire(slot, &family) {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                "slot {slot} of a URL removed from the map was not found on the servers of \
+                 source {}; if it exists elsewhere, drop it there with \
+                 SELECT pg_drop_replication_slot('{slot}')",
+                family[0].database
+            ),
+            Err(e) => {
+                warn!("cannot drop slot {slot} of a URL removed from the map: {e}");
+                continue;
+            }
+        }
+        if let Err(e) = dest.execute(
+            &format!(
+                "DELETE FROM {} WHERE slot_name = $1",
+                qualified(dest_schema, SYNC_STATE_TABLE)
+            ),
+            &[slot],
+        ) {
+            warn!(
+                "cannot clear the sync state of slot {slot}: {}",
+                describe(&e)
+            );
+        }
+    }
+}
+
+/// Looks for `slot` on each server of `family`; drops it there. `Ok(false)`: not found.
+fn retire(slot: &str, family: &[&SourceSpec]) -> Result<bool, String> {
+    let mut seen = BTreeSet::new();
+    for spec in family {
+        if !seen.insert((spec.conn.host.clone(), spec.conn.port)) {
+            continue;
+        }
+        let mut cfg = spec.conn.to_postgres_config();
+        let mut src = cfg
+            .connect(NoTls)
+            .map_err(|e| format!("connect to {}: {}", spec.conn.redacted(), describe(&e)))?;
+        let rows = src
+            .query(
+                "SELECT database::text, active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .map_err(|e| describe(&e))?;
+        let Some(row) = rows.first() else { continue };
+        let database: Option<String> = row.get(0);
+        if row.get::<_, bool>(1) {
+            return Err(format!(
+                "it is active on the server of {} (another consumer reads it)",
+                spec.conn.redacted()
+            ));
+        }
+        if let Some(db) = database {
+            let mut there = cfg
+                .dbname(&db)
+                .connect(NoTls)
+                .map_err(|e| format!("connect to database {db}: {}", describe(&e)))?;
+            there
+                .batch_execute(&format!(
+                    "DROP PUBLICATION IF EXISTS {}; DROP PUBLICATION IF EXISTS {}",
+                    ident(slot),
+                    ident(&format!("{slot}_ins"))
+                ))
+                .map_err(|e| format!("drop its publications: {}", describe(&e)))?;
+        }
+        src.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .map_err(|e| format!("drop it: {}", describe(&e)))?;
+        info!(
+            "dropped slot {slot} and its publications (database {}): its URL is no longer in \
+             the map of source {}",
+            row.get::<_, Option<String>>(0).unwrap_or_default(),
+            spec.database
+        );
+        return Ok(true);
+    }
+    Ok(false)
+}
