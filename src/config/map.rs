@@ -103,9 +103,10 @@ fn slot_name_problem(name: &str) -> Option<String> {
             "slot name {name:?} is not valid: PostgreSQL allows lower-case letters, digits \
              and '_' ('-' in database and sid becomes '_')"
         ))
-    } else if name.len() > 63 {
+    } else if name.len() > 59 {
         Some(format!(
-            "slot name {name:?} is longer than PostgreSQL's 63 bytes"
+            "slot name {name:?} is longer than 59 bytes (PostgreSQL allows 63, and the \
+             publication of tables without a key is named <slot>_ins)"
         ))
     } else {
         None

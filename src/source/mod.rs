@@ -178,15 +178,15 @@ impl std::error::Error for SourceError {}
 
 /// Runs one source until stopped or failed: set-up (with initial sync), then streaming.
 pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
-    // Changes a failed earlier run of this source left queued are committed before a
-    // re-copy could race them.
-    // No replication connection to keep alive yet: nothing to do while waiting.
-    env.router
-        .flush_all(&mut || Ok::<(), std::convert::Infallible>(()))
-        .map_err(|_| SourceError::PoolClosed {
-            source: spec.label(),
-        })?;
     loop {
+        // Changes an earlier run (or stream) of this source left queued are committed
+        // before a re-copy could race them. No replication connection to keep alive yet:
+        // nothing to do while waiting.
+        env.router
+            .flush_all(&mut || Ok::<(), std::convert::Infallible>(()))
+            .map_err(|_| SourceError::PoolClosed {
+                source: spec.label(),
+            })?;
         let start = setup::prepare(spec, env)?;
         if env.stop.is_set() {
             return Ok(());

@@ -48,14 +48,19 @@ pub fn retire_removed(dest: &mut Client, dest_schema: &str, sources: &[SourceSpe
             );
             continue;
         }
+        // The state row stays until the slot is gone, so a slot left elsewhere is
+        // reported at every start.
         match retire(slot, &family) {
             Ok(true) => {}
-            Ok(false) => warn!(
-                "slot {slot} of a URL removed from the map was not found on the servers of \
-                 source {}; if it exists elsewhere, drop it there with \
-                 SELECT pg_drop_replication_slot('{slot}')",
-                family[0].database
-            ),
+            Ok(false) => {
+                warn!(
+                    "slot {slot} of a URL removed from the map was not found on the servers of \
+                     source {}; if it exists elsewhere, drop it there with \
+                     SELECT pg_drop_replication_slot('{slot}'), then delete its rows from {}",
+                    family[0].database, SYNC_STATE_TABLE
+                );
+                continue;
+            }
             Err(e) => {
                 warn!("cannot drop slot {slot} of a URL removed from the map: {e}");
                 continue;

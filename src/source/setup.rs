@@ -618,6 +618,12 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 created.consistent_point
             );
             let at = created.consistent_point;
+            // Recorded before the copy: a copy that fails half-way leaves tables copied
+            // at this point, which the `_ins` publication must be streamed from.
+            if ins_exists {
+                record_ins_marker(spec, env, &mut dest, at)?;
+                publications.push(ins_publication(spec));
+            }
             copy_pending(
                 spec,
                 env,
@@ -628,10 +634,6 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 at,
                 &mut limiter,
             )?;
-            if ins_exists {
-                record_ins_marker(spec, env, &mut dest, at)?;
-                publications.push(ins_publication(spec));
-            }
             (at, routes(&tables, &HashMap::new(), at))
         }
         Some(existing) => {
@@ -711,7 +713,8 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 // changed: it sees every transaction that committed before its consistent
                 // point, including one that was in flight when the table was published
                 // (which the stream decodes with the old catalog and so never sends).
-                let tmp_name = format!("{}_sync_{}", spec.slot, std::process::id());
+                // Short: a name derived from a 63-byte slot name would be too long.
+                let tmp_name = format!("kvsz_sync_{}_{}", std::process::id(), spec.id);
                 let mut tmp =
                     ReplicationConnection::connect(&spec.conn, &env.app_name).map_err(repl_err(
                         spec,
@@ -722,6 +725,10 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     format!("create temporary replication slot {tmp_name} for the copy"),
                 ))?;
                 copied_at = created.consistent_point;
+                if ins_exists && ins_from.is_none() {
+                    record_ins_marker(spec, env, &mut dest, copied_at)?;
+                    ins_from = Some(copied_at);
+                }
                 copy_pending(
                     spec,
                     env,
@@ -734,10 +741,6 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 )?;
                 // Closing the session drops the temporary slot.
                 let _ = tmp.finish();
-                if ins_exists && ins_from.is_none() {
-                    record_ins_marker(spec, env, &mut dest, copied_at)?;
-                    ins_from = Some(copied_at);
-                }
             }
             if ins_exists {
                 match ins_from {
@@ -761,6 +764,16 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 if let Some(route) = routes.get_mut(&r.name()) {
                     route.copied_at = copied_at;
                 }
+            }
+            // Also for copies of an earlier run the slot has not passed yet (a crash, or a
+            // stop that timed out before the restart).
+            if let Some(first) = routes
+                .values()
+                .map(|r| r.copied_at)
+                .filter(|&at| at > confirmed)
+                .min()
+            {
+                restart_at = Some(restart_at.map_or(first, |a: Lsn| a.min(first)));
             }
             // The server starts at the slot's confirmed position whatever we ask;
             // asking for it makes our own bookkeeping start there too.

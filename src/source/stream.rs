@@ -634,9 +634,11 @@ impl Streamer<'_> {
                 })?
                 .map(|t| t.columns)
                 .unwrap_or_default();
+            let has_sid = m.map.table.sid.is_some();
             let now = rel
                 .columns
                 .iter()
+                .filter(|c| !(has_sid && c.name == "sid"))
                 .filter(|c| columns.iter().any(|t| t.name == c.name))
                 .count();
             if now > mapped {
