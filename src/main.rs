@@ -8,6 +8,7 @@ use kuvasz_streamer::change::Sid;
 use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, Mode, OnError};
 use kuvasz_streamer::daemon::{self, DaemonSettings, Signals};
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
+use kuvasz_streamer::source::setup::{table_report, TableStatus};
 use kuvasz_streamer::source::SourceSpec;
 use log::{error, info, warn};
 
@@ -228,7 +229,28 @@ fn run(args: &Args) -> ExitCode {
     }
 }
 
-/// Validates configuration and map and that every server answers.
+/// One line of `check` about a table, with what to change when something is wrong.
+fn describe_status(status: &TableStatus) -> String {
+    match status {
+        TableStatus::Ok { target } => format!("ok → {target}"),
+        TableStatus::InsertsOnly { target } => format!(
+            "→ {target}; warning: no primary key and no replica identity, so only INSERT and \
+             TRUNCATE are carried (publication <slot>_ins). Add a primary key, or ALTER TABLE … \
+             REPLICA IDENTITY FULL, to carry UPDATE and DELETE"
+        ),
+        TableStatus::Shared { target } => format!(
+            "→ {target}; warning: the target has no sid column and several URLs write into it: \
+             their keys must not collide, and their TRUNCATEs are not applied. Add a column sid \
+             text (and put it in the primary key) to keep them apart"
+        ),
+        TableStatus::Excluded { reason } => {
+            format!("NOT replicated: {reason}; fix it and restart the daemon")
+        }
+    }
+}
+
+/// Validates configuration and map, that every server answers, and how each mapped
+/// table would be replicated.
 fn check(args: &Args) -> ExitCode {
     let loaded = match load(args) {
         Ok(l) => l,
@@ -239,19 +261,50 @@ fn check(args: &Args) -> ExitCode {
     };
     let mut ok = true;
     println!("configuration: ok ({} source URL(s))", loaded.sources.len());
-    match loaded.dest.to_postgres_config().connect(postgres::NoTls) {
-        Ok(_) => println!("destination {}: ok", loaded.dest.redacted()),
+    let mut dest = match loaded.dest.to_postgres_config().connect(postgres::NoTls) {
+        Ok(c) => {
+            println!("destination {}: ok", loaded.dest.redacted());
+            Some(c)
+        }
         Err(e) => {
             ok = false;
-            println!("destination {}: {e}", loaded.dest.redacted());
+            println!(
+                "destination {}: {}",
+                loaded.dest.redacted(),
+                kuvasz_streamer::pg::describe(&e)
+            );
+            None
         }
-    }
+    };
+    let schema = &loaded.config.database.schema;
     for s in &loaded.sources {
-        match s.conn.to_postgres_config().connect(postgres::NoTls) {
-            Ok(_) => println!("source {} ({}): ok", s.label(), s.conn.redacted()),
+        let mut src = match s.conn.to_postgres_config().connect(postgres::NoTls) {
+            Ok(c) => {
+                println!("source {} ({}): ok", s.label(), s.conn.redacted());
+                c
+            }
             Err(e) => {
                 ok = false;
-                println!("source {} ({}): {e}", s.label(), s.conn.redacted());
+                println!(
+                    "source {} ({}): {}",
+                    s.label(),
+                    s.conn.redacted(),
+                    kuvasz_streamer::pg::describe(&e)
+                );
+                continue;
+            }
+        };
+        let Some(dest) = dest.as_mut() else { continue };
+        match table_report(s, schema, &mut src, dest) {
+            Ok(tables) => {
+                for (table, status) in tables {
+                    ok &= !matches!(status, TableStatus::Excluded { .. });
+                    println!("  table {table}: {}", describe_status(&status));
+                }
+            }
+            Err(e) => {
+                ok = false;
+                println!("  tables: {e}");
             }
         }
     }

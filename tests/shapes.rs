@@ -255,6 +255,13 @@ fn keyless_table(version: u32) {
             && log.contains("its UPDATEs and DELETEs are not carried"),
         "{log}"
     );
+    let (code, report) = Daemon::check(&daemon.dir);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains("table public.events: → public.events; warning: no primary key")
+            && report.contains("only INSERT and"),
+        "{report}"
+    );
     // TRUNCATE is published: the sid's rows go.
     s.src_exec("TRUNCATE events; INSERT INTO events VALUES (4, 'after')");
     s.converge_to("truncate", events, &["4:after"]);
@@ -355,6 +362,15 @@ fn unreplicable_tables(version: u32) {
     }
     assert_eq!(s.published(&s.slot()), vec!["public.items".to_string()]);
     let dir = daemon.stop_ok();
+    let (code, report) = Daemon::check(&dir);
+    assert_eq!(code, 1, "{report}");
+    for line in [
+        "table public.items: ok → public.items",
+        "table public.no_target: NOT replicated: its target table public.no_target does not exist",
+        "table public.missing: NOT replicated: the source table does not exist",
+    ] {
+        assert!(report.contains(line), "check lacks {line:?}:\n{report}");
+    }
 
     // Fixed: the next start publishes and copies them, with nothing lost.
     s.dest.execute(
@@ -528,19 +544,23 @@ fn recopy(version: u32) {
         source(version),
         "rc",
         "CREATE TABLE north (id int PRIMARY KEY, v text); CREATE TABLE south (id int PRIMARY KEY, v text); \
-         CREATE TABLE ledger (id int PRIMARY KEY, v text); CREATE TABLE moved (id int PRIMARY KEY, v text)",
+         CREATE TABLE ledger (id int PRIMARY KEY, v text); CREATE TABLE moved (id int PRIMARY KEY, v text); \
+         CREATE TABLE journal (n int)",
         "CREATE TABLE regions (sid text, id int, v text, PRIMARY KEY (sid, id)); \
          CREATE TABLE ledger (sid text, id int, v text, PRIMARY KEY (sid, id)); \
-         CREATE TABLE moved_a (id int PRIMARY KEY, v text); CREATE TABLE moved_b (id int PRIMARY KEY, v text)",
+         CREATE TABLE moved_a (id int PRIMARY KEY, v text); CREATE TABLE moved_b (id int PRIMARY KEY, v text); \
+         CREATE TABLE journal (sid text, n int)",
     );
     s.src_exec(
         "INSERT INTO north VALUES (1, 'n1'), (2, 'n2'); INSERT INTO south VALUES (11, 's11'); \
-         INSERT INTO ledger VALUES (1, 'l1'), (2, 'l2'); INSERT INTO moved VALUES (1, 'm')",
+         INSERT INTO ledger VALUES (1, 'l1'), (2, 'l2'); INSERT INTO moved VALUES (1, 'm'); \
+         INSERT INTO journal VALUES (1), (1)",
     );
     let tables = |moved_to: &str| {
         format!(
             "north = {{ target = \"regions\" }}\nsouth = {{ target = \"regions\" }}\n\
-             ledger = {{ type = \"append\" }}\nmoved = {{ target = \"{moved_to}\" }}"
+             ledger = {{ type = \"append\" }}\nmoved = {{ target = \"{moved_to}\" }}\n\
+             journal = {{ type = \"append\" }}"
         )
     };
     let regions_src = "SELECT id::text || ':' || v FROM north UNION ALL SELECT id::text || ':' || v FROM south ORDER BY 1";
@@ -549,6 +569,8 @@ fn recopy(version: u32) {
     let daemon = s.start(&tables("moved_a"));
     s.converge("copy", regions_src, regions);
     s.converge_to("append copy", ledger, &["1:l1", "2:l2"]);
+    let journal = "SELECT n::text FROM journal ORDER BY 1";
+    s.converge_to("keyless append copy", journal, &["1", "1"]);
     s.src_exec("DELETE FROM ledger WHERE id = 1; INSERT INTO south VALUES (12, 's12')");
     s.converge("stream", regions_src, regions);
     let dir = daemon.stop_ok();
@@ -557,7 +579,8 @@ fn recopy(version: u32) {
     s.src_exec(&format!(
         "SELECT pg_drop_replication_slot('{}'); \
          UPDATE ledger SET v = 'L2' WHERE id = 2; INSERT INTO ledger VALUES (3, 'l3'); \
-         DELETE FROM north WHERE id = 1; UPDATE south SET v = 'S11' WHERE id = 11",
+         DELETE FROM north WHERE id = 1; UPDATE south SET v = 'S11' WHERE id = 11; \
+         INSERT INTO journal VALUES (2)",
         s.slot()
     ));
     let daemon = restart_with(dir, &s.map(&tables("moved_b")));
@@ -566,6 +589,11 @@ fn recopy(version: u32) {
         "re-copy: the append target keeps the deleted row",
         ledger,
         &["1:l1", "2:L2", "3:l3"],
+    );
+    s.converge_to(
+        "re-copy: a keyless append target gets no row twice",
+        journal,
+        &["1", "1", "2"],
     );
     s.converge_to(
         "retarget",

@@ -527,6 +527,11 @@ fn map_change_between_runs(version: u32) {
 
 on_versions! {
     map_change_between_runs_pg12 => map_change_between_runs(12),
+    map_change_between_runs_pg13 => map_change_between_runs(13),
+    map_change_between_runs_pg14 => map_change_between_runs(14),
+    map_change_between_runs_pg15 => map_change_between_runs(15),
+    map_change_between_runs_pg16 => map_change_between_runs(16),
+    map_change_between_runs_pg17 => map_change_between_runs(17),
     map_change_between_runs_pg18 => map_change_between_runs(18),
 }
 

@@ -111,9 +111,10 @@ Usage:
   kuvasz-streamer --version | --help
 
   Without a command the daemon runs in the foreground and logs to stderr.
-  check validates the configuration and the map and connects to the destination
-  and to every source, prints a report, and exits non-zero on any problem (in
-  this version it does not yet check source prerequisites or target tables).
+  check validates the configuration and the map, connects to the destination
+  and to every source, reports how each mapped table would be replicated, and
+  exits non-zero on any problem (in this version it does not yet check source
+  prerequisites such as wal_level).
 
 Options:
   --conf FILE             configuration file; default: the first that exists of

@@ -92,19 +92,20 @@ pub fn table_info(
 }
 
 /// The leaf partitions of partitioned table `schema.name` that are tables (not foreign
-/// tables), at any depth, sorted.
+/// tables), at any depth and in any schema, as `(schema, table)`, sorted.
 pub fn leaf_partitions(
     client: &mut Client,
     schema: &str,
     name: &str,
-) -> Result<Vec<String>, postgres::Error> {
+) -> Result<Vec<(String, String)>, postgres::Error> {
     let rows = client.query(
-        "SELECT c.relname::text FROM pg_partition_tree(format('%I.%I', $1::text, $2::text)::regclass) p \
-           JOIN pg_class c ON c.oid = p.relid \
-          WHERE p.isleaf AND c.relkind = 'r' ORDER BY 1",
+        "SELECT n.nspname::text, c.relname::text \
+           FROM pg_partition_tree(format('%I.%I', $1::text, $2::text)::regclass) p \
+           JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+          WHERE p.isleaf AND c.relkind = 'r' ORDER BY 1, 2",
         &[&schema, &name],
     )?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The tables (not partitioned parents, views or foreign tables) of `schema` whose whole

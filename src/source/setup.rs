@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use log::{info, warn};
 use postgres::{Client, NoTls};
 
-use crate::config::{Mode, TableMap};
+use crate::config::TableMap;
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
@@ -170,28 +170,45 @@ fn check_prerequisites(spec: &SourceSpec, src: &mut Client) -> Result<(), Source
 /// apart, with the reason, to be left out and reported; nothing here stops the source.
 fn resolve_tables(
     spec: &SourceSpec,
-    env: &SourceEnv,
+    dest_schema: &str,
     src: &mut Client,
     dest: &mut Client,
 ) -> Result<(Vec<Resolved>, HashMap<TableName, String>), SourceError> {
-    let mut out = Vec::new();
+    let mut out: Vec<Resolved> = Vec::new();
     let mut excluded = HashMap::new();
     for t in &spec.tables {
-        for (table, info) in source_tables(spec, src, t)? {
-            let name = format!("{}.{table}", t.schema);
+        for ((schema, table), info) in source_tables(spec, src, t)? {
+            let name = format!("{schema}.{table}");
             let mut exclude = |reason: String| {
                 warn!(
                     "source {}: table {name} is not replicated: {reason}; the rest of the source \
                      streams, and the table is published and copied at the next start once fixed",
                     spec.label()
                 );
-                excluded.insert((t.schema.clone(), table.clone()), reason);
+                excluded.insert((schema.clone(), table.clone()), reason);
             };
+            // A regex, a partitioned root and an explicit entry may name the same table:
+            // one table has one target.
+            if let Some(first) = out
+                .iter()
+                .find(|r| r.name() == (schema.clone(), table.clone()))
+            {
+                warn!(
+                    "source {}: table {name} is named by two map entries ({}.{} and {}.{}): it \
+                     follows the first only",
+                    spec.label(),
+                    first.map.schema,
+                    first.map.table,
+                    t.schema,
+                    t.table
+                );
+                continue;
+            }
             let Some(info) = info else {
                 exclude("the source table does not exist".into());
                 continue;
             };
-            if let Some(r) = resolve_one(spec, env, dest, t, info, &mut exclude)? {
+            if let Some(r) = resolve_one(spec, dest_schema, dest, t, info, &mut exclude)? {
                 out.push(r);
             }
         }
@@ -199,19 +216,65 @@ fn resolve_tables(
     Ok((out, excluded))
 }
 
+/// What `check` says of one mapped source table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableStatus {
+    /// Replicated into this target (`schema.table`).
+    Ok { target: String },
+    /// No replica identity: only INSERT and TRUNCATE are carried.
+    InsertsOnly { target: String },
+    /// A target without `sid` that several URLs write into.
+    Shared { target: String },
+    /// Left out of the publications, for this reason.
+    Excluded { reason: String },
+}
+
+/// Every source table the map names for `spec`, as the daemon would publish it.
+pub fn table_report(
+    spec: &SourceSpec,
+    dest_schema: &str,
+    src: &mut Client,
+    dest: &mut Client,
+) -> Result<Vec<(String, TableStatus)>, SourceError> {
+    let (resolved, excluded) = resolve_tables(spec, dest_schema, src, dest)?;
+    let mut out: Vec<(String, TableStatus)> = resolved
+        .iter()
+        .map(|r| {
+            let target = r.target();
+            let status = if r.insert_only {
+                TableStatus::InsertsOnly { target }
+            } else if r.shared {
+                TableStatus::Shared { target }
+            } else {
+                TableStatus::Ok { target }
+            };
+            (r.key(), status)
+        })
+        .collect();
+    out.extend(excluded.into_iter().map(|((schema, table), reason)| {
+        (
+            format!("{schema}.{table}"),
+            TableStatus::Excluded { reason },
+        )
+    }));
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 /// The source tables a map entry stands for, each with its catalog facts (`None`: it
 /// does not exist): the tables matching `partitions_regex`, the leaf partitions of a
-/// partitioned table (published one by one, which every major supports), or the table.
+/// partitioned table at any depth and in any schema (published one by one, which every
+/// major supports), or the table.
 fn source_tables(
     spec: &SourceSpec,
     src: &mut Client,
     t: &TableMap,
-) -> Result<Vec<(String, Option<TableInfo>)>, SourceError> {
-    let lookup = |src: &mut Client, name: &str| {
-        catalog::table_info(src, &t.schema, name)
-            .map_err(sql_err(spec, format!("look up {}.{name}", t.schema)))
+) -> Result<Vec<(TableName, Option<TableInfo>)>, SourceError> {
+    let lookup = |src: &mut Client, schema: &str, name: &str| {
+        catalog::table_info(src, schema, name)
+            .map_err(sql_err(spec, format!("look up {schema}.{name}")))
     };
-    let names = match &t.partitions_regex {
+    let names: Vec<TableName> = match &t.partitions_regex {
         Some(regex) => {
             let names = catalog::tables_matching(src, &t.schema, regex).map_err(sql_err(
                 spec,
@@ -225,21 +288,21 @@ fn source_tables(
                     t.table
                 );
             }
-            names
+            names.into_iter().map(|n| (t.schema.clone(), n)).collect()
         }
-        None => match lookup(src, &t.table)? {
+        None => match lookup(src, &t.schema, &t.table)? {
             Some(info) if info.relkind == 'p' => catalog::leaf_partitions(src, &t.schema, &t.table)
                 .map_err(sql_err(
                     spec,
                     format!("list the partitions of {}.{}", t.schema, t.table),
                 ))?,
-            info => return Ok(vec![(t.table.clone(), info)]),
+            info => return Ok(vec![((t.schema.clone(), t.table.clone()), info)]),
         },
     };
     let mut out = Vec::with_capacity(names.len());
-    for name in names {
-        let info = lookup(src, &name)?;
-        out.push((name, info));
+    for (schema, name) in names {
+        let info = lookup(src, &schema, &name)?;
+        out.push(((schema, name), info));
     }
     Ok(out)
 }
@@ -248,15 +311,15 @@ fn source_tables(
 /// reported through `exclude`).
 fn resolve_one(
     spec: &SourceSpec,
-    env: &SourceEnv,
+    dest_schema: &str,
     dest: &mut Client,
     t: &TableMap,
     info: TableInfo,
     exclude: &mut dyn FnMut(String),
 ) -> Result<Option<Resolved>, SourceError> {
     let name = format!("{}.{}", info.schema, info.name);
-    let target_name = format!("{}.{}", env.dest_schema, t.target);
-    let Some(target) = catalog::table_info(dest, &env.dest_schema, &t.target)
+    let target_name = format!("{}.{}", dest_schema, t.target);
+    let Some(target) = catalog::table_info(dest, dest_schema, &t.target)
         .map_err(sql_err(spec, format!("look up target {target_name}")))?
     else {
         exclude(format!(
@@ -318,7 +381,7 @@ fn resolve_one(
     let plan = CopyPlan {
         source_schema: info.schema.clone(),
         source_table: info.name.clone(),
-        target_schema: env.dest_schema.clone(),
+        target_schema: dest_schema.to_string(),
         target_table: t.target.clone(),
         columns,
         key: info
@@ -549,7 +612,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
     let mut src = connect_source(spec, env)?;
     let mut dest = connect_dest(spec, env)?;
     check_prerequisites(spec, &mut src)?;
-    let (tables, excluded) = resolve_tables(spec, env, &mut src, &mut dest)?;
+    let (tables, excluded) = resolve_tables(spec, &env.dest_schema, &mut src, &mut dest)?;
 
     let mut slot =
         catalog::slot_info(&mut src, &spec.slot).map_err(sql_err(spec, "look up slot"))?;
@@ -679,13 +742,11 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     pending.push(r);
                 }
             }
-            // A clone target is cleared of this sid's rows before its copy, so every
-            // source table that feeds it is copied again with the one that must be.
-            let cleared: BTreeSet<String> = pending
-                .iter()
-                .filter(|r| r.map.mode == Mode::Clone && !r.shared)
-                .map(|r| r.target())
-                .collect();
+            // Every source table that feeds a target is copied again with the one that
+            // must be, from the same snapshot: a clone target is cleared of this sid's
+            // rows first, and a merged one would otherwise take a row that moved between
+            // partitions from the snapshot and then an older change of it from the stream.
+            let cleared: BTreeSet<String> = pending.iter().map(|r| r.target()).collect();
             for r in &tables {
                 if cleared.contains(&r.target()) && !pending.iter().any(|p| p.key() == r.key()) {
                     record_states(spec, env, &mut dest, &[r], "pending", false)?;

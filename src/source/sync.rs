@@ -62,7 +62,7 @@ impl CopyPlan {
     /// replace: an append target keeps what its source deleted, and a shared target
     /// holds other URLs' rows, so a copy updates and adds rows by key and removes nothing.
     fn merges(&self) -> bool {
-        !self.clears() && !self.key.is_empty()
+        !self.clears()
     }
 
     /// Whether a copy replaces the target's rows of this sid: a clone target's, unless
@@ -94,19 +94,30 @@ impl CopyPlan {
     }
 
     /// Merges the staged rows into the target by key (sid included), then drops the
-    /// stage: rows with a key already there are updated, the others added.
+    /// stage: rows with a key already there are updated, the others added. Without a
+    /// key, rows already there are left and the others added (a re-copy adds nothing
+    /// twice, at the price of identical rows the source added meanwhile).
     fn merge_sql(&self) -> String {
         let t = qualified(&self.target_schema, &self.target_table);
-        let mut key: Vec<String> = self.key.iter().map(|c| ident(c)).collect();
-        if self.sid.is_some() {
-            key.push(ident("sid"));
-        }
-        let matches = key
-            .iter()
-            .map(|k| format!("t.{k} = s.{k}"))
-            .collect::<Vec<_>>()
-            .join(" AND ");
         let cols = self.target_columns();
+        let mut key: Vec<String> = self.key.iter().map(|c| ident(c)).collect();
+        let matches = if key.is_empty() {
+            // No key (inserts only): a row already there, compared by its text form (any
+            // type, NULLs alike), is not added again.
+            key = cols.clone();
+            key.iter()
+                .map(|k| format!("t.{k}::text IS NOT DISTINCT FROM s.{k}::text"))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        } else {
+            if self.sid.is_some() {
+                key.push(ident("sid"));
+            }
+            key.iter()
+                .map(|k| format!("t.{k} = s.{k}"))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
         let sets: Vec<String> = cols
             .iter()
             .filter(|c| !key.contains(c))

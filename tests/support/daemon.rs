@@ -62,6 +62,23 @@ impl Daemon {
         }
     }
 
+    /// `kuvasz-streamer check` on the files of daemon directory `dir`: exit code and
+    /// standard output.
+    pub fn check(dir: &std::path::Path) -> (i32, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_kuvasz-streamer"))
+            .arg("check")
+            .arg("--conf")
+            .arg(dir.join("kuvasz-streamer.toml"))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run check");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// Process id of the running binary (for `/proc/<pid>/status`).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
