@@ -858,6 +858,24 @@ fn partitions(version: u32) {
         "INSERT INTO meas VALUES (11, 'w', 'streamed'); UPDATE meas SET region = 'w' WHERE id = 8",
     );
     check("attached partition streams");
+    // Attached while running, and a table matching the regex created: picked up live.
+    s.src_exec(
+        "SET ROLE kuvasz; CREATE TABLE meas_e (id int, region text, v text, PRIMARY KEY (id, region)); \
+         INSERT INTO meas_e VALUES (12, 'e', 'east'); \
+         ALTER TABLE meas ATTACH PARTITION meas_e FOR VALUES IN ('e'); \
+         CREATE TABLE log_2025 (id int PRIMARY KEY, v text); INSERT INTO log_2025 VALUES (5, 'new year')",
+    );
+    s.src_exec("INSERT INTO meas VALUES (13, 'e', 'streamed east')");
+    let logs_src = format!(
+        "SELECT * FROM ({logs_src}) l UNION ALL SELECT id || ':' || v FROM log_2025 ORDER BY 1"
+    );
+    s.converge("partition attached while running", meas, meas);
+    s.converge("regex table created while running", &logs_src, logs);
+    s.src_exec(
+        "INSERT INTO meas VALUES (14, 'e', 'later'); INSERT INTO log_2025 VALUES (6, 'later')",
+    );
+    s.converge("it streams", meas, meas);
+    s.converge("it streams", &logs_src, logs);
     daemon.stop_ok();
 }
 

@@ -40,6 +40,9 @@ pub struct StartPoint {
     /// Mapped tables left out of the publications, with the reason (their changes still
     /// in the slot's WAL are skipped).
     pub excluded: HashMap<TableName, String>,
+    /// Map entries that stand for a changing set of tables (a partitioned root, a
+    /// `partitions_regex`), with the tables they stood for at set-up.
+    pub dynamic: Vec<(TableMap, BTreeSet<TableName>)>,
 }
 
 /// How the changes of one published source table are carried.
@@ -259,6 +262,43 @@ pub fn table_report(
     }));
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// The map entries whose set of source tables can change while streaming (partitions
+/// attached or detached, tables matching a regex created), with their current tables.
+fn dynamic_entries(
+    spec: &SourceSpec,
+    src: &mut Client,
+) -> Result<Vec<(TableMap, BTreeSet<TableName>)>, SourceError> {
+    let mut out = Vec::new();
+    for t in &spec.tables {
+        let tables = source_tables(spec, src, t)?;
+        let dynamic = t.partitions_regex.is_some()
+            || tables.len() != 1
+            || tables[0].0 != (t.schema.clone(), t.table.clone());
+        if dynamic {
+            out.push((t.clone(), tables.into_iter().map(|(n, _)| n).collect()));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether any dynamic entry now stands for other tables than at set-up.
+pub fn tables_changed(
+    spec: &SourceSpec,
+    src: &mut Client,
+    dynamic: &[(TableMap, BTreeSet<TableName>)],
+) -> Result<bool, SourceError> {
+    for (t, before) in dynamic {
+        let now: BTreeSet<TableName> = source_tables(spec, src, t)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        if &now != before {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The source tables a map entry stands for, each with its catalog facts (`None`: it
@@ -841,6 +881,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             (confirmed, routes)
         }
     };
+    let dynamic = dynamic_entries(spec, &mut src)?;
     Ok(StartPoint {
         repl,
         start,
@@ -849,6 +890,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
         restart_at,
         routes,
         excluded,
+        dynamic,
     })
 }
 

@@ -1,7 +1,7 @@
 //! The streaming loop: decode pgoutput, map rows onto targets, route them to writers,
 //! and confirm to the slot what every writer has committed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -9,14 +9,14 @@ use postgres::Client;
 
 use crate::apply::route::{PoolClosed, Routed, Router, Wait};
 use crate::change::{Change, Position};
-use crate::config::Mode;
+use crate::config::{Mode, TableMap};
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::Lsn;
 
 use super::mapping::{map_relation, RelationMap};
-use super::setup::{connect_dest, Route, StartPoint, TableName};
+use super::setup::{connect_dest, connect_source, tables_changed, Route, StartPoint, TableName};
 use super::spool::{SpoolError, Spools};
 use super::{SourceEnv, SourceError, SourceSpec};
 
@@ -71,8 +71,13 @@ struct Streamer<'a> {
     excluded: HashMap<TableName, String>,
     /// See [`StartPoint::restart_at`].
     restart_at: Option<Lsn>,
-    /// Everything before `restart_at` is routed: stop reading and set up again.
+    /// Everything before `restart_at` is routed, or the tables of a map entry changed:
+    /// stop reading and set up again.
     restart_now: bool,
+    /// See [`StartPoint::dynamic`]; looked at every [`TARGET_RECHECK`].
+    dynamic: Vec<(TableMap, BTreeSet<TableName>)>,
+    /// A SQL connection to the source, opened for the first such look.
+    src: Option<Client>,
     in_txn: bool,
     /// Messages since the last progress check (see CHECK_EVERY).
     unchecked: u32,
@@ -101,6 +106,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         restart_at,
         routes,
         excluded,
+        dynamic,
     } = start;
     let proto = if server_version >= 140000 { 2 } else { 1 };
     // Protocol 2 streams big transactions as they are decoded (see spool.rs).
@@ -138,6 +144,8 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         excluded,
         restart_at,
         restart_now: false,
+        dynamic,
+        src: None,
         in_txn: false,
         unchecked: 0,
         txn_lsn: Lsn::ZERO,
@@ -248,6 +256,7 @@ impl Streamer<'_> {
             if !self.in_txn && self.last_recheck.elapsed() >= TARGET_RECHECK {
                 self.last_recheck = Instant::now();
                 self.recheck_targets()?;
+                self.recheck_tables()?;
             }
         }
     }
@@ -610,6 +619,28 @@ impl Streamer<'_> {
                 ))),
             }),
         }
+    }
+
+    /// A partition attached or detached, or a table created that a `partitions_regex`
+    /// matches: set up again, which publishes and copies it (the stream pauses meanwhile).
+    fn recheck_tables(&mut self) -> Result<(), SourceError> {
+        if self.dynamic.is_empty() {
+            return Ok(());
+        }
+        if self.src.is_none() {
+            self.src = Some(connect_source(self.spec, self.env)?);
+        }
+        let Some(src) = self.src.as_mut() else {
+            return Ok(());
+        };
+        if tables_changed(self.spec, src, &self.dynamic)? {
+            info!(
+                "source {}: the partitions or tables a map entry stands for changed: setting up again",
+                self.label()
+            );
+            self.restart_now = true;
+        }
+        Ok(())
     }
 
     /// Rebuilds the mappings of relations whose target has gained one of their columns.
