@@ -602,6 +602,31 @@ fn recopy(version: u32) {
     );
     s.src_exec("INSERT INTO north VALUES (3, 'n3'); INSERT INTO moved VALUES (2, 'm2')");
     s.converge("stream after the re-copy", regions_src, regions);
+    let dir = daemon.stop_ok();
+
+    // database.schema changes: every table is copied into the new schema's targets.
+    s.dest.execute(
+        &s.ddb,
+        "SET ROLE kuvasz; CREATE SCHEMA other; \
+         CREATE TABLE other.regions (sid text, id int, v text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE other.ledger (sid text, id int, v text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE other.moved_b (id int PRIMARY KEY, v text); \
+         CREATE TABLE other.journal (sid text, n int)",
+    );
+    let conf = std::fs::read_to_string(dir.join("kuvasz-streamer.toml")).expect("config");
+    let conf = conf.replacen("[database]\n", "[database]\nschema = \"other\"\n", 1);
+    std::fs::write(dir.join("kuvasz-streamer.toml"), conf).expect("write config");
+    let daemon = Daemon::spawn(dir);
+    s.converge(
+        "new schema",
+        regions_src,
+        "SELECT id::text || ':' || v FROM other.regions ORDER BY 1",
+    );
+    s.converge_to(
+        "new schema: append target",
+        "SELECT id::text || ':' || v FROM other.ledger ORDER BY 1",
+        &["2:L2", "3:l3"],
+    );
     daemon.stop_ok();
 }
 

@@ -600,6 +600,49 @@ fn record_states(
         .map_err(sql_err(spec, "record sync state"))
 }
 
+/// Whether another schema of the destination records copies of this slot: then
+/// `database.schema` changed, and its tables are copied again into the new schema's
+/// targets rather than adopted as copied.
+fn copied_elsewhere(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    dest: &mut Client,
+) -> Result<bool, SourceError> {
+    let schemas: Vec<String> = dest
+        .query(
+            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.relname = $1 AND c.relkind = 'r' AND n.nspname <> $2",
+            &[&SYNC_STATE_TABLE, &env.dest_schema],
+        )
+        .map_err(sql_err(spec, "look for other sync states"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for schema in schemas {
+        let found = dest
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE slot_name = $1)",
+                    qualified(&schema, SYNC_STATE_TABLE)
+                ),
+                &[&spec.slot],
+            )
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false);
+        if found {
+            info!(
+                "source {}: slot {} was copied into schema {schema} before; its tables are \
+                 copied again into schema {}",
+                spec.label(),
+                spec.slot,
+                env.dest_schema
+            );
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Records that the `_ins` publication may be streamed from `lsn` on.
 fn record_ins_marker(
     spec: &SourceSpec,
@@ -744,7 +787,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             let mut states = sync_states(spec, env, &mut dest)?;
             // A slot and publication with no sync state at all were made by the Go
             // implementation (or an earlier version): their tables are taken as copied.
-            if states.is_empty() {
+            if states.is_empty() && !copied_elsewhere(spec, env, &mut dest)? {
                 let current: BTreeSet<TableName> =
                     catalog::publication_tables(&mut src, &spec.slot)
                         .map_err(sql_err(spec, "list publication tables"))?
