@@ -2,7 +2,7 @@
 //!
 //! Data flow, one module each: [`config`] → [`source`] (replication, decoding, initial
 //! sync) → [`apply`] (routing, batching, SQL, commit) → progress back to the source.
-//! [`daemon`] supervises the threads.
+//! [`daemon`] supervises the threads; [`sequences`] is the switchover's last step.
 
 pub mod apply;
 pub mod change;
@@ -10,4 +10,5 @@ pub mod config;
 pub mod daemon;
 pub mod memory;
 pub mod pg;
+pub mod sequences;
 pub mod source;

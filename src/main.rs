@@ -8,6 +8,7 @@ use kuvasz_streamer::change::Sid;
 use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, Mode, OnError};
 use kuvasz_streamer::daemon::{self, DaemonSettings, Signals};
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
+use kuvasz_streamer::sequences::Outcome;
 use kuvasz_streamer::source::setup::{table_report, TableStatus};
 use kuvasz_streamer::source::SourceSpec;
 use log::{error, info, warn};
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => run(&args),
         Command::Check(args) => check(&args),
+        Command::Sequences { args, margin } => sequences(&args, margin),
     }
 }
 
@@ -226,6 +228,56 @@ fn run(args: &Args) -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `sequences`: one line per destination sequence; exit 1 when a source could not be
+/// read or a sequence is missing on the destination.
+fn sequences(args: &Args, margin: i64) -> ExitCode {
+    let loaded = match load(args) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kuvasz-streamer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let dest = loaded.dest.to_postgres_config();
+    let report = match kuvasz_streamer::sequences::copy_sequences(
+        &loaded.sources,
+        &dest,
+        &loaded.config.database.schema,
+        margin,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("destination {}: {e}", loaded.dest.redacted());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ok = report.problems.is_empty();
+    for p in &report.problems {
+        println!("{p}");
+    }
+    for (name, value, outcome) in &report.sequences {
+        let source = value.map_or("never used".to_string(), |v| v.to_string());
+        let line = match outcome {
+            Outcome::Set { from, to } => format!(
+                "set to {to} (was {})",
+                from.map_or("never used".to_string(), |v| v.to_string())
+            ),
+            Outcome::Kept { at } => format!("kept at {at} (not lowered)"),
+            Outcome::Unused => "unused on both sides: nothing to do".to_string(),
+            Outcome::Missing => {
+                ok = false;
+                "MISSING on the destination: create it (or rename it) and run again".to_string()
+            }
+        };
+        println!("sequence {name}: source {source}, margin {margin}: {line}");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

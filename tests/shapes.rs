@@ -9,18 +9,6 @@ use std::time::Duration;
 use support::daemon::Daemon;
 use support::{converge, destination, source, unique_name, Cluster};
 
-/// `$scenario(version)` as one test per source major, named `<scenario>_pg<N>`.
-macro_rules! every_major {
-    ($scenario:ident: $($name:ident => $v:expr),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                $scenario($v);
-            }
-        )*
-    };
-}
-
 /// A destination role that may set `session_replication_role` (granted, not superuser)
 /// and otherwise has `kuvasz`'s privileges.
 fn replica_role_url(dest: &Cluster, db: &str) -> String {

@@ -12,6 +12,12 @@ pub enum Command {
     Run(Args),
     /// Validate everything, print a report, exit.
     Check(Args),
+    /// Copy the mapped tables' sequence values to the destination (upgrade switchover),
+    /// each raised by `margin`.
+    Sequences {
+        args: Args,
+        margin: i64,
+    },
     Version,
     Help,
 }
@@ -27,17 +33,37 @@ pub struct Args {
 }
 
 /// Parses argv without the program name:
-/// `[check] [--conf FILE] [--section.param=value | --section.param value]...`,
+/// `[check | sequences [--margin N]] [--conf FILE] [--section.param=value | --section.param value]...`,
 /// or `--version`/`-V`, `--help`/`-h`.
 pub fn parse_cli(args: impl IntoIterator<Item = String>) -> Result<Command, ConfigError> {
     let mut it = args.into_iter();
-    let mut check = false;
+    let mut command: Option<&str> = None;
+    let mut margin: Option<i64> = None;
     let mut parsed = Args::default();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--help" | "-h" => return Ok(Command::Help),
             "--version" | "-V" => return Ok(Command::Version),
-            "check" if !check => check = true,
+            "check" if command.is_none() => command = Some("check"),
+            "sequences" if command.is_none() => command = Some("sequences"),
+            _ if command == Some("sequences")
+                && (arg == "--margin" || arg.starts_with("--margin=")) =>
+            {
+                let value = match arg.strip_prefix("--margin=") {
+                    Some(v) => v.to_string(),
+                    None => next_value(&mut it, "margin")?,
+                };
+                let n = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| *n >= 0)
+                    .ok_or_else(|| {
+                        usage_error(format!(
+                            "--margin needs a whole number of at least 0, not {value:?}"
+                        ))
+                    })?;
+                margin = Some(n);
+            }
             _ => {
                 let Some(body) = arg.strip_prefix("--") else {
                     return Err(usage_error(format!("unexpected argument {arg:?}")));
@@ -67,10 +93,13 @@ pub fn parse_cli(args: impl IntoIterator<Item = String>) -> Result<Command, Conf
             }
         }
     }
-    Ok(if check {
-        Command::Check(parsed)
-    } else {
-        Command::Run(parsed)
+    Ok(match command {
+        Some("check") => Command::Check(parsed),
+        Some(_) => Command::Sequences {
+            args: parsed,
+            margin: margin.unwrap_or(0),
+        },
+        None => Command::Run(parsed),
     })
 }
 
@@ -108,6 +137,7 @@ kuvasz-streamer: change data capture from many PostgreSQL sources into one desti
 Usage:
   kuvasz-streamer [--conf FILE] [--SECTION.PARAM=VALUE ...]
   kuvasz-streamer check [--conf FILE] [--SECTION.PARAM=VALUE ...]
+  kuvasz-streamer sequences [--margin N] [--conf FILE] [--SECTION.PARAM=VALUE ...]
   kuvasz-streamer --version | --help
 
   Without a command the daemon runs in the foreground and logs to stderr.
@@ -115,6 +145,10 @@ Usage:
   and to every source, reports how each mapped table would be replicated, and
   exits non-zero on any problem (in this version it does not yet check source
   prerequisites such as wal_level).
+  sequences sets each destination sequence of the same name as a sequence owned
+  by a mapped table's column to the highest value of all source URLs, plus N
+  (default 0), never lowering it: the last step of a switchover, after writes
+  stopped and the lag reached 0.
 
 Options:
   --conf FILE             configuration file; default: the first that exists of
@@ -211,6 +245,32 @@ mod tests {
             Ok(Command::Check(_))
         ));
         assert!(parse(&["check", "check"]).is_err());
+    }
+
+    #[test]
+    fn sequences_command_and_margin() {
+        assert_eq!(
+            parse(&["sequences", "--margin", "1000", "--conf", "a.toml"]).unwrap(),
+            Command::Sequences {
+                args: Args {
+                    conf: Some("a.toml".into()),
+                    overrides: vec![]
+                },
+                margin: 1000
+            }
+        );
+        assert!(matches!(
+            parse(&["sequences", "--margin=5"]),
+            Ok(Command::Sequences { margin: 5, .. })
+        ));
+        assert!(matches!(
+            parse(&["sequences"]),
+            Ok(Command::Sequences { margin: 0, .. })
+        ));
+        assert!(parse(&["sequences", "--margin", "-1"]).is_err());
+        assert!(parse(&["sequences", "--margin", "x"]).is_err());
+        assert!(parse(&["--margin", "5"]).is_err(), "only for sequences");
+        assert!(parse(&["check", "sequences"]).is_err());
     }
 
     #[test]

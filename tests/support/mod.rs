@@ -565,3 +565,16 @@ pub fn wait_for_opt(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// `$scenario(version)` as one test per source major, named `<scenario>_pg<N>`.
+#[macro_export]
+macro_rules! every_major {
+    ($scenario:ident: $($name:ident => $v:expr),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $scenario($v);
+            }
+        )*
+    };
+}
