@@ -80,3 +80,93 @@ every_major! { append_mode:
     append_mode_pg17 => 17,
     append_mode_pg18 => 18,
 }
+
+/// The Go implementation's `map.yaml`, unchanged: URLs with `replication=database`,
+/// tables with no body, a rename, append mode and `partitions_regex`.
+fn go_yaml_map(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (a, b, ddb, family) = (
+        unique_name("ya"),
+        unique_name("yb"),
+        unique_name("yd"),
+        unique_name("y"),
+    );
+    let ddl = "SET ROLE kuvasz; CREATE TABLE t0 (id int PRIMARY KEY, v text); \
+               CREATE TABLE t2 (id int PRIMARY KEY, v text); CREATE TABLE t3 (id int PRIMARY KEY, v text); \
+               CREATE TABLE t7_a (id int PRIMARY KEY, v text); CREATE TABLE t7_b (id int PRIMARY KEY, v text)";
+    for db in [&a, &b] {
+        src.create_database(db);
+        src.execute(db, ddl);
+        src.execute(
+            db,
+            "INSERT INTO t0 VALUES (1, 'x'); INSERT INTO t2 VALUES (1, 'y'); INSERT INTO t3 VALUES (1, 'z'); \
+             INSERT INTO t7_a VALUES (1, 'a'); INSERT INTO t7_b VALUES (2, 'b')",
+        );
+    }
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE t0 (sid text, id int, v text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE rt2 (sid text, id int, v text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE t3 (sid text, id int, v text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE t7 (sid text, id int, v text, PRIMARY KEY (sid, id))",
+    );
+    let go_url = |db: &str| {
+        format!(
+            "{}?replication=database&application_name=repl_{db}",
+            src.url(db)
+        )
+    };
+    let map = format!(
+        "# written for the Go implementation\n\
+         - database: {family}\n  urls:\n  - url: {}\n    sid: 12\n  - url: {}\n    sid: 13\n\
+         \x20 tables:\n    t0:\n    t2:\n      target: rt2\n    t3:\n      type: append\n\
+         \x20   t7:\n      partitions_regex: \"t7_.*\"\n",
+        go_url(&a),
+        go_url(&b)
+    );
+    let daemon = Daemon::start_yaml(&dest.url(&ddb), &map);
+    // The changes below must be streamed, not seen by the copy.
+    daemon.wait_streaming(2);
+    for db in [&a, &b] {
+        src.execute(
+            db,
+            "INSERT INTO t0 VALUES (2, 'x2'); UPDATE t2 SET v = 'Y'; DELETE FROM t3; \
+             INSERT INTO t7_b VALUES (3, 'b3')",
+        );
+    }
+    let all = |t: &str| {
+        dest.query(
+            &ddb,
+            &format!("SELECT sid || ':' || id || ':' || v FROM {t} ORDER BY 1"),
+        )
+    };
+    converge(
+        "t0",
+        || rows(&["12:1:x", "12:2:x2", "13:1:x", "13:2:x2"]),
+        || all("t0"),
+    );
+    converge("rt2", || rows(&["12:1:Y", "13:1:Y"]), || all("rt2"));
+    converge(
+        "t3 (append keeps it)",
+        || rows(&["12:1:z", "13:1:z"]),
+        || all("t3"),
+    );
+    converge(
+        "t7",
+        || rows(&["12:1:a", "12:2:b", "12:3:b3", "13:1:a", "13:2:b", "13:3:b3"]),
+        || all("t7"),
+    );
+    daemon.stop_ok();
+}
+
+every_major! { go_yaml_map:
+    go_yaml_map_pg12 => 12,
+    go_yaml_map_pg13 => 13,
+    go_yaml_map_pg14 => 14,
+    go_yaml_map_pg15 => 15,
+    go_yaml_map_pg16 => 16,
+    go_yaml_map_pg17 => 17,
+    go_yaml_map_pg18 => 18,
+}

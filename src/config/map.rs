@@ -123,23 +123,26 @@ impl Map {
             .extension()
             .and_then(|e| e.to_str())
             .map(str::to_ascii_lowercase);
-        if matches!(ext.as_deref(), Some("yaml" | "yml")) {
-            return Err(ConfigError::invalid(
-                Origin::File {
-                    file: path.to_path_buf(),
-                    line: 1,
-                    column: None,
-                },
-                "app.map_file",
-                "maps in the Go implementation's YAML format are not supported yet; \
-                 write it as TOML (see map.toml(5))",
-            ));
-        }
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             file: path.to_path_buf(),
             error,
         })?;
+        if matches!(ext.as_deref(), Some("yaml" | "yml")) {
+            return Map::parse_yaml(&text, path, default_schema);
+        }
         Map::parse(&text, path, default_schema)
+    }
+
+    /// Parses and validates the Go implementation's `map.yaml`: the same checks as a
+    /// TOML map, errors naming the YAML file's line.
+    pub fn parse_yaml(text: &str, file: &Path, default_schema: &str) -> Result<Map, ConfigError> {
+        let root = super::yaml::parse(text, file)?;
+        let p = Parser {
+            file,
+            text,
+            default_schema,
+        };
+        p.map(root)
     }
 
     /// Parses and validates map text; `file` only names it in errors.
@@ -791,7 +794,7 @@ t10 = { set = { full_name = "first_name + ' ' + last_name" } }         # compute
     }
 
     #[test]
-    fn load_reads_files_and_refuses_yaml() {
+    fn load_reads_files() {
         let dir = std::env::temp_dir().join(format!("kvsz-map-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("map.toml");
@@ -799,7 +802,65 @@ t10 = { set = { full_name = "first_name + ' ' + last_name" } }         # compute
         assert_eq!(Map::load(&f, "public").unwrap(), parse(EXAMPLE).unwrap());
         let e = Map::load(&dir.join("absent.toml"), "public").unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
-        let e = Map::load(&dir.join("map.yaml"), "public").unwrap_err();
-        assert!(e.to_string().contains("YAML"), "{e}");
+        let e = Map::load(&dir.join("absent.yaml"), "public").unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+    }
+
+    /// The Go layout, every feature: the same map as its TOML form.
+    #[test]
+    fn yaml_map_equals_its_toml_form() {
+        let yaml = "\
+- database: db1
+  urls:
+  - url: postgres://kuvasz:secret@10.0.0.1:5432/db1?replication=database&application_name=repl_db1
+    sid: tenant1
+  - url: postgres://kuvasz:secret@10.0.0.2:5432/db1
+    sid: 2
+  tables:
+    t1:
+    t2:
+      target: rt2
+    t3:
+      type: append
+    t4:
+      type: history
+    t7:
+      partitions_regex: \"t7_.*\"
+    private.t8:
+      target: pt8
+    t9:
+      filter: \"status != 'draft' && amount > 0\"
+    t10:
+      set:
+        full_name: \"first_name + ' ' + last_name\"
+";
+        let toml = r#"
+[[source]]
+database = "db1"
+urls = [
+  { url = "postgres://kuvasz:secret@10.0.0.1:5432/db1?replication=database&application_name=repl_db1", sid = "tenant1" },
+  { url = "postgres://kuvasz:secret@10.0.0.2:5432/db1", sid = "2" },
+]
+[source.tables]
+t1 = {}
+t2 = { target = "rt2" }
+t3 = { type = "append" }
+t4 = { type = "history" }
+t7 = { partitions_regex = "t7_.*" }
+"private.t8" = { target = "pt8" }
+t9 = { filter = "status != 'draft' && amount > 0" }
+t10 = { set = { full_name = "first_name + ' ' + last_name" } }
+"#;
+        let from_yaml = Map::parse_yaml(yaml, Path::new("map.yaml"), "public").unwrap();
+        assert_eq!(from_yaml, parse(toml).unwrap());
+        // Errors name the YAML line and key, as for TOML.
+        let e = Map::parse_yaml(
+            "- database: db1\n  urls:\n  - url: x\n    sid: a\n  tables:\n    t1:\n      type: clown\n",
+            Path::new("map.yaml"),
+            "public",
+        )
+        .unwrap_err();
+        assert_eq!(e.line(), Some(7), "{e}");
+        assert!(e.to_string().contains("clown"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ mod error;
 mod map;
 mod service;
 mod tree;
+mod yaml;
 
 pub use cli::{parse_cli, usage, Args, Command};
 pub use error::{ConfigError, Origin};

@@ -25,12 +25,27 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with `database_extra` lines in `[database]` (a schema).
     pub fn start_in(dest_url: &str, database_extra: &str, map: &str, extra_app: &[&str]) -> Daemon {
+        Self::start_files(dest_url, database_extra, "map.toml", map, extra_app)
+    }
+
+    /// Like [`Daemon::start`], with the map in the Go implementation's YAML format.
+    pub fn start_yaml(dest_url: &str, map: &str) -> Daemon {
+        Self::start_files(dest_url, "", "map.yaml", map, &[])
+    }
+
+    fn start_files(
+        dest_url: &str,
+        database_extra: &str,
+        map_name: &str,
+        map: &str,
+        extra_app: &[&str],
+    ) -> Daemon {
         let dir = work_dir();
-        fs::write(dir.join("map.toml"), map).expect("write map");
+        fs::write(dir.join(map_name), map).expect("write map");
         let mut conf = format!(
             "[server]\naddress = \"127.0.0.1:0\"\n[logs]\nlevel = \"info\"\n[database]\nurl = \"{dest_url}\"\n\
              {database_extra}\n[app]\nmap_file = \"{}\"\ncommit_delay = 0.2\n",
-            dir.join("map.toml").display()
+            dir.join(map_name).display()
         );
         for line in extra_app {
             conf.push_str(line);
