@@ -806,6 +806,22 @@ t10 = { set = { full_name = "first_name + ' ' + last_name" } }         # compute
         assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
     }
 
+    /// One source table has one target: naming it twice in a family is refused, with
+    /// both entries named.
+    #[test]
+    fn a_table_mapped_twice_is_refused() {
+        let e = parse(
+            "[[source]]\ndatabase = \"d\"\nurls = [ { url = \"postgres://h/d\", sid = \"s\" } ]\n\
+             [source.tables]\nt1 = {}\n\"public.t1\" = { target = \"other\" }\n",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("public.t1 is already mapped by") && e.line() == Some(6),
+            "{text}"
+        );
+    }
+
     /// The Go layout, every feature: the same map as its TOML form.
     #[test]
     fn yaml_map_equals_its_toml_form() {
