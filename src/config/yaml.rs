@@ -319,59 +319,51 @@ fn node(offset: usize, value: Value) -> Node {
     }
 }
 
-/// The tree the TOML map parser would make of the same map: `source` = the families;
-/// an entry with no body is `{}`; every scalar is a string (`sid: 12` is "12").
-fn convert(y: Y, under_tables: bool) -> Node {
+/// Where a value sits, which decides what an empty one means.
+#[derive(Clone, Copy, PartialEq)]
+enum Place {
+    Other,
+    /// The value of a family's `tables:` key.
+    Tables,
+    /// One entry under `tables:`: empty means `{}`.
+    TableEntry,
+}
+
+/// The tree the TOML map parser would make of the same map: an entry with no body is
+/// `{}`; every scalar is a string (`sid: 12` is "12").
+fn convert(y: Y, place: Place) -> Node {
     match y {
-        Y::Null(o) if under_tables => node(o, Value::Table(Vec::new())),
+        Y::Null(o) if place == Place::TableEntry => node(o, Value::Table(Vec::new())),
         Y::Null(o) => node(o, Value::String(String::new())),
         Y::Scalar(s, o) => node(o, Value::String(s)),
         Y::Seq(items, o) => node(
             o,
-            Value::Array(items.into_iter().map(|i| convert(i, false)).collect()),
-        ),
-        Y::Map(entries, o) => node(
-            o,
-            Value::Table(
-                entries
+            Value::Array(
+                items
                     .into_iter()
-                    .map(|(k, ko, v)| {
-                        let tables = k == "tables" && !under_tables;
-                        (
-                            Key {
-                                span: Some(ko..ko),
-                                name: k,
-                            },
-                            convert_entry(v, tables),
-                        )
-                    })
+                    .map(|i| convert(i, Place::Other))
                     .collect(),
             ),
         ),
-    }
-}
-
-/// The value of `tables:` holds entries whose empty body means `{}`.
-fn convert_entry(v: Y, tables: bool) -> Node {
-    match v {
-        Y::Map(entries, o) if tables => node(
-            o,
-            Value::Table(
-                entries
-                    .into_iter()
-                    .map(|(k, ko, v)| {
-                        (
-                            Key {
-                                span: Some(ko..ko),
-                                name: k,
-                            },
-                            convert(v, true),
-                        )
-                    })
-                    .collect(),
-            ),
-        ),
-        other => convert(other, false),
+        Y::Map(entries, o) => {
+            let entries = entries
+                .into_iter()
+                .map(|(name, ko, v)| {
+                    let child = match place {
+                        Place::Tables => Place::TableEntry,
+                        Place::Other if name == "tables" => Place::Tables,
+                        _ => Place::Other,
+                    };
+                    let value = convert(v, child);
+                    let key = Key {
+                        span: Some(ko..ko),
+                        name,
+                    };
+                    (key, value)
+                })
+                .collect();
+            node(o, Value::Table(entries))
+        }
     }
 }
 
@@ -384,7 +376,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Node, ConfigError> {
     }
     let offset = root.offset();
     let families = match root {
-        Y::Seq(..) => convert(root, false),
+        Y::Seq(..) => convert(root, Place::Other),
         Y::Null(_) => node(0, Value::Array(Vec::new())),
         _ => {
             return Err(ConfigError::Syntax {

@@ -139,6 +139,17 @@ pub fn connect_source(spec: &SourceSpec, env: &SourceEnv) -> Result<Client, Sour
     ))
 }
 
+/// Opens a walsender connection to the source.
+fn connect_replication(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+) -> Result<ReplicationConnection, SourceError> {
+    ReplicationConnection::connect(&spec.conn, &env.app_name).map_err(repl_err(
+        spec,
+        format!("replication connection to {}", spec.conn.redacted()),
+    ))
+}
+
 /// Opens a destination connection (the same session settings as the writers').
 pub fn connect_dest(spec: &SourceSpec, env: &SourceEnv) -> Result<Client, SourceError> {
     open_destination(&env.dest).map_err(sql_err(spec, "connect to the destination"))
@@ -583,6 +594,9 @@ fn record_states(
     state: &str,
     clear: bool,
 ) -> Result<(), SourceError> {
+    if tables.is_empty() && !clear {
+        return Ok(());
+    }
     let mut batch = String::from("BEGIN;");
     if clear {
         batch.push_str(&format!(
@@ -737,10 +751,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
     }
 
     let mut limiter = RateLimiter::new(env.sync_rate, env.sync_burst);
-    let mut repl = ReplicationConnection::connect(&spec.conn, &env.app_name).map_err(repl_err(
-        spec,
-        format!("replication connection to {}", spec.conn.redacted()),
-    ))?;
+    let mut repl = connect_replication(spec, env)?;
     let server_version = repl.server_version_num();
     let mut publications = vec![spec.slot.clone()];
     let mut restart_at = None;
@@ -813,29 +824,15 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                             || (s.target == r.plan.target_table && !s.target.contains('.')))
                 })
             };
-            let mut pending: Vec<&Resolved> = tables.iter().filter(|r| !done(r)).collect();
             // Mark before publishing: a crash between the two still leaves them pending.
-            if !pending.is_empty() {
-                record_states(spec, env, &mut dest, &pending, "pending", false)?;
-            }
+            let mut pending = also_pending(&tables, &[], |r| !done(r));
+            record_states(spec, env, &mut dest, &pending, "pending", false)?;
             let (added, ins_exists) = reconcile_publications(spec, &mut src, &tables)?;
-            for r in &tables {
-                if added.contains(&r.name()) && done(r) {
-                    record_states(spec, env, &mut dest, &[r], "pending", false)?;
-                    pending.push(r);
-                }
-            }
-            // Every source table that feeds a target is copied again with the one that
-            // must be, from the same snapshot: a clone target is cleared of this sid's
-            // rows first, and a merged one would otherwise take a row that moved between
-            // partitions from the snapshot and then an older change of it from the stream.
-            let cleared: BTreeSet<String> = pending.iter().map(|r| r.target()).collect();
-            for r in &tables {
-                if cleared.contains(&r.target()) && !pending.iter().any(|p| p.key() == r.key()) {
-                    record_states(spec, env, &mut dest, &[r], "pending", false)?;
-                    pending.push(r);
-                }
-            }
+            // A table added to a publication (a table moving between the two lost its
+            // updates meanwhile) is copied again.
+            let more = also_pending(&tables, &pending, |r| added.contains(&r.name()));
+            record_states(spec, env, &mut dest, &more, "pending", false)?;
+            pending.extend(more);
             let stale: Vec<String> = states
                 .keys()
                 .filter(|k| k.as_str() != INS_MARKER && !tables.iter().any(|r| &r.key() == *k))
@@ -859,11 +856,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 // (which the stream decodes with the old catalog and so never sends).
                 // Short: a name derived from a 63-byte slot name would be too long.
                 let tmp_name = format!("kvsz_sync_{}_{}", std::process::id(), spec.id);
-                let mut tmp =
-                    ReplicationConnection::connect(&spec.conn, &env.app_name).map_err(repl_err(
-                        spec,
-                        format!("replication connection to {}", spec.conn.redacted()),
-                    ))?;
+                let mut tmp = connect_replication(spec, env)?;
                 let created = tmp.create_temporary_slot(&tmp_name).map_err(repl_err(
                     spec,
                     format!("create temporary replication slot {tmp_name} for the copy"),
@@ -892,13 +885,6 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     at => restart_at = at,
                 }
             }
-            // A transaction in flight when a table was published is decoded with the old
-            // catalog, and PostgreSQL 12 keeps that verdict for the table in its walsender:
-            // later changes would never be sent. A walsender started past the copy's
-            // snapshot decodes none of those transactions.
-            if !added.is_empty() {
-                restart_at = Some(restart_at.map_or(copied_at, |a: Lsn| a.min(copied_at)));
-            }
             let recorded: HashMap<String, Lsn> = states
                 .iter()
                 .filter_map(|(k, s)| s.lsn.map(|l| (k.clone(), l)))
@@ -909,8 +895,11 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     route.copied_at = copied_at;
                 }
             }
-            // Also for copies of an earlier run the slot has not passed yet (a crash, or a
-            // stop that timed out before the restart).
+            // A transaction in flight when a table was published is decoded with the old
+            // catalog, and PostgreSQL 12 keeps that verdict for the table in its walsender:
+            // later changes would never be sent. So the stream stops at the first copy the
+            // slot has not passed (this run's, or an earlier run's after a crash or a stop
+            // that timed out), and a walsender started there decodes none of them.
             if let Some(first) = routes
                 .values()
                 .map(|r| r.copied_at)
@@ -935,6 +924,28 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
         excluded,
         dynamic,
     })
+}
+
+/// The tables `want` picks that `pending` lacks, with every table sharing a target with
+/// one of them: the source tables of a target are copied again together, from one
+/// snapshot. A clone target is cleared of this sid's rows first, and a merged one would
+/// otherwise take a row that moved between partitions from the snapshot and then an
+/// older change of it from the stream.
+fn also_pending<'a>(
+    tables: &'a [Resolved],
+    pending: &[&Resolved],
+    want: impl Fn(&Resolved) -> bool,
+) -> Vec<&'a Resolved> {
+    let targets: BTreeSet<String> = tables
+        .iter()
+        .filter(|r| want(r))
+        .map(|r| r.target())
+        .collect();
+    tables
+        .iter()
+        .filter(|r| targets.contains(&r.target()))
+        .filter(|r| !pending.iter().any(|p| p.key() == r.key()))
+        .collect()
 }
 
 /// The routes of the published tables; `copied_at` from the recorded sync states, or
