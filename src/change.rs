@@ -62,6 +62,9 @@ pub struct TargetTable {
     /// The source has REPLICA IDENTITY FULL: the "key" is the whole old row, whose values
     /// may be NULL, so rows are matched with IS NOT DISTINCT FROM.
     pub full_identity: bool,
+    /// History (SCD2) mode: every change adds or closes a version (`kvsz_start`,
+    /// `kvsz_end`, `kvsz_deleted`) instead of changing the row.
+    pub history: bool,
 }
 
 impl TargetTable {
@@ -80,6 +83,7 @@ impl TargetTable {
             && self.arbiter == other.arbiter
             && self.serial == other.serial
             && self.full_identity == other.full_identity
+            && self.history == other.history
             && self.sid.is_some() == other.sid.is_some()
     }
 }
@@ -316,7 +320,9 @@ pub struct Change {
     /// for an Update that changes its key; None means "the key inside `values`".
     pub old_key: Option<Row>,
     pub pos: Position,
-    /// Source commit timestamp, microseconds since 2000-01-01 (history mode's `T`).
+    /// Source commit timestamp, microseconds since 2000-01-01. For a history target, the
+    /// version stamp: `T` plus one microsecond for each earlier change of the same key (or
+    /// TRUNCATE of the table) in the transaction, so versions stay distinct and ordered.
     pub commit_time: i64,
 }
 
@@ -418,6 +424,7 @@ pub(crate) mod fixtures {
             arbiter: false,
             serial: false,
             full_identity: false,
+            history: false,
         })
     }
 

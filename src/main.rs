@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use kuvasz_streamer::apply::writer::RejectPolicy;
 use kuvasz_streamer::change::Sid;
-use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, Mode, OnError};
+use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, OnError};
 use kuvasz_streamer::daemon::{self, DaemonSettings, Signals};
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
 use kuvasz_streamer::sequences::Outcome;
@@ -90,14 +90,12 @@ fn load(args: &Args) -> Result<Loaded, String> {
     })
 }
 
-/// Map features this version does not implement yet stop the program at start: running
-/// a history table as a clone, or ignoring a filter, would silently write wrong data.
+/// Map features this version does not implement yet stop the program at start: ignoring
+/// a filter would silently write wrong data.
 fn refuse_unsupported(map: &Map, file: &std::path::Path) -> Result<(), String> {
     for family in &map.sources {
         for t in &family.tables {
-            let what = if t.mode == Mode::History {
-                Some("type = \"history\"")
-            } else if t.filter.is_some() {
+            let what = if t.filter.is_some() {
                 Some("filter")
             } else if !t.set.is_empty() {
                 Some("set")

@@ -8,6 +8,8 @@
 //! - `insert`: ROWS rows in one transaction; `update`: every one of them (one
 //!   transaction, a non-key column); `delete`: all of them (one transaction). `update` and
 //!   `delete` need the rows, so either also runs `insert`.
+//! - `history`: the same three backlogs on `hist`, a history table for the daemon (a
+//!   version per change) and a plain table for native.
 //! - `small`: ROWS rows in transactions of 10 (pgbench, 4 clients, a custom script).
 //! - `tpcb`: `pgbench -i -s SCALE` copied by both contenders' initial sync (not timed),
 //!   then TXNS plain TPC-B transactions (4 clients) as the backlog, in transactions/s.
@@ -50,8 +52,8 @@ use support::daemon::Daemon;
 use support::{destination, scratch_dir, source, unique_name, Cluster};
 
 const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
-const PHASES: [&str; 7] = [
-    "insert", "update", "delete", "small", "tpcb", "latency", "tenants",
+const PHASES: [&str; 8] = [
+    "insert", "update", "delete", "history", "small", "tpcb", "latency", "tenants",
 ];
 const TENANT_COUNTS: [usize; 3] = [1, 4, 16];
 /// pgbench clients for the `small`, `tpcb` and `latency` workloads.
@@ -70,7 +72,17 @@ CREATE TABLE bench (id bigint PRIMARY KEY, account int NOT NULL, amount numeric(
 CREATE TABLE small (id bigserial PRIMARY KEY, account int NOT NULL, amount numeric(12,2), note text,
     at timestamptz NOT NULL DEFAULT now()) WITH (autovacuum_enabled = off);
 CREATE TABLE mark (id bigint PRIMARY KEY);
-CREATE TABLE probe (id bigint PRIMARY KEY, sent timestamptz NOT NULL);";
+CREATE TABLE probe (id bigint PRIMARY KEY, sent timestamptz NOT NULL);
+CREATE TABLE hist (id bigint PRIMARY KEY, account int NOT NULL, amount numeric(12,2), note text,
+    at timestamptz NOT NULL DEFAULT now()) WITH (autovacuum_enabled = off);
+CREATE VIEW hist_now AS SELECT * FROM hist;";
+
+/// The daemon's `hist` target is a history table; `hist_now` is its current rows.
+const HISTORY_TARGET_DDL: &str = "SET ROLE kuvasz; DROP VIEW hist_now; DROP TABLE hist;
+CREATE TABLE hist (id bigint NOT NULL, account int NOT NULL, amount numeric(12,2), note text,
+    at timestamptz NOT NULL, kvsz_start timestamptz NOT NULL, kvsz_end timestamptz NOT NULL,
+    kvsz_deleted boolean NOT NULL, PRIMARY KEY (id, kvsz_start)) WITH (autovacuum_enabled = off);
+CREATE VIEW hist_now AS SELECT * FROM hist WHERE kvsz_end > '9000-01-01';";
 
 /// A tenant's table, and native's copy of it.
 const TENANT_DDL: &str = "SET ROLE kuvasz;
@@ -91,6 +103,7 @@ const PGBENCH_TABLES: [&str; 4] = [
 /// What must match between source and destination for a phase to be caught up.
 const BENCH_FP: &str = "SELECT count(*), sum(amount) FROM bench";
 const SMALL_FP: &str = "SELECT count(*), sum(amount) FROM small";
+const HISTORY_FP: &str = "SELECT count(*), sum(amount) FROM hist_now";
 const TPCB_FP: &str =
     "SELECT (SELECT count(*) FROM pgbench_history), (SELECT sum(delta) FROM pgbench_history), \
      (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM pgbench_tellers), \
@@ -727,7 +740,7 @@ impl<'a> Round<'a> {
         };
         src.create_database(&r.db);
         src.execute(&r.db, MAIN_DDL);
-        let mut tables = vec!["bench", "small", "mark", "probe"];
+        let mut tables = vec!["bench", "small", "mark", "probe", "hist"];
         if r.pgbench {
             pgbench_tables(src, &r.db, Some(ctx.scale));
             tables.extend(PGBENCH_TABLES);
@@ -749,6 +762,7 @@ impl<'a> Round<'a> {
         };
         if ctx.ours {
             make_dest(&r.ours_db);
+            dest.execute(&r.ours_db, HISTORY_TARGET_DDL);
             r.sync_ours(&tables);
         }
         if ctx.native {
@@ -775,7 +789,12 @@ impl<'a> Round<'a> {
             src.url(&self.db)
         );
         for t in tables {
-            let _ = writeln!(map, "{t} = {{}}");
+            let mode = if *t == "hist" {
+                "type = \"history\""
+            } else {
+                ""
+            };
+            let _ = writeln!(map, "{t} = {{{mode}}}");
         }
         let started = Instant::now();
         let mut d = Daemon::start(&dest.url(&self.ours_db), &map, &[&self.ctx.workers_line()]);
@@ -1001,6 +1020,26 @@ impl<'a> Round<'a> {
     fn delete(&mut self, res: &mut Results) {
         self.ctx.src.execute(&self.db, "DELETE FROM bench");
         self.measure("delete", self.ctx.rows, "rows/s", BENCH_FP, res);
+    }
+
+    /// The insert, update and delete backlogs of `bench` on `hist`, which the daemon
+    /// writes as a history table (a version per change) and native as a plain one: the
+    /// figures stand next to the clone table's.
+    fn history(&mut self, res: &mut Results) {
+        let rows = self.ctx.rows;
+        let src = self.ctx.src;
+        src.execute(
+            &self.db,
+            &format!(
+                "INSERT INTO hist (id, account, amount, note) \
+                 SELECT g, g % 1000, (g % 10000) / 100.0, 'note ' || g FROM generate_series(1, {rows}) g"
+            ),
+        );
+        self.measure("history insert", rows, "rows/s", HISTORY_FP, res);
+        src.execute(&self.db, "UPDATE hist SET amount = amount + 1");
+        self.measure("history update", rows, "rows/s", HISTORY_FP, res);
+        src.execute(&self.db, "DELETE FROM hist");
+        self.measure("history delete", rows, "rows/s", HISTORY_FP, res);
     }
 
     fn small(&mut self, res: &mut Results) {
@@ -1546,7 +1585,9 @@ fn phases_vs_native_logical_replication() {
 
     let started = Instant::now();
     let mut res = Results::default();
-    let main_phases = ["insert", "update", "delete", "small", "tpcb", "latency"];
+    let main_phases = [
+        "insert", "update", "delete", "history", "small", "tpcb", "latency",
+    ];
     for round in 1..=rounds {
         if main_phases.iter().any(|p| ctx.wants(p)) {
             let mut r = Round::new(&ctx, round);
@@ -1558,6 +1599,9 @@ fn phases_vs_native_logical_replication() {
             }
             if ctx.wants("delete") {
                 r.delete(&mut res);
+            }
+            if ctx.wants("history") {
+                r.history(&mut res);
             }
             if ctx.wants("small") {
                 r.small(&mut res);

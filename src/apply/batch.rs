@@ -109,7 +109,7 @@ pub fn entry_key(c: &Change, key: u64) -> u64 {
 }
 
 /// Whether two changes touch the same row key (same sid, same key values).
-fn same_key(a: &Change, b: &Change) -> bool {
+pub(crate) fn same_key(a: &Change, b: &Change) -> bool {
     if a.table.sid != b.table.sid {
         return false;
     }
@@ -137,7 +137,8 @@ pub struct Group {
 
 impl Group {
     fn new(table: Arc<TargetTable>) -> Group {
-        let ordered = table.serial || table.full_identity;
+        // A history target keeps every change: each one is a version.
+        let ordered = table.serial || table.full_identity || table.history;
         Group {
             table,
             ordered,
@@ -200,7 +201,8 @@ impl Group {
     /// key twice, in source order (identical rows inserted twice are two rows, so a run
     /// of inserts into a whole-row-identity table may repeat its "key").
     pub fn segments(&self) -> Vec<&[Entry]> {
-        if !self.ordered {
+        // A history group is chained by key in memory (see history.rs): one segment.
+        if !self.ordered || self.table.history {
             return vec![&self.entries[..]];
         }
         let mut out = Vec::new();

@@ -2,6 +2,7 @@
 //! sources. Each writer is an OS thread with its own destination connection.
 
 pub mod batch;
+pub mod history;
 pub mod progress;
 pub mod route;
 pub mod sql;

@@ -36,12 +36,18 @@ impl Stage {
     }
 }
 
-fn target(table: &TargetTable) -> String {
+pub(super) fn target(table: &TargetTable) -> String {
     qualified(&table.schema, &table.name)
 }
 
 /// `p."c1", p."c2"[, p."sid"]` for the column indexes `cols`.
-fn push_cols(s: &mut String, table: &TargetTable, cols: &[usize], prefix: &str, sid: bool) {
+pub(super) fn push_cols(
+    s: &mut String,
+    table: &TargetTable,
+    cols: &[usize],
+    prefix: &str,
+    sid: bool,
+) {
     for (n, &c) in cols.iter().enumerate() {
         if n > 0 {
             s.push_str(", ");
@@ -56,7 +62,7 @@ fn push_cols(s: &mut String, table: &TargetTable, cols: &[usize], prefix: &str, 
     }
 }
 
-fn all_cols(table: &TargetTable) -> Vec<usize> {
+pub(super) fn all_cols(table: &TargetTable) -> Vec<usize> {
     (0..table.columns.len()).collect()
 }
 
@@ -110,14 +116,14 @@ pub fn copy_target_in(table: &TargetTable) -> String {
     s
 }
 
-fn push_value(out: &mut Vec<u8>, v: Value) {
+pub(super) fn push_value(out: &mut Vec<u8>, v: Value) {
     match v {
         Value::Text(t) => push_copy_field(out, t.as_bytes()),
         Value::Null | Value::Unchanged => out.extend_from_slice(b"\\N"),
     }
 }
 
-fn push_sid(out: &mut Vec<u8>, c: &Change) {
+pub(super) fn push_sid(out: &mut Vec<u8>, c: &Change) {
     if let Some(sid) = &c.table.sid {
         out.push(b'\t');
         push_copy_field(out, sid.as_str().as_bytes());
@@ -182,7 +188,7 @@ pub fn key_line(c: &Change, out: &mut Vec<u8>) {
 
 /// `a."k1" = b."k1" AND …[ AND a."sid" = b."sid"]`: finds a row by its key, through the
 /// target's own equality (the stage has the target's types), so its index serves.
-fn push_key_match(s: &mut String, table: &TargetTable, a: &str, b: &str) {
+pub(super) fn push_key_match(s: &mut String, table: &TargetTable, a: &str, b: &str) {
     let mut first = true;
     let names = table
         .key
@@ -586,6 +592,7 @@ mod tests {
             arbiter: false,
             serial: false,
             full_identity: false,
+            history: false,
         })
     }
 

@@ -17,6 +17,7 @@ use crate::pg::session::open_destination;
 use crate::pg::{describe, Lsn};
 
 use super::batch::{Batch, Entry, Group, Net, MAX_COPY_BYTES, MAX_COPY_ROWS};
+use super::history;
 use super::progress::Progress;
 use super::sql::{self, Stage};
 use super::{Inflight, WriterMsg};
@@ -575,9 +576,12 @@ impl Writer {
         for g in &batch.groups {
             if self.stage_of(&g.table).is_none() {
                 let stage = Stage::new(self.stages.len());
-                self.client
-                    .batch_execute(&sql::create_stage(&g.table, &stage))
-                    .map_err(self.conn_err())?;
+                let ddl = if g.table.history {
+                    history::create_stage(&g.table, &stage)
+                } else {
+                    sql::create_stage(&g.table, &stage)
+                };
+                self.client.batch_execute(&ddl).map_err(self.conn_err())?;
                 self.stages.push((g.table.clone(), stage));
                 self.dirty.push(false);
             }
@@ -606,19 +610,30 @@ impl Writer {
         entries: impl Iterator<Item = &'e Entry>,
         line: LineFn,
     ) -> Result<usize, postgres::Error> {
-        let mut entries = entries.peekable();
-        if entries.peek().is_none() {
+        self.copy_items(sql, entries, |e, out| line(&e.change, out))
+    }
+
+    /// Writes `items` with COPY `sql`, one line each, in COPYs of bounded size; returns
+    /// how many (none: no COPY at all).
+    fn copy_items<T>(
+        &mut self,
+        sql: String,
+        items: impl Iterator<Item = T>,
+        line: impl Fn(T, &mut Vec<u8>),
+    ) -> Result<usize, postgres::Error> {
+        let mut items = items.peekable();
+        if items.peek().is_none() {
             return Ok(0);
         }
         let stmt = self.statement(sql)?;
         let mut buf = std::mem::take(&mut self.copy_buf);
         let mut total = 0;
         let mut result = Ok(());
-        while entries.peek().is_some() && result.is_ok() {
+        while items.peek().is_some() && result.is_ok() {
             buf.clear();
             let mut rows = 0;
-            for e in entries.by_ref() {
-                line(&e.change, &mut buf);
+            for item in items.by_ref() {
+                line(item, &mut buf);
                 rows += 1;
                 if rows >= MAX_COPY_ROWS || buf.len() >= MAX_COPY_BYTES {
                     break;
@@ -636,6 +651,66 @@ impl Writer {
         result.map(|()| total)
     }
 
+    /// Applies one segment of a history group: its versions and closings staged, then
+    /// the statements of [`history`] (its module doc says why each).
+    fn apply_history(
+        &mut self,
+        table: &TargetTable,
+        stage: &Stage,
+        entries: &[Entry],
+    ) -> Result<(), Failure> {
+        let fail = self.fail();
+        let plan = history::plan(entries);
+        let rows = self
+            .copy_items(
+                history::copy_rows_in(table, stage),
+                plan.versions.iter(),
+                history::version_line,
+            )
+            .map_err(&fail)?;
+        let keys = self
+            .copy_items(
+                history::copy_keys_in(table, stage),
+                plan.closes.iter(),
+                history::close_line,
+            )
+            .map_err(&fail)?;
+        let run = |w: &mut Writer, sql: String| -> Result<u64, Failure> {
+            let stmt = w.statement(sql).map_err(&fail)?;
+            w.client.execute(&stmt, &[]).map_err(&fail)
+        };
+        if plan.fills || plan.moved {
+            run(self, history::fill(table, stage, plan.moved))?;
+        }
+        if rows > 0 {
+            run(self, history::mark_rows(table, stage))?;
+        }
+        let mut closed = 0;
+        if keys > 0 {
+            run(self, history::mark_keys(table, stage))?;
+            closed = run(self, history::close(table, stage))?;
+        }
+        let added = if rows > 0 {
+            run(self, history::insert(table, stage))? as usize
+        } else {
+            0
+        };
+        let name = table.display();
+        if added < rows {
+            info!(
+                "{name}: {} version(s) not added: already on the destination (a replay, or an \
+                 INSERT of a key that has a current version), or a partial UPDATE of a key \
+                 without a current version",
+                rows - added
+            );
+        }
+        debug!(
+            "writer {}: {name}: {added} version(s) added, {closed} closed",
+            self.id
+        );
+        Ok(())
+    }
+
     /// Applies one segment of a group: its rows staged with COPY (new rows of a keyed
     /// target straight into it), then one statement per kind. `careful`: nothing goes
     /// straight into the target (a replayed row would refuse the whole COPY).
@@ -647,9 +722,15 @@ impl Writer {
         let fail = self.fail();
         if first.net == Net::Truncate {
             for e in entries {
-                self.client
-                    .batch_execute(&sql::truncate(e))
-                    .map_err(&fail)?;
+                let stmt = if table.history {
+                    history::truncate(e)
+                } else {
+                    sql::truncate(e)
+                };
+                let n = self.client.execute(stmt.as_str(), &[]).map_err(&fail)?;
+                if table.history {
+                    info!("{}: TRUNCATE closed {n} version(s)", table.display());
+                }
             }
             return Ok(());
         }
@@ -666,6 +747,9 @@ impl Writer {
                 .map_err(&fail)?;
         }
         self.dirty[id] = true;
+        if table.history {
+            return self.apply_history(table, &stage, entries);
+        }
         let direct_ok = !careful && (table.arbiter || table.full_identity);
         let direct = |e: &&Entry| direct_ok && e.net == Net::Upsert && e.fresh;
         let staged_row =

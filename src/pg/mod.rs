@@ -8,6 +8,7 @@ pub mod pgoutput;
 pub mod quote;
 pub mod replication;
 pub mod session;
+pub mod timestamp;
 
 pub use lsn::Lsn;
 

@@ -19,6 +19,10 @@ pub enum MappingError {
     NoSharedColumns,
     /// A tuple did not have as many columns as its relation.
     TupleShape { expected: usize, found: usize },
+    /// A history target lacks one of its version columns.
+    HistoryColumnMissing { column: &'static str },
+    /// History mode needs a key to find a row's versions by.
+    HistoryNeedsKey,
 }
 
 impl fmt::Display for MappingError {
@@ -38,6 +42,15 @@ impl fmt::Display for MappingError {
             MappingError::TupleShape { expected, found } => {
                 write!(f, "tuple has {found} columns, relation has {expected}")
             }
+            MappingError::HistoryColumnMissing { column } => write!(
+                f,
+                "history target has no column {column:?} (it needs kvsz_start timestamptz, \
+                 kvsz_end timestamptz, kvsz_deleted boolean)"
+            ),
+            MappingError::HistoryNeedsKey => f.write_str(
+                "type = \"history\" needs a primary key or REPLICA IDENTITY USING INDEX on the \
+                 source table: versions are found by key",
+            ),
         }
     }
 }
@@ -52,9 +65,14 @@ pub struct RelationMap {
     pub source_width: usize,
 }
 
+/// The version columns of a history target, ours like `sid`.
+pub const HISTORY_COLUMNS: [&str; 3] = ["kvsz_start", "kvsz_end", "kvsz_deleted"];
+
 /// Builds the mapping from the source relation's columns (`is_key` = part of the
 /// replica identity) and the target's columns. The shared columns keep the source's
-/// order; a target `sid` column is ours and never copied from the source.
+/// order; a target `sid` column is ours and never copied from the source, and so are
+/// a history target's version columns.
+#[allow(clippy::too_many_arguments)]
 pub fn map_relation(
     source: &[Column],
     target_schema: &str,
@@ -62,14 +80,27 @@ pub fn map_relation(
     target: &[Column],
     unique_indexes: &[UniqueIndex],
     full_identity: bool,
+    history: bool,
     sid: &Sid,
 ) -> Result<RelationMap, MappingError> {
     let has_sid = target.iter().any(|c| c.name == "sid");
+    if history {
+        if full_identity {
+            return Err(MappingError::HistoryNeedsKey);
+        }
+        if let Some(column) = HISTORY_COLUMNS
+            .into_iter()
+            .find(|h| !target.iter().any(|c| c.name == *h))
+        {
+            return Err(MappingError::HistoryColumnMissing { column });
+        }
+    }
     let mut columns = Vec::new();
     let mut source_index = Vec::new();
     let mut key = Vec::new();
     for (i, sc) in source.iter().enumerate() {
-        if has_sid && sc.name == "sid" {
+        if (has_sid && sc.name == "sid") || (history && HISTORY_COLUMNS.contains(&sc.name.as_str()))
+        {
             continue;
         }
         match target.iter().find(|t| t.name == sc.name) {
@@ -111,9 +142,12 @@ pub fn map_relation(
             .eq(key_names.iter().copied())
     };
     let arbiter = unique_indexes.iter().any(|idx| idx.arbiter && is_key(idx));
-    // Any other unique or exclusion constraint can make rows of different keys conflict:
-    // a row that frees a value and one that takes it must arrive in source order.
-    let serial = unique_indexes.iter().any(|idx| !is_key(idx));
+    // A unique constraint without every key column can make rows of different keys
+    // conflict: a row that frees a value and one that takes it must arrive in source
+    // order. One that holds the key (a history target's `(id, kvsz_start)`) cannot.
+    let holds_key =
+        |idx: &UniqueIndex| key_names.iter().all(|k| idx.columns.iter().any(|c| c == k));
+    let serial = unique_indexes.iter().any(|idx| !holds_key(idx));
     Ok(RelationMap {
         table: Arc::new(TargetTable {
             schema: target_schema.to_string(),
@@ -124,6 +158,7 @@ pub fn map_relation(
             arbiter,
             serial,
             full_identity,
+            history,
         }),
         source_index,
         source_width: source.len(),
@@ -316,6 +351,7 @@ mod tests {
             &dst,
             &[UniqueIndex::on(&["sid", "id"])],
             false,
+            false,
             &Sid::new("s1"),
         )
         .unwrap();
@@ -343,14 +379,14 @@ mod tests {
         let src = [col("id", true), col("v", false)];
         let dst = [col("v", false)];
         assert_eq!(
-            map_relation(&src, "s", "t", &dst, &[], false, &Sid::new("a")).unwrap_err(),
+            map_relation(&src, "s", "t", &dst, &[], false, false, &Sid::new("a")).unwrap_err(),
             MappingError::KeyColumnMissing {
                 column: "id".into()
             }
         );
         let nokey = [col("id", false), col("v", false)];
         assert_eq!(
-            map_relation(&nokey, "s", "t", &src, &[], false, &Sid::new("a")).unwrap_err(),
+            map_relation(&nokey, "s", "t", &src, &[], false, false, &Sid::new("a")).unwrap_err(),
             MappingError::NoKey
         );
     }
@@ -363,6 +399,7 @@ mod tests {
             "t",
             src,
             &[UniqueIndex::on(&["v"])],
+            false,
             false,
             &Sid::new("a"),
         )

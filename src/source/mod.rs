@@ -5,6 +5,7 @@ pub mod mapping;
 pub mod retire;
 pub mod setup;
 pub mod spool;
+pub mod stamps;
 pub mod stream;
 pub mod sync;
 

@@ -11,13 +11,14 @@ use std::collections::{BTreeSet, HashMap};
 use log::{info, warn};
 use postgres::{Client, NoTls};
 
-use crate::config::TableMap;
+use crate::config::{Mode, TableMap};
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::session::open_destination;
 use crate::pg::Lsn;
 
+use super::mapping::HISTORY_COLUMNS;
 use super::sync::{copy_group, CopyPlan, RateLimiter};
 use super::{SourceEnv, SourceError, SourceSpec, SYNC_STATE_TABLE};
 
@@ -381,10 +382,12 @@ fn resolve_one(
     let has_sid = target.columns.iter().any(|c| c.name == "sid");
     let shared = !has_sid && spec.family_size > 1;
     let on_target = |c: &str| target.columns.iter().any(|tc| tc.name == c);
+    let history = t.mode == Mode::History;
+    let ours = |c: &str| (has_sid && c == "sid") || (history && HISTORY_COLUMNS.contains(&c));
     let columns: Vec<String> = info
         .columns
         .iter()
-        .filter(|c| !(has_sid && c.name == "sid"))
+        .filter(|c| !ours(&c.name))
         .filter(|c| on_target(&c.name))
         .map(|c| c.name.clone())
         .collect();
@@ -395,6 +398,23 @@ fn resolve_one(
         return Ok(None);
     }
     let insert_only = !info.has_identity;
+    if history {
+        if let Some(c) = HISTORY_COLUMNS.iter().find(|c| !on_target(c)) {
+            exclude(format!(
+                "type = \"history\" but its target {target_name} has no column {c} (it needs \
+                 kvsz_start timestamptz, kvsz_end timestamptz, kvsz_deleted boolean)"
+            ));
+            return Ok(None);
+        }
+        if insert_only || info.replica_identity == 'f' {
+            exclude(
+                "type = \"history\" needs a primary key or REPLICA IDENTITY USING INDEX: a \
+                 row's versions are found by its key"
+                    .into(),
+            );
+            return Ok(None);
+        }
+    }
     if info.replica_identity != 'f' && !insert_only {
         if let Some(k) = info
             .columns
@@ -764,6 +784,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             let (_, ins_exists) = reconcile_publications(spec, &mut src, &tables)?;
             let all: Vec<&Resolved> = tables.iter().collect();
             record_states(spec, env, &mut dest, &all, "pending", true)?;
+            let clock = source_clock(spec, &mut src)?;
             let created = repl.create_slot(&spec.slot).map_err(repl_err(
                 spec,
                 format!("create replication slot {}", spec.slot),
@@ -781,14 +802,18 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 record_ins_marker(spec, env, &mut dest, at)?;
                 publications.push(ins_publication(spec));
             }
+            let snapshot = Snapshot {
+                name: created.snapshot_name.as_deref(),
+                at,
+                clock,
+            };
             copy_pending(
                 spec,
                 env,
                 &mut src,
                 &mut dest,
                 &all,
-                created.snapshot_name.as_deref(),
-                at,
+                &snapshot,
                 &mut limiter,
             )?;
             (at, routes(&tables, &HashMap::new(), at))
@@ -857,6 +882,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 // Short: a name derived from a 63-byte slot name would be too long.
                 let tmp_name = format!("kvsz_sync_{}_{}", std::process::id(), spec.id);
                 let mut tmp = connect_replication(spec, env)?;
+                let clock = source_clock(spec, &mut src)?;
                 let created = tmp.create_temporary_slot(&tmp_name).map_err(repl_err(
                     spec,
                     format!("create temporary replication slot {tmp_name} for the copy"),
@@ -866,14 +892,18 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     record_ins_marker(spec, env, &mut dest, copied_at)?;
                     ins_from = Some(copied_at);
                 }
+                let snapshot = Snapshot {
+                    name: created.snapshot_name.as_deref(),
+                    at: copied_at,
+                    clock,
+                };
                 copy_pending(
                     spec,
                     env,
                     &mut src,
                     &mut dest,
                     &pending,
-                    created.snapshot_name.as_deref(),
-                    copied_at,
+                    &snapshot,
                     &mut limiter,
                 )?;
                 // Closing the session drops the temporary slot.
@@ -972,18 +1002,40 @@ fn routes(
         .collect()
 }
 
+/// The snapshot copies are taken from.
+struct Snapshot<'a> {
+    /// The exported snapshot's name (None: a fresh REPEATABLE READ transaction).
+    name: Option<&'a str>,
+    /// The slot's consistent point: the stream applies what commits from here on.
+    at: Lsn,
+    /// The source's clock read before the snapshot was made: a history target that
+    /// already holds versions records the copy's differences from then on (any later
+    /// commit is stamped later).
+    clock: String,
+}
+
+/// The source's clock as a timestamp text any session reads alike (UTC, `+00`).
+fn source_clock(spec: &SourceSpec, src: &mut Client) -> Result<String, SourceError> {
+    let row = src
+        .query_one(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+            &[],
+        )
+        .map_err(sql_err(spec, "read the source's clock"))?;
+    row.try_get::<_, String>(0)
+        .map_err(sql_err(spec, "read the source's clock"))
+}
+
 /// Copies `pending` from `snapshot`, target by target: the source tables of one target
 /// are copied together, in one destination transaction, so a clone target's re-copy
 /// replaces exactly what this source put there and no source table wipes another's rows.
-#[allow(clippy::too_many_arguments)]
 fn copy_pending(
     spec: &SourceSpec,
     env: &SourceEnv,
     src: &mut Client,
     dest: &mut Client,
     pending: &[&Resolved],
-    snapshot: Option<&str>,
-    at: Lsn,
+    snapshot: &Snapshot,
     limiter: &mut RateLimiter,
 ) -> Result<(), SourceError> {
     let mut targets: Vec<String> = Vec::new();
@@ -998,7 +1050,7 @@ fn copy_pending(
             .copied()
             .filter(|r| r.target() == target)
             .collect();
-        copy_one_target(spec, env, src, dest, &group, snapshot, at, limiter)?;
+        copy_one_target(spec, env, src, dest, &group, snapshot, limiter)?;
         if env.stop.is_set() {
             break;
         }
@@ -1009,17 +1061,16 @@ fn copy_pending(
 /// Copies the source tables of one target inside a REPEATABLE READ transaction on the
 /// source (the exported snapshot when given) and marks them done on the destination in
 /// the same commit.
-#[allow(clippy::too_many_arguments)]
 fn copy_one_target(
     spec: &SourceSpec,
     env: &SourceEnv,
     src: &mut Client,
     dest: &mut Client,
     group: &[&Resolved],
-    snapshot: Option<&str>,
-    at: Lsn,
+    snapshot: &Snapshot,
     limiter: &mut RateLimiter,
 ) -> Result<(), SourceError> {
+    let at = snapshot.at;
     let names: Vec<String> = group.iter().map(|r| r.key()).collect();
     let name = names.join(", ");
     // The text the source writes must mean the same to the destination: fix the styles.
@@ -1027,7 +1078,7 @@ fn copy_one_target(
         "SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; \
          BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     );
-    if let Some(s) = snapshot {
+    if let Some(s) = snapshot.name {
         begin.push_str(&format!("; SET TRANSACTION SNAPSHOT {}", literal(s)));
     }
     src.batch_execute(&begin)
@@ -1040,7 +1091,7 @@ fn copy_one_target(
         .join("; ");
     let plans: Vec<&CopyPlan> = group.iter().map(|r| &r.plan).collect();
     let stop = || env.stop.is_set();
-    let result = copy_group(src, dest, &plans, &done, limiter, &stop);
+    let result = copy_group(src, dest, &plans, &done, &snapshot.clock, limiter, &stop);
     let _ = src.batch_execute("COMMIT");
     let counts = result.map_err(|error| SourceError::Sync {
         source: spec.label(),

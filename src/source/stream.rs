@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use postgres::Client;
 
-use crate::apply::route::{PoolClosed, Routed, Router, Wait};
-use crate::change::{Change, Position};
+use crate::apply::route::{key_fingerprint, PoolClosed, Routed, Router, Wait};
+use crate::change::{Change, Op, Position};
 use crate::config::{Mode, TableMap};
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
@@ -18,6 +18,7 @@ use crate::pg::Lsn;
 use super::mapping::{map_relation, RelationMap};
 use super::setup::{connect_dest, connect_source, tables_changed, Route, StartPoint, TableName};
 use super::spool::{SpoolError, Spools};
+use super::stamps::Stamps;
 use super::{SourceEnv, SourceError, SourceSpec};
 
 /// How often routed progress is announced to the writers.
@@ -36,6 +37,8 @@ struct Mapped {
     source_name: String,
     /// Changes of transactions that committed before this are in the copy already.
     copied_at: Lsn,
+    /// The target, as [`Stamps`] tells tables apart: set for a history target.
+    history: Option<u64>,
     /// A TRUNCATE cannot be confined to this source's rows (see [`Route::shared`]).
     shared: bool,
     /// See [`Route::siblings`].
@@ -43,6 +46,16 @@ struct Mapped {
     /// The Relation message, kept while some of its columns are missing on the target: the
     /// mapping is rebuilt once the target has them (see [`TARGET_RECHECK`]).
     incomplete: Option<Relation>,
+}
+
+/// A target's name as a number, for [`Stamps`] (FNV-1a: stable, cheap).
+fn target_id(schema: &str, name: &str) -> u64 {
+    let mut h = crate::change::FNV_SEED;
+    for b in schema.bytes().chain([0]).chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// How often targets lacking some source columns are looked at again, so a column the
@@ -84,6 +97,8 @@ struct Streamer<'a> {
     txn_lsn: Lsn,
     txn_time: i64,
     seq: u32,
+    /// Version stamps of history targets in the current transaction.
+    stamps: Stamps,
     /// Highest WAL position received.
     received: Lsn,
     /// Everything before this position has been routed.
@@ -151,6 +166,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         txn_lsn: Lsn::ZERO,
         txn_time: 0,
         seq: 0,
+        stamps: Stamps::default(),
         received: start,
         routed: start,
         marked: start,
@@ -357,20 +373,30 @@ impl Streamer<'_> {
             PgOutput::Insert { rel, new } => {
                 let pos = self.pos();
                 if let Some(m) = self.mapped(rel)? {
+                    let history = m.history;
                     let c = m
                         .map
                         .insert(self.spec.id, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    let c = self.stamped(c, history);
                     self.route(c)?;
                 }
             }
             PgOutput::Update { rel, old, new } => {
                 let pos = self.pos();
                 if let Some(m) = self.mapped(rel)? {
-                    let (first, second) = m
+                    let history = m.history;
+                    let (first, mut second) = m
                         .map
                         .update(self.spec.id, old, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    let first = self.stamped(first, history);
+                    if let (Some(c), Some(_)) = (second.as_mut(), history) {
+                        // The new key of a history row continues its history from T: an
+                        // update of a key without versions, not an INSERT (whose first
+                        // version is valid from 1900).
+                        c.op = Op::Update;
+                    }
                     if second.is_none() && first.old_key.is_some() {
                         // A row moved to a new key that cannot be rebuilt from the change
                         // (unchanged TOAST): updated in place, so it must not overtake or
@@ -383,6 +409,7 @@ impl Streamer<'_> {
                     if let Some(mut c) = second {
                         // The insert half of a key move has a position of its own.
                         c.pos = self.pos();
+                        let c = self.stamped(c, history);
                         self.route(c)?;
                     }
                 }
@@ -393,10 +420,12 @@ impl Streamer<'_> {
                     if m.mode == Mode::Append {
                         return Ok(());
                     }
+                    let history = m.history;
                     let c = m
                         .map
                         .delete(self.spec.id, old, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    let c = self.stamped(c, history);
                     self.route(c)?;
                 }
             }
@@ -416,8 +445,8 @@ impl Streamer<'_> {
                 for rel in rels {
                     let pos = self.pos();
                     let Some(m) = self.mapped(rel)? else { continue };
-                    if m.mode != Mode::Clone {
-                        debug!("{}: TRUNCATE ignored ({:?} mode)", m.source_name, m.mode);
+                    if m.mode == Mode::Append {
+                        debug!("{}: TRUNCATE ignored (append mode)", m.source_name);
                         continue;
                     }
                     let target = (m.map.table.schema.clone(), m.map.table.name.clone());
@@ -443,13 +472,17 @@ impl Streamer<'_> {
                     if done.contains(&target) {
                         continue;
                     }
-                    let c = m.map.truncate(self.spec.id, pos, self.txn_time);
+                    let history = m.history;
+                    let mut c = m.map.truncate(self.spec.id, pos, self.txn_time);
                     info!(
                         "source {}: TRUNCATE {} at {}",
                         self.label(),
                         m.source_name,
                         self.txn_lsn
                     );
+                    if let Some(table) = history {
+                        c.commit_time = self.stamps.truncate(self.txn_time, table);
+                    }
                     done.push(target);
                     // Touches every key: everything routed before must be committed first.
                     self.flush_all()?;
@@ -539,6 +572,17 @@ impl Streamer<'_> {
         self.txn_lsn = commit_lsn;
         self.txn_time = commit_time;
         self.seq = 0;
+        self.stamps.begin();
+    }
+
+    /// A history target's change takes its version stamp (see [`Stamps`]).
+    fn stamped(&mut self, mut c: Change, history: Option<u64>) -> Change {
+        if let Some(table) = history {
+            c.commit_time = self
+                .stamps
+                .change(self.txn_time, table, key_fingerprint(&c));
+        }
+        c
     }
 
     /// A transaction's changes are all routed: everything before `end_lsn` is.
@@ -751,6 +795,7 @@ impl Streamer<'_> {
             &target.columns,
             &unique,
             whole_row,
+            t.mode == Mode::History,
             &self.spec.sid,
         )
         .map_err(|error| SourceError::Mapping {
@@ -785,6 +830,7 @@ impl Streamer<'_> {
             Some(Mapped {
                 map,
                 mode: t.mode,
+                history: (t.mode == Mode::History).then(|| target_id(&schema, &t.target)),
                 source_name,
                 copied_at: route.copied_at,
                 shared: route.shared,

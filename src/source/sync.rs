@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Client;
 
+use crate::apply::history::{FIRST_START, OPEN_END, OPEN_FROM};
 use crate::change::Sid;
 use crate::config::Mode;
 use crate::pg::describe;
@@ -41,13 +42,37 @@ impl CopyPlan {
         )
     }
 
-    /// The target's columns a copied row fills, `sid` last.
+    /// The target's columns a copied row fills, `sid` last, then a history target's
+    /// version columns.
     fn target_columns(&self) -> Vec<String> {
+        let mut cols = self.row_columns();
+        if self.mode == Mode::History {
+            cols.extend(["kvsz_start", "kvsz_end", "kvsz_deleted"].map(String::from));
+        }
+        cols
+    }
+
+    /// The columns of the row itself: the shared ones and `sid`.
+    fn row_columns(&self) -> Vec<String> {
         let mut cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
         if self.sid.is_some() {
             cols.push(ident("sid"));
         }
         cols
+    }
+
+    /// What is appended to each copied row: the sid, and a history target's open
+    /// version valid from 1900-01-01 (COPY text fields).
+    fn suffix(&self) -> Option<Vec<u8>> {
+        let mut out = self.sid.as_ref().map(|s| copy_escape(s.as_str()));
+        if self.mode == Mode::History {
+            let v = out.get_or_insert_with(Vec::new);
+            if !v.is_empty() || self.sid.is_some() {
+                v.push(b'\t');
+            }
+            v.extend_from_slice(format!("{FIRST_START}\t{OPEN_END}\tf").as_bytes());
+        }
+        out
     }
 
     pub fn copy_in_sql(&self) -> String {
@@ -138,6 +163,63 @@ impl CopyPlan {
             picked.join(", ")
         ));
         sql
+    }
+
+    /// Merges the staged rows (every source table of the target, staged together) into a
+    /// history target that holds versions already: the copy is what the source holds at
+    /// `since`, so from then on the open versions that differ from it, or whose key it
+    /// lacks (unless other URLs' rows share the target without `sid`), are closed, and a
+    /// version is opened for every staged row without an open one (valid from
+    /// 1900-01-01 when its key has no version at all). A re-copy of unchanged rows
+    /// changes nothing.
+    fn history_merge_sql(&self, since: &str) -> String {
+        let t = qualified(&self.target_schema, &self.target_table);
+        let mut key: Vec<String> = self.key.iter().map(|c| ident(c)).collect();
+        if self.sid.is_some() {
+            key.push(ident("sid"));
+        }
+        let on = |a: &str, b: &str| {
+            key.iter()
+                .map(|k| format!("{a}.{k} = {b}.{k}"))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let same: String = self
+            .row_columns()
+            .iter()
+            .map(|c| format!(" AND t.{c}::text IS NOT DISTINCT FROM s.{c}::text"))
+            .collect();
+        let since = literal(since);
+        let open = literal(OPEN_FROM);
+        let mine = match &self.sid {
+            Some(sid) => format!(" AND t.{} = {}", ident("sid"), literal(sid.as_str())),
+            None => String::new(),
+        };
+        let only_changed = if self.shared {
+            format!(
+                " AND EXISTS (SELECT 1 FROM {STAGE} s WHERE {})",
+                on("t", "s")
+            )
+        } else {
+            String::new()
+        };
+        let cols = self.row_columns();
+        let picked: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
+        format!(
+            "ANALYZE {STAGE}; \
+             UPDATE {t} t SET kvsz_end = {since}, kvsz_deleted = NOT EXISTS \
+             (SELECT 1 FROM {STAGE} s WHERE {key_ts}) WHERE t.kvsz_end >= {open} AND \
+             t.kvsz_start < {since}{mine}{only_changed} AND NOT EXISTS (SELECT 1 FROM {STAGE} s \
+             WHERE {key_ts}{same}); \
+             INSERT INTO {t} ({list}, kvsz_start, kvsz_end, kvsz_deleted) SELECT {picked}, \
+             CASE WHEN EXISTS (SELECT 1 FROM {t} x WHERE {key_xs}) THEN {since} ELSE \
+             s.kvsz_start END, s.kvsz_end, s.kvsz_deleted FROM {STAGE} s WHERE NOT EXISTS \
+             (SELECT 1 FROM {t} x WHERE {key_xs} AND x.kvsz_end >= {open}); DROP TABLE {STAGE}",
+            key_ts = on("t", "s"),
+            key_xs = on("x", "s"),
+            list = cols.join(", "),
+            picked = picked.join(", "),
+        )
     }
 
     /// Clears what an earlier copy of this source left in the target, so a re-sync
@@ -247,6 +329,7 @@ pub fn copy_group(
     dest: &mut Client,
     plans: &[&CopyPlan],
     done_sql: &str,
+    since: &str,
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
 ) -> Result<Vec<(u64, u64)>, CopyError> {
@@ -256,15 +339,33 @@ pub fn copy_group(
             .map_err(CopyError::Destination)?;
     }
     let mut counts = Vec::with_capacity(plans.len());
+    let history = plans.first().filter(|p| p.mode == Mode::History);
+    // A history target is merged once, from the rows of all its source tables: a key
+    // one of them lacks may be in another.
+    let history_merge = match history {
+        Some(p) => tx
+            .query_one(p.any_rows_sql().as_str(), &[])
+            .map_err(CopyError::Destination)?
+            .get::<_, bool>(0),
+        None => false,
+    };
+    if let (Some(p), true) = (history, history_merge) {
+        tx.batch_execute(&p.stage_sql())
+            .map_err(CopyError::Destination)?;
+    }
     for plan in plans {
-        let merge = plan.merges()
-            && tx
-                .query_one(plan.any_rows_sql().as_str(), &[])
-                .map_err(CopyError::Destination)?
-                .get::<_, bool>(0);
+        let merge = history_merge
+            || (history.is_none()
+                && plan.merges()
+                && tx
+                    .query_one(plan.any_rows_sql().as_str(), &[])
+                    .map_err(CopyError::Destination)?
+                    .get::<_, bool>(0));
         let into = if merge {
-            tx.batch_execute(&plan.stage_sql())
-                .map_err(CopyError::Destination)?;
+            if history.is_none() {
+                tx.batch_execute(&plan.stage_sql())
+                    .map_err(CopyError::Destination)?;
+            }
             format!(
                 "COPY {STAGE} ({}) FROM STDIN",
                 plan.target_columns().join(", ")
@@ -273,10 +374,14 @@ pub fn copy_group(
             plan.copy_in_sql()
         };
         counts.push(pipe(src, &mut tx, plan, &into, limiter, stop)?);
-        if merge {
+        if merge && history.is_none() {
             tx.batch_execute(&plan.merge_sql())
                 .map_err(CopyError::Destination)?;
         }
+    }
+    if let (Some(p), true) = (history, history_merge) {
+        tx.batch_execute(&p.history_merge_sql(since))
+            .map_err(CopyError::Destination)?;
     }
     tx.batch_execute(done_sql).map_err(CopyError::Destination)?;
     tx.commit().map_err(CopyError::Destination)?;
@@ -292,7 +397,7 @@ fn pipe(
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
 ) -> Result<(u64, u64), CopyError> {
-    let field = plan.sid.as_ref().map(|s| copy_escape(s.as_str()));
+    let field = plan.suffix();
     let mut rows = 0u64;
     let mut bytes = 0u64;
     let mut reader = src

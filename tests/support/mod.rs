@@ -400,6 +400,8 @@ wal_level = logical
 max_replication_slots = 50
 max_wal_senders = 50
 max_connections = 200
+# History tests compare versions with the commit timestamps they wrote.
+track_commit_timestamp = on
 # Durability is pointless for throwaway clusters and costs time.
 fsync = off
 synchronous_commit = off
