@@ -378,6 +378,24 @@ impl Change {
         }
     }
 
+    /// The DELETE of the row this change touches first (its old key, or the key in its
+    /// values): what a row that stops passing its table's filter becomes.
+    pub fn into_delete(self) -> Change {
+        if self.op == Op::Delete {
+            return self;
+        }
+        let key = self
+            .old_key
+            .clone()
+            .unwrap_or_else(|| Row::from_values(self.table.key.iter().map(|&i| self.values.at(i))));
+        Change {
+            op: Op::Delete,
+            old_key: Some(key),
+            values: Row::default(),
+            ..self
+        }
+    }
+
     /// The key as text for error reports: `(id)=(42)`.
     pub fn describe_key(&self) -> String {
         let names: Vec<&str> = self
@@ -506,6 +524,23 @@ mod tests {
             assert!(bytes.is_ascii(), "{cell:?}");
             assert_eq!(Cell::decode(bytes), cell);
         }
+    }
+
+    #[test]
+    fn a_change_becomes_the_delete_of_its_key() {
+        let t = fixtures::table();
+        let c = fixtures::insert(&t, "7", Value::Text("x"));
+        let d = c.clone().into_delete();
+        assert_eq!((d.op, d.values.len()), (Op::Delete, 0));
+        assert_eq!(d.old_key, Some(Row::from_texts(&[Some("7")])));
+        let mut moved = c;
+        moved.op = Op::Update;
+        moved.old_key = Some(Row::from_texts(&[Some("1")]));
+        assert_eq!(
+            moved.into_delete().old_key,
+            Some(Row::from_texts(&[Some("1")])),
+            "a key change deletes the old key"
+        );
     }
 
     #[test]

@@ -416,5 +416,6 @@ fn source_env(
         stop: stop.clone(),
         sync_rate: settings.sync_rate,
         sync_burst: settings.sync_burst,
+        on_error: settings.on_error,
     }
 }

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod change;
 pub mod config;
 pub mod daemon;
+pub mod expr;
 pub mod memory;
 pub mod pg;
 pub mod sequences;

@@ -7,6 +7,7 @@ use kuvasz_streamer::apply::writer::RejectPolicy;
 use kuvasz_streamer::change::Sid;
 use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, OnError};
 use kuvasz_streamer::daemon::{self, DaemonSettings, Signals};
+use kuvasz_streamer::expr::TableExprs;
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
 use kuvasz_streamer::sequences::Outcome;
 use kuvasz_streamer::source::setup::{table_report, TableStatus};
@@ -59,7 +60,7 @@ fn load(args: &Args) -> Result<Loaded, String> {
         .map_err(|e| format!("database.url: {}", redact_url(&e.to_string())))?;
     let map =
         Map::load(&config.app.map_file, &config.app.default_schema).map_err(|e| e.to_string())?;
-    refuse_unsupported(&map, &config.app.map_file)?;
+    check_expressions(&map, &config.app.map_file)?;
     let mut sources = Vec::new();
     for family in &map.sources {
         for url in &family.urls {
@@ -90,21 +91,14 @@ fn load(args: &Args) -> Result<Loaded, String> {
     })
 }
 
-/// Map features this version does not implement yet stop the program at start: ignoring
-/// a filter would silently write wrong data.
-fn refuse_unsupported(map: &Map, file: &std::path::Path) -> Result<(), String> {
+/// Every filter and set expression compiles, or the program stops at start naming the
+/// table and the expression (SPEC §3).
+fn check_expressions(map: &Map, file: &std::path::Path) -> Result<(), String> {
     for family in &map.sources {
         for t in &family.tables {
-            let what = if t.filter.is_some() {
-                Some("filter")
-            } else if !t.set.is_empty() {
-                Some("set")
-            } else {
-                None
-            };
-            if let Some(what) = what {
+            if let Err(e) = TableExprs::compile(t) {
                 return Err(format!(
-                    "{}: source {} table {}.{}: {what} is not supported by this version yet",
+                    "{}: source {} table {}.{}: {e}",
                     file.display(),
                     family.database,
                     t.schema,

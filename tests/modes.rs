@@ -84,7 +84,7 @@ every_major! { append_mode:
 }
 
 /// The Go implementation's `map.yaml`, unchanged: URLs with `replication=database`,
-/// tables with no body, a rename, append mode and `partitions_regex`.
+/// tables with no body, a rename, append mode, `partitions_regex`, `filter` and `set`.
 fn go_yaml_map(version: u32) {
     let src = source(version);
     let dest = destination();
@@ -96,14 +96,16 @@ fn go_yaml_map(version: u32) {
     );
     let ddl = "SET ROLE kuvasz; CREATE TABLE t0 (id int PRIMARY KEY, v text); \
                CREATE TABLE t2 (id int PRIMARY KEY, v text); CREATE TABLE t3 (id int PRIMARY KEY, v text); \
-               CREATE TABLE t7_a (id int PRIMARY KEY, v text); CREATE TABLE t7_b (id int PRIMARY KEY, v text)";
+               CREATE TABLE t7_a (id int PRIMARY KEY, v text); CREATE TABLE t7_b (id int PRIMARY KEY, v text); \
+               CREATE TABLE t9 (id int PRIMARY KEY, v text)";
     for db in [&a, &b] {
         src.create_database(db);
         src.execute(db, ddl);
         src.execute(
             db,
             "INSERT INTO t0 VALUES (1, 'x'); INSERT INTO t2 VALUES (1, 'y'); INSERT INTO t3 VALUES (1, 'z'); \
-             INSERT INTO t7_a VALUES (1, 'a'); INSERT INTO t7_b VALUES (2, 'b')",
+             INSERT INTO t7_a VALUES (1, 'a'); INSERT INTO t7_b VALUES (2, 'b'); \
+             INSERT INTO t9 VALUES (1, 'shown'), (2, 'hidden')",
         );
     }
     dest.create_database(&ddb);
@@ -112,7 +114,8 @@ fn go_yaml_map(version: u32) {
         "SET ROLE kuvasz; CREATE TABLE t0 (sid text, id int, v text, PRIMARY KEY (sid, id)); \
          CREATE TABLE rt2 (sid text, id int, v text, PRIMARY KEY (sid, id)); \
          CREATE TABLE t3 (sid text, id int, v text, PRIMARY KEY (sid, id)); \
-         CREATE TABLE t7 (sid text, id int, v text, PRIMARY KEY (sid, id))",
+         CREATE TABLE t7 (sid text, id int, v text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE t9 (sid text, id int, v text, label text, PRIMARY KEY (sid, id))",
     );
     let go_url = |db: &str| {
         format!(
@@ -124,7 +127,8 @@ fn go_yaml_map(version: u32) {
         "# written for the Go implementation\n\
          - database: {family}\n  urls:\n  - url: {}\n    sid: 12\n  - url: {}\n    sid: 13\n\
          \x20 tables:\n    t0:\n    t2:\n      target: rt2\n    t3:\n      type: append\n\
-         \x20   t7:\n      partitions_regex: \"t7_.*\"\n",
+         \x20   t7:\n      partitions_regex: \"t7_.*\"\n\
+         \x20   t9:\n      filter: \"v != 'hidden'\"\n      set:\n        label: \"v + '!'\"\n",
         go_url(&a),
         go_url(&b)
     );
@@ -135,7 +139,7 @@ fn go_yaml_map(version: u32) {
         src.execute(
             db,
             "INSERT INTO t0 VALUES (2, 'x2'); UPDATE t2 SET v = 'Y'; DELETE FROM t3; \
-             INSERT INTO t7_b VALUES (3, 'b3')",
+             INSERT INTO t7_b VALUES (3, 'b3'); INSERT INTO t9 VALUES (3, 'new'), (4, 'hidden')",
         );
     }
     let all = |t: &str| {
@@ -159,6 +163,16 @@ fn go_yaml_map(version: u32) {
         "t7",
         || rows(&["12:1:a", "12:2:b", "12:3:b3", "13:1:a", "13:2:b", "13:3:b3"]),
         || all("t7"),
+    );
+    converge(
+        "t9 (filter and set)",
+        || rows(&["12:1:shown!", "12:3:new!", "13:1:shown!", "13:3:new!"]),
+        || {
+            dest.query(
+                &ddb,
+                "SELECT sid || ':' || id || ':' || label FROM t9 ORDER BY 1",
+            )
+        },
     );
     daemon.stop_ok();
 }
@@ -599,4 +613,134 @@ every_major! { history_details:
     history_details_pg16 => 16,
     history_details_pg17 => 17,
     history_details_pg18 => 18,
+}
+
+/// filter and set (CEL) in each mode, in the copy and the stream: the target holds
+/// exactly the source rows that pass, with the computed column; an update whose new row
+/// fails removes the key from a clone target, is ignored by an append target and closes
+/// the version of a history target; a row whose expression fails (a NULL amount) is a
+/// rejected row, here dead-lettered, whether copied or streamed.
+fn filter_and_set(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("fs"), unique_name("fsd"), unique_name("fs"));
+    src.create_database(&db);
+    let orders = "(id int PRIMARY KEY, status text, amount numeric(10,2), first_name text, \
+                  last_name text)";
+    src.execute(
+        &db,
+        &format!(
+            "SET ROLE kuvasz; CREATE TABLE c_orders {orders}; CREATE TABLE a_orders {orders}; \
+             CREATE TABLE h_orders {orders}"
+        ),
+    );
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE c_orders (sid text, id int, status text, amount numeric(10,2), \
+         full_name text, PRIMARY KEY (sid, id)); \
+         CREATE TABLE a_orders (id int PRIMARY KEY, status text, amount numeric(10,2), full_name text); \
+         CREATE TABLE h_orders (id int, status text, amount numeric(10,2), full_name text, \
+         kvsz_start timestamptz, kvsz_end timestamptz, kvsz_deleted boolean)",
+    );
+    let all = |sql: &str| {
+        for t in ["c_orders", "a_orders", "h_orders"] {
+            src.execute(&db, &sql.replace("$t", t));
+        }
+    };
+    all("INSERT INTO $t VALUES (1, 'paid', 10, 'Ada', 'Lovelace'), (2, 'draft', 5, 'Grace', 'Hopper'), \
+         (3, 'paid', 0, 'Edsger', 'Dijkstra'), (7, 'paid', NULL, 'No', 'Amount')");
+    let entry = |t: &str, mode: &str| {
+        format!(
+            "{t} = {{ {mode}filter = \"status != 'draft' && amount > 0\", \
+             set = {{ full_name = \"first_name + ' ' + last_name\" }} }}\n"
+        )
+    };
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"s\" }} ]\n\
+         [source.tables]\n{}{}{}",
+        src.url(&db),
+        entry("c_orders", ""),
+        entry("a_orders", "type = \"append\", "),
+        entry("h_orders", "type = \"history\", "),
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
+    let check = |what: &str, t: &str, sql: &str, expected: &[&str]| {
+        converge(
+            &format!("{what} ({t})"),
+            || rows(expected),
+            || dest.query(&ddb, sql),
+        );
+    };
+    let current = |t: &str| {
+        format!(
+            "SELECT id || ':' || status || ':' || amount || ':' || full_name FROM {t} ORDER BY id"
+        )
+    };
+    let versions = "SELECT id || ':' || status || ':' || full_name || ':' || \
+                    CASE WHEN kvsz_end > '9000-01-01' THEN 'open' WHEN kvsz_deleted THEN 'deleted' \
+                    ELSE 'closed' END FROM h_orders ORDER BY id, kvsz_start";
+    for t in ["c_orders", "a_orders"] {
+        check("copy", t, &current(t), &["1:paid:10.00:Ada Lovelace"]);
+    }
+    check("copy", "h_orders", versions, &["1:paid:Ada Lovelace:open"]);
+    all(
+        "INSERT INTO $t VALUES (4, 'paid', 7, 'Alan', 'Turing'), (5, 'draft', 9, 'Not', 'Shown'), \
+         (6, 'paid', NULL, 'Null', 'Amount'); \
+         UPDATE $t SET status = 'draft' WHERE id = 1; UPDATE $t SET status = 'paid' WHERE id = 2; \
+         UPDATE $t SET last_name = 'T.' WHERE id = 4",
+    );
+    check(
+        "stream",
+        "c_orders",
+        &current("c_orders"),
+        &["2:paid:5.00:Grace Hopper", "4:paid:7.00:Alan T."],
+    );
+    check(
+        "stream",
+        "a_orders",
+        &current("a_orders"),
+        &[
+            "1:paid:10.00:Ada Lovelace",
+            "2:paid:5.00:Grace Hopper",
+            "4:paid:7.00:Alan T.",
+        ],
+    );
+    check(
+        "stream",
+        "h_orders",
+        versions,
+        &[
+            "1:paid:Ada Lovelace:deleted",
+            "2:paid:Grace Hopper:open",
+            "4:paid:Alan Turing:closed",
+            "4:paid:Alan T.:open",
+        ],
+    );
+    check(
+        "rejected rows",
+        "kvsz_deadletter",
+        "SELECT source_table || ':' || op || ':' || (row->>'id') || ':' || \
+         (error LIKE 'filter \"status != ''draft'' && amount > 0\" failed%') FROM kvsz_deadletter \
+         ORDER BY 1",
+        &[
+            "public.a_orders:COPY:7:true",
+            "public.a_orders:INSERT:6:true",
+            "public.c_orders:COPY:7:true",
+            "public.c_orders:INSERT:6:true",
+            "public.h_orders:COPY:7:true",
+            "public.h_orders:INSERT:6:true",
+        ],
+    );
+    daemon.stop_ok();
+}
+
+every_major! { filter_and_set:
+    filter_and_set_pg12 => 12,
+    filter_and_set_pg13 => 13,
+    filter_and_set_pg14 => 14,
+    filter_and_set_pg15 => 15,
+    filter_and_set_pg16 => 16,
+    filter_and_set_pg17 => 17,
+    filter_and_set_pg18 => 18,
 }

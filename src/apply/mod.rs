@@ -23,6 +23,9 @@ pub use writer::{Writer, WriterError, WriterSettings};
 pub enum WriterMsg {
     /// A change and its key fingerprint ([`Change::key_hash`]), computed once when routed.
     Change { change: Change, key: u64 },
+    /// A change the source refused (a failing filter or set expression): applied as a
+    /// rejected row, after everything queued before it.
+    Rejected { change: Change, message: String },
     /// Everything of `source` up to `lsn` has been queued before this marker.
     Marker { source: SourceId, lsn: Lsn },
     /// Commit now and answer: a barrier for the sender.

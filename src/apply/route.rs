@@ -132,7 +132,20 @@ impl Router {
         let key = key_fingerprint(&c);
         let writer = writer_for(&c, key, self.writers.len());
         let bytes = c.byte_len();
-        let msg = WriterMsg::Change { change: c, key };
+        self.try_queue(writer, bytes, WriterMsg::Change { change: c, key })
+    }
+
+    /// Hands a change the source could not map (its expression failed) to the writer
+    /// of its key, which reports it in order with that key's other changes, as the
+    /// rejected row it is (SPEC §4).
+    pub fn try_reject(&self, c: Change, message: String) -> Routed {
+        let key = key_fingerprint(&c);
+        let writer = writer_for(&c, key, self.writers.len());
+        let bytes = c.byte_len();
+        self.try_queue(writer, bytes, WriterMsg::Rejected { change: c, message })
+    }
+
+    fn try_queue(&self, writer: usize, bytes: usize, msg: WriterMsg) -> Routed {
         if !self.inflight.has_room(writer, bytes) {
             return Routed::Full(Pending { writer, msg, bytes });
         }

@@ -300,6 +300,11 @@ impl Writer {
                         self.push(change, key);
                     }
                 }
+                WriterMsg::Rejected { change, message } => {
+                    self.settings.inflight.taken(self.id, change.byte_len());
+                    self.commit()?;
+                    self.reject(&change, message)?;
+                }
                 WriterMsg::Marker { source, lsn } => {
                     if self.batch.is_empty() {
                         self.settings.progress.ack(source, self.id, lsn);
@@ -550,7 +555,7 @@ impl Writer {
                     .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
                     .map_err(self.conn_err())?;
                 if entries.len() == 1 {
-                    return self.reject(&entries[0].change, &e);
+                    return self.reject(&entries[0].change, describe(&e));
                 }
                 let (a, b) = entries.split_at(entries.len() / 2);
                 self.careful(g, a)?;
@@ -845,7 +850,7 @@ impl Writer {
         Ok(())
     }
 
-    fn reject(&mut self, c: &Change, e: &postgres::Error) -> Result<(), WriterError> {
+    fn reject(&mut self, c: &Change, message: String) -> Result<(), WriterError> {
         let label = self
             .settings
             .sources
@@ -855,7 +860,6 @@ impl Writer {
                 name: format!("#{}", c.source),
                 sid: String::new(),
             });
-        let message = describe(e);
         let table = c.table.display();
         match self.settings.on_error {
             RejectPolicy::Stop => Err(WriterError::Rejected(Box::new(Rejection {

@@ -5,8 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::change::{Change, Op, Position, Row, Sid, SourceId, TargetColumn, TargetTable, Value};
+use crate::expr::{Cell, ExprError, Kind, Outcome, TableExprs};
 use crate::pg::catalog::{Column, UniqueIndex};
-use crate::pg::pgoutput::{OldTuple, Tuple, TupleValue};
+use crate::pg::pgoutput::{OldTuple, RelColumn, Tuple, TupleValue};
 
 /// Why a source relation cannot be written to its target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,10 @@ pub enum MappingError {
     NoSharedColumns,
     /// A tuple did not have as many columns as its relation.
     TupleShape { expected: usize, found: usize },
+    /// A `set` column is not on the target.
+    SetColumnMissing { column: String },
+    /// A `set` expression would compute a key column (the key finds the row).
+    SetKeyColumn { column: String },
     /// A history target lacks one of its version columns.
     HistoryColumnMissing { column: &'static str },
     /// History mode needs a key to find a row's versions by.
@@ -42,6 +47,17 @@ impl fmt::Display for MappingError {
             MappingError::TupleShape { expected, found } => {
                 write!(f, "tuple has {found} columns, relation has {expected}")
             }
+            MappingError::SetColumnMissing { column } => {
+                write!(
+                    f,
+                    "set column {column:?} does not exist on the target table"
+                )
+            }
+            MappingError::SetKeyColumn { column } => write!(
+                f,
+                "set column {column:?} is part of the replica identity, which finds the row; \
+                 it cannot be computed"
+            ),
             MappingError::HistoryColumnMissing { column } => write!(
                 f,
                 "history target has no column {column:?} (it needs kvsz_start timestamptz, \
@@ -63,7 +79,13 @@ pub struct RelationMap {
     pub source_index: Vec<usize>,
     /// Number of columns of the source relation (tuples must have that many).
     pub source_width: usize,
+    /// The index in `table.columns` of each `set` column, in the map's order; their
+    /// `source_index` is [`COMPUTED`].
+    pub computed: Vec<usize>,
 }
+
+/// `source_index` of a column a `set` expression computes.
+pub const COMPUTED: usize = usize::MAX;
 
 /// The version columns of a history target, ours like `sid`.
 pub const HISTORY_COLUMNS: [&str; 3] = ["kvsz_start", "kvsz_end", "kvsz_deleted"];
@@ -81,6 +103,7 @@ pub fn map_relation(
     unique_indexes: &[UniqueIndex],
     full_identity: bool,
     history: bool,
+    set: &[&str],
     sid: &Sid,
 ) -> Result<RelationMap, MappingError> {
     let has_sid = target.iter().any(|c| c.name == "sid");
@@ -130,6 +153,32 @@ pub fn map_relation(
     if key.is_empty() {
         return Err(MappingError::NoKey);
     }
+    let mut computed = Vec::with_capacity(set.len());
+    for &name in set {
+        let at = match columns.iter().position(|c| c.name == name) {
+            Some(at) if key.contains(&at) => {
+                return Err(MappingError::SetKeyColumn {
+                    column: name.to_string(),
+                })
+            }
+            Some(at) => at,
+            None => {
+                let tc = target.iter().find(|t| t.name == name).ok_or_else(|| {
+                    MappingError::SetColumnMissing {
+                        column: name.to_string(),
+                    }
+                })?;
+                columns.push(TargetColumn {
+                    name: tc.name.clone(),
+                    type_name: tc.type_name.clone(),
+                });
+                source_index.push(COMPUTED);
+                columns.len() - 1
+            }
+        };
+        source_index[at] = COMPUTED;
+        computed.push(at);
+    }
     let mut key_names: Vec<&str> = key.iter().map(|&k| columns[k].name.as_str()).collect();
     if has_sid {
         key_names.push("sid");
@@ -162,6 +211,7 @@ pub fn map_relation(
         }),
         source_index,
         source_width: source.len(),
+        computed,
     })
 }
 
@@ -206,14 +256,29 @@ impl RelationMap {
                 .collect()
         };
         Row::from_values(columns.map(|i| {
-            match t.0[i] {
-                TupleValue::Null => Value::Null,
-                TupleValue::Unchanged => Value::Unchanged,
-                TupleValue::Text(s) => Value::Text(s),
-                TupleValue::Binary(_) => hex
+            // A computed column (COMPUTED) has no source value: filled in by
+            // [`RelationMap::with_computed`].
+            match t.0.get(i) {
+                None | Some(TupleValue::Null) => Value::Null,
+                Some(TupleValue::Unchanged) => Value::Unchanged,
+                Some(TupleValue::Text(s)) => Value::Text(s),
+                Some(TupleValue::Binary(_)) => hex
                     .get(i)
                     .and_then(|h| h.as_deref())
                     .map_or(Value::Null, Value::Text),
+            }
+        }))
+    }
+
+    /// `row` with the `set` columns' values (in [`RelationMap::computed`] order).
+    pub fn with_computed(&self, row: &Row, values: &[Option<String>]) -> Row {
+        Row::from_values((0..row.len()).map(|i| {
+            match self.computed.iter().position(|&c| c == i) {
+                Some(n) => values
+                    .get(n)
+                    .and_then(|v| v.as_deref())
+                    .map_or(Value::Null, Value::Text),
+                None => row.at(i),
             }
         }))
     }
@@ -306,6 +371,50 @@ impl RelationMap {
     }
 }
 
+/// A map entry's expressions bound to one source relation's columns.
+#[derive(Debug)]
+pub struct RowExprs {
+    pub exprs: Arc<TableExprs>,
+    /// (name, index in the tuple, kind) of each column the expressions read.
+    columns: Vec<(String, usize, Kind)>,
+}
+
+impl RowExprs {
+    pub fn new(exprs: Arc<TableExprs>, relation: &[RelColumn]) -> RowExprs {
+        let columns = exprs
+            .variables()
+            .iter()
+            .filter_map(|v| {
+                relation
+                    .iter()
+                    .position(|c| &c.name == v)
+                    .map(|i| (v.clone(), i, Kind::from_oid(relation[i].type_oid)))
+            })
+            .collect();
+        RowExprs { exprs, columns }
+    }
+
+    /// Evaluates over a new tuple; a value the source did not send (unchanged TOAST) is
+    /// taken from the old tuple when there is one (REPLICA IDENTITY FULL).
+    pub fn eval<'a>(&self, new: &Tuple<'a>, old: Option<&Tuple<'a>>) -> Result<Outcome, ExprError> {
+        fn cell<'a>(v: Option<&TupleValue<'a>>, kind: Kind) -> Option<Cell<'a>> {
+            match v {
+                Some(TupleValue::Null) => Some(Cell::Null),
+                Some(&TupleValue::Text(s)) => Some(Cell::Text(kind, s)),
+                _ => None,
+            }
+        }
+        self.exprs.eval(|name| {
+            let &(_, i, kind) = self.columns.iter().find(|(n, _, _)| n == name)?;
+            Some(
+                cell(new.0.get(i), kind)
+                    .or_else(|| cell(old.and_then(|o| o.0.get(i)), kind))
+                    .unwrap_or(Cell::Missing),
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +461,7 @@ mod tests {
             &[UniqueIndex::on(&["sid", "id"])],
             false,
             false,
+            &[],
             &Sid::new("s1"),
         )
         .unwrap();
@@ -379,14 +489,25 @@ mod tests {
         let src = [col("id", true), col("v", false)];
         let dst = [col("v", false)];
         assert_eq!(
-            map_relation(&src, "s", "t", &dst, &[], false, false, &Sid::new("a")).unwrap_err(),
+            map_relation(&src, "s", "t", &dst, &[], false, false, &[], &Sid::new("a")).unwrap_err(),
             MappingError::KeyColumnMissing {
                 column: "id".into()
             }
         );
         let nokey = [col("id", false), col("v", false)];
         assert_eq!(
-            map_relation(&nokey, "s", "t", &src, &[], false, false, &Sid::new("a")).unwrap_err(),
+            map_relation(
+                &nokey,
+                "s",
+                "t",
+                &src,
+                &[],
+                false,
+                false,
+                &[],
+                &Sid::new("a")
+            )
+            .unwrap_err(),
             MappingError::NoKey
         );
     }
@@ -401,6 +522,7 @@ mod tests {
             &[UniqueIndex::on(&["v"])],
             false,
             false,
+            &[],
             &Sid::new("a"),
         )
         .unwrap()

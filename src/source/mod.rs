@@ -91,6 +91,8 @@ pub struct SourceEnv {
     pub stop: Arc<StopFlag>,
     pub sync_rate: f64,
     pub sync_burst: u64,
+    /// What a rejected row of an initial copy does (a failing expression).
+    pub on_error: crate::apply::writer::RejectPolicy,
 }
 
 #[derive(Debug)]

@@ -11,7 +11,9 @@ use std::collections::{BTreeSet, HashMap};
 use log::{info, warn};
 use postgres::{Client, NoTls};
 
+use crate::apply::writer::RejectPolicy;
 use crate::config::{Mode, TableMap};
+use crate::expr::{Kind, TableExprs};
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
@@ -19,7 +21,7 @@ use crate::pg::session::open_destination;
 use crate::pg::Lsn;
 
 use super::mapping::HISTORY_COLUMNS;
-use super::sync::{copy_group, CopyPlan, RateLimiter};
+use super::sync::{copy_group, CopyOptions, CopyPlan, Deadletter, RateLimiter};
 use super::{SourceEnv, SourceError, SourceSpec, SYNC_STATE_TABLE};
 
 /// Source table name as `(schema, table)`.
@@ -398,6 +400,35 @@ fn resolve_one(
         return Ok(None);
     }
     let insert_only = !info.has_identity;
+    // Compiled at load already (a bad expression stops the program there).
+    let exprs = TableExprs::compile(t).map_err(|message| SourceError::Prerequisite {
+        source: spec.label(),
+        message,
+    })?;
+    if let Some(e) = &exprs {
+        let on_source = |c: &str| info.columns.iter().any(|sc| sc.name == c);
+        if let Some(v) = e.variables().iter().find(|v| !on_source(v)) {
+            exclude(format!(
+                "its filter or set refers to {v}, which is not a column of the source table"
+            ));
+            return Ok(None);
+        }
+        for c in e.set_columns() {
+            if !on_target(c) {
+                exclude(format!(
+                    "set column {c:?} does not exist on its target {target_name}"
+                ));
+                return Ok(None);
+            }
+            if info.columns.iter().any(|sc| sc.name == c && sc.is_key) {
+                exclude(format!(
+                    "set column {c:?} is part of the source's key, which finds the row: it \
+                     cannot be computed"
+                ));
+                return Ok(None);
+            }
+        }
+    }
     if history {
         if let Some(c) = HISTORY_COLUMNS.iter().find(|c| !on_target(c)) {
             exclude(format!(
@@ -449,6 +480,12 @@ fn resolve_one(
             spec.database
         );
     }
+    let set_extra: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| e.set_columns())
+        .filter(|c| !columns.iter().any(|s| s == c))
+        .map(String::from)
+        .collect();
     let plan = CopyPlan {
         source_schema: info.schema.clone(),
         source_table: info.name.clone(),
@@ -464,6 +501,13 @@ fn resolve_one(
         sid: has_sid.then(|| spec.sid.clone()),
         mode: t.mode,
         shared,
+        source_columns: info
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), Kind::from_type_name(&c.type_name)))
+            .collect(),
+        set_extra,
+        exprs,
     };
     Ok(Some(Resolved {
         source: info,
@@ -1091,7 +1135,16 @@ fn copy_one_target(
         .join("; ");
     let plans: Vec<&CopyPlan> = group.iter().map(|r| &r.plan).collect();
     let stop = || env.stop.is_set();
-    let result = copy_group(src, dest, &plans, &done, &snapshot.clock, limiter, &stop);
+    let opts = CopyOptions {
+        since: snapshot.clock.clone(),
+        lsn: at,
+        deadletter: (env.on_error == RejectPolicy::Deadletter).then(|| Deadletter {
+            table: qualified(&env.dest_schema, "kvsz_deadletter"),
+            source: spec.database.clone(),
+            sid: spec.sid.to_string(),
+        }),
+    };
+    let result = copy_group(src, dest, &plans, &done, &opts, limiter, &stop);
     let _ = src.batch_execute("COMMIT");
     let counts = result.map_err(|error| SourceError::Sync {
         source: spec.label(),

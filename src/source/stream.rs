@@ -2,6 +2,7 @@
 //! and confirm to the slot what every writer has committed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -10,12 +11,13 @@ use postgres::Client;
 use crate::apply::route::{key_fingerprint, PoolClosed, Routed, Router, Wait};
 use crate::change::{Change, Op, Position};
 use crate::config::{Mode, TableMap};
+use crate::expr::{ExprError, TableExprs};
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::Lsn;
 
-use super::mapping::{map_relation, RelationMap};
+use super::mapping::{map_relation, RelationMap, RowExprs};
 use super::setup::{connect_dest, connect_source, tables_changed, Route, StartPoint, TableName};
 use super::spool::{SpoolError, Spools};
 use super::stamps::Stamps;
@@ -39,6 +41,8 @@ struct Mapped {
     copied_at: Lsn,
     /// The target, as [`Stamps`] tells tables apart: set for a history target.
     history: Option<u64>,
+    /// The entry's filter and set expressions, bound to this relation's columns.
+    exprs: Option<Arc<RowExprs>>,
     /// A TRUNCATE cannot be confined to this source's rows (see [`Route::shared`]).
     shared: bool,
     /// See [`Route::siblings`].
@@ -374,10 +378,18 @@ impl Streamer<'_> {
                 let pos = self.pos();
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
-                    let c = m
+                    let outcome = m.exprs.as_ref().map(|x| x.eval(&new, None));
+                    let mut c = m
                         .map
                         .insert(self.spec.id, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    match outcome {
+                        None => {}
+                        Some(Err(e)) => return self.reject(c, e),
+                        // Not for this target: never inserted.
+                        Some(Ok(o)) if !o.pass => return Ok(()),
+                        Some(Ok(o)) => c.values = m.map.with_computed(&c.values, &o.computed),
+                    }
                     let c = self.stamped(c, history);
                     self.route(c)?;
                 }
@@ -386,10 +398,36 @@ impl Streamer<'_> {
                 let pos = self.pos();
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
-                    let (first, mut second) = m
+                    let append = m.mode == Mode::Append;
+                    let outcome = m
+                        .exprs
+                        .as_ref()
+                        .map(|x| x.eval(&new, old.as_ref().map(|o| &o.tuple)));
+                    let (mut first, mut second) = m
                         .map
                         .update(self.spec.id, old, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    match outcome {
+                        None => {}
+                        Some(Err(e)) => return self.reject(first, e),
+                        // The new row fails the filter: it leaves a clone or history
+                        // target (SPEC §3), an append target ignores the update.
+                        Some(Ok(o)) if !o.pass => {
+                            if append {
+                                return Ok(());
+                            }
+                            first = first.into_delete();
+                            second = None;
+                        }
+                        Some(Ok(o)) => {
+                            if first.op != Op::Delete {
+                                first.values = m.map.with_computed(&first.values, &o.computed);
+                            }
+                            if let Some(c) = second.as_mut() {
+                                c.values = m.map.with_computed(&c.values, &o.computed);
+                            }
+                        }
+                    }
                     let first = self.stamped(first, history);
                     if let (Some(c), Some(_)) = (second.as_mut(), history) {
                         // The new key of a history row continues its history from T: an
@@ -397,7 +435,7 @@ impl Streamer<'_> {
                         // version is valid from 1900).
                         c.op = Op::Update;
                     }
-                    if second.is_none() && first.old_key.is_some() {
+                    if first.op == Op::Update && second.is_none() && first.old_key.is_some() {
                         // A row moved to a new key that cannot be rebuilt from the change
                         // (unchanged TOAST): updated in place, so it must not overtake or
                         // be overtaken by the changes of either key on another writer.
@@ -600,6 +638,15 @@ impl Streamer<'_> {
         p
     }
 
+    /// Hands a change whose expression failed to its key's writer as a rejected row.
+    fn reject(&mut self, c: Change, e: ExprError) -> Result<(), SourceError> {
+        match self.env.router.try_reject(c, e.to_string()) {
+            Routed::Queued => Ok(()),
+            Routed::Full(pending) => self.blocking(move |r, idle| r.finish_route(pending, idle)),
+            Routed::Closed => Err(self.closed()(PoolClosed)),
+        }
+    }
+
     /// Queues a change for its writer. A full queue (a slow destination) blocks the
     /// stream, as it should, while the walsender keeps hearing from us.
     fn route(&mut self, c: Change) -> Result<(), SourceError> {
@@ -796,6 +843,7 @@ impl Streamer<'_> {
             &unique,
             whole_row,
             t.mode == Mode::History,
+            &t.set.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
             &self.spec.sid,
         )
         .map_err(|error| SourceError::Mapping {
@@ -825,12 +873,20 @@ impl Streamer<'_> {
             );
         }
         let incomplete = (!missing.is_empty()).then(|| rel.clone());
+        // Compiled at load already (a bad expression stops the program there).
+        let exprs = TableExprs::compile(t)
+            .map_err(|message| SourceError::Prerequisite {
+                source: self.label(),
+                message,
+            })?
+            .map(|e| Arc::new(RowExprs::new(e, &rel.columns)));
         self.relations.insert(
             rel.id,
             Some(Mapped {
                 map,
                 mode: t.mode,
                 history: (t.mode == Mode::History).then(|| target_id(&schema, &t.target)),
+                exprs,
                 source_name,
                 copied_at: route.copied_at,
                 shared: route.shared,

@@ -2,6 +2,7 @@
 //! text through untouched except for the `sid` appended to each row.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -10,8 +11,10 @@ use postgres::Client;
 use crate::apply::history::{FIRST_START, OPEN_END, OPEN_FROM};
 use crate::change::Sid;
 use crate::config::Mode;
+use crate::expr::{Cell, Kind, TableExprs};
 use crate::pg::describe;
 use crate::pg::quote::{ident, literal, push_copy_field, qualified};
+use crate::pg::Lsn;
 
 /// What to copy: the shared columns of one source table into its target.
 #[derive(Clone, Debug)]
@@ -29,12 +32,41 @@ pub struct CopyPlan {
     /// Other URLs write into the same target without `sid`: their rows are not ours to
     /// clear.
     pub shared: bool,
+    /// The entry's filter and set expressions: the copy then reads every source column
+    /// and parses each row (without, the COPY text passes through).
+    pub exprs: Option<Arc<TableExprs>>,
+    /// Every source column with its kind, in table order (read when `exprs` is set).
+    pub source_columns: Vec<(String, Kind)>,
+    /// Target columns only `set` fills (not shared with the source), after `columns`.
+    pub set_extra: Vec<String>,
+}
+
+/// What a copy needs besides its plans.
+pub struct CopyOptions {
+    /// See [`CopyPlan::history_merge_sql`].
+    pub since: String,
+    /// The snapshot's LSN, which a dead-lettered row of the copy is reported at.
+    pub lsn: Lsn,
+    /// Where a row whose expression fails goes: None stops the copy (`on_error = stop`).
+    pub deadletter: Option<Deadletter>,
+}
+
+/// `kvsz_deadletter` and who writes into it.
+pub struct Deadletter {
+    /// Qualified table name.
+    pub table: String,
+    pub source: String,
+    pub sid: String,
 }
 
 impl CopyPlan {
     /// `ONLY`: an inheritance parent's children are tables of their own.
     pub fn copy_out_sql(&self) -> String {
-        let cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
+        let cols: Vec<String> = if self.exprs.is_some() {
+            self.source_columns.iter().map(|(c, _)| ident(c)).collect()
+        } else {
+            self.columns.iter().map(|c| ident(c)).collect()
+        };
         format!(
             "COPY (SELECT {} FROM ONLY {}) TO STDOUT",
             cols.join(", "),
@@ -52,9 +84,14 @@ impl CopyPlan {
         cols
     }
 
-    /// The columns of the row itself: the shared ones and `sid`.
+    /// The columns of the row itself: the shared ones, those only `set` fills, `sid`.
     fn row_columns(&self) -> Vec<String> {
-        let mut cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
+        let mut cols: Vec<String> = self
+            .columns
+            .iter()
+            .chain(&self.set_extra)
+            .map(|c| ident(c))
+            .collect();
         if self.sid.is_some() {
             cols.push(ident("sid"));
         }
@@ -307,6 +344,9 @@ pub enum CopyError {
     Io(std::io::Error),
     /// The daemon is stopping: the copy was abandoned (and rolled back).
     Stopped,
+    /// A row's filter or set expression failed and `on_error = stop`: the copy is rolled
+    /// back and retried.
+    Rejected(String),
 }
 
 impl std::fmt::Display for CopyError {
@@ -316,6 +356,7 @@ impl std::fmt::Display for CopyError {
             CopyError::Destination(e) => write!(f, "destination: {}", describe(e)),
             CopyError::Io(e) => write!(f, "{e}"),
             CopyError::Stopped => f.write_str("stopped before the copy finished"),
+            CopyError::Rejected(m) => write!(f, "a row was rejected: {m}"),
         }
     }
 }
@@ -329,7 +370,7 @@ pub fn copy_group(
     dest: &mut Client,
     plans: &[&CopyPlan],
     done_sql: &str,
-    since: &str,
+    opts: &CopyOptions,
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
 ) -> Result<Vec<(u64, u64)>, CopyError> {
@@ -373,14 +414,32 @@ pub fn copy_group(
         } else {
             plan.copy_in_sql()
         };
-        counts.push(pipe(src, &mut tx, plan, &into, limiter, stop)?);
+        let mut rejected = Vec::new();
+        counts.push(pipe(
+            src,
+            &mut tx,
+            plan,
+            &into,
+            limiter,
+            stop,
+            &mut rejected,
+        )?);
+        if !rejected.is_empty() {
+            let Some(dl) = &opts.deadletter else {
+                return Err(CopyError::Rejected(rejected.swap_remove(0).1));
+            };
+            for (row, error) in rejected {
+                tx.batch_execute(&deadletter_sql(dl, plan, opts.lsn, &row, &error))
+                    .map_err(CopyError::Destination)?;
+            }
+        }
         if merge && history.is_none() {
             tx.batch_execute(&plan.merge_sql())
                 .map_err(CopyError::Destination)?;
         }
     }
     if let (Some(p), true) = (history, history_merge) {
-        tx.batch_execute(&p.history_merge_sql(since))
+        tx.batch_execute(&p.history_merge_sql(&opts.since))
             .map_err(CopyError::Destination)?;
     }
     tx.batch_execute(done_sql).map_err(CopyError::Destination)?;
@@ -388,7 +447,10 @@ pub fn copy_group(
     Ok(counts)
 }
 
-/// COPY out of the source into `into` on the destination, the sid appended to each row.
+/// COPY out of the source into `into` on the destination, the sid appended to each row;
+/// with expressions, rows parsed, filtered and computed, and those whose expression
+/// failed left out and returned in `rejected` (their values as JSON, the error).
+#[allow(clippy::too_many_arguments)]
 fn pipe(
     src: &mut Client,
     tx: &mut postgres::Transaction<'_>,
@@ -396,6 +458,7 @@ fn pipe(
     into: &str,
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
+    rejected: &mut Vec<(String, String)>,
 ) -> Result<(u64, u64), CopyError> {
     let field = plan.suffix();
     let mut rows = 0u64;
@@ -406,6 +469,7 @@ fn pipe(
     let mut writer = tx.copy_in(into).map_err(CopyError::Destination)?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::with_capacity(320 * 1024);
+    let mut rowwise = plan.exprs.as_ref().map(|e| RowWise::new(plan, e));
     loop {
         if stop() {
             // Dropping the writer unfinished aborts the COPY; the transaction rolls back.
@@ -416,7 +480,10 @@ fn pipe(
             break;
         }
         out.clear();
-        let r = append_field(&buf[..n], field.as_deref(), &mut out);
+        let r = match rowwise.as_mut() {
+            Some(rw) => rw.feed(&buf[..n], field.as_deref(), &mut out, rejected),
+            None => append_field(&buf[..n], field.as_deref(), &mut out),
+        };
         rows += r;
         bytes += n as u64;
         limiter.take(r);
@@ -426,9 +493,282 @@ fn pipe(
     Ok((rows, bytes))
 }
 
+/// A copy's rows one by one through the entry's expressions.
+struct RowWise<'p> {
+    plan: &'p CopyPlan,
+    exprs: &'p TableExprs,
+    /// For each target column of the row (`columns` then `set_extra`): the source
+    /// column it copies, or the `set` value it takes.
+    from: Vec<From>,
+    /// The end of the previous chunk, up to its last row's end.
+    partial: Vec<u8>,
+}
+
+#[derive(Clone, Copy)]
+enum From {
+    Source(usize),
+    Set(usize),
+}
+
+impl<'p> RowWise<'p> {
+    fn new(plan: &'p CopyPlan, exprs: &'p TableExprs) -> RowWise<'p> {
+        let set: Vec<&str> = exprs.set_columns().collect();
+        let from = plan
+            .columns
+            .iter()
+            .chain(&plan.set_extra)
+            .map(|c| match set.iter().position(|s| s == c) {
+                Some(n) => From::Set(n),
+                None => From::Source(
+                    plan.source_columns
+                        .iter()
+                        .position(|(s, _)| s == c)
+                        .unwrap_or(usize::MAX),
+                ),
+            })
+            .collect();
+        RowWise {
+            plan,
+            exprs,
+            from,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Takes a chunk of COPY text; writes the rows that pass to `out` with `suffix`
+    /// appended; returns how many rows the chunk ended.
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        suffix: Option<&[u8]>,
+        out: &mut Vec<u8>,
+        rejected: &mut Vec<(String, String)>,
+    ) -> u64 {
+        let mut rows = 0;
+        let mut data = std::mem::take(&mut self.partial);
+        data.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some(len) = data[start..].iter().position(|&b| b == b'\n') {
+            self.row(&data[start..start + len], suffix, out, rejected);
+            start += len + 1;
+            rows += 1;
+        }
+        data.drain(..start);
+        self.partial = data;
+        rows
+    }
+
+    fn row(
+        &self,
+        line: &[u8],
+        suffix: Option<&[u8]>,
+        out: &mut Vec<u8>,
+        rejected: &mut Vec<(String, String)>,
+    ) {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+        let texts: Vec<Option<String>> = fields.iter().map(|f| unescape(f)).collect();
+        let outcome = self.exprs.eval(|name| {
+            let i = self
+                .plan
+                .source_columns
+                .iter()
+                .position(|(c, _)| c == name)?;
+            let kind = self.plan.source_columns[i].1;
+            Some(match texts.get(i)? {
+                None => Cell::Null,
+                Some(t) => Cell::Text(kind, t),
+            })
+        });
+        let computed = match outcome {
+            Ok(o) if !o.pass => return,
+            Ok(o) => o.computed,
+            Err(e) => {
+                let json = row_json(&self.plan.source_columns, &texts);
+                rejected.push((json, e.to_string()));
+                return;
+            }
+        };
+        for (n, from) in self.from.iter().enumerate() {
+            if n > 0 {
+                out.push(b'\t');
+            }
+            match *from {
+                From::Source(i) => out.extend_from_slice(fields.get(i).copied().unwrap_or(b"\\N")),
+                From::Set(k) => match computed.get(k).and_then(|v| v.as_deref()) {
+                    Some(v) => push_copy_field(out, v.as_bytes()),
+                    None => out.extend_from_slice(b"\\N"),
+                },
+            }
+        }
+        if let Some(f) = suffix {
+            out.push(b'\t');
+            out.extend_from_slice(f);
+        }
+        out.push(b'\n');
+    }
+}
+
+/// A COPY text field's value (None: `\N`, NULL).
+fn unescape(field: &[u8]) -> Option<String> {
+    if field == b"\\N" {
+        return None;
+    }
+    if !field.contains(&b'\\') {
+        return Some(String::from_utf8_lossy(field).into_owned());
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        if b != b'\\' || i + 1 == field.len() {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let e = field[i + 1];
+        i += 2;
+        match e {
+            b'n' => out.push(b'\n'),
+            b't' => out.push(b'\t'),
+            b'r' => out.push(b'\r'),
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'v' => out.push(11),
+            b'0'..=b'7' => {
+                let mut v = u32::from(e - b'0');
+                let mut k = 0;
+                while k < 2 && i < field.len() && (b'0'..=b'7').contains(&field[i]) {
+                    v = v * 8 + u32::from(field[i] - b'0');
+                    i += 1;
+                    k += 1;
+                }
+                out.push(v as u8);
+            }
+            b'x' if i < field.len() && field[i].is_ascii_hexdigit() => {
+                let mut v = 0u32;
+                let mut k = 0;
+                while k < 2 && i < field.len() && field[i].is_ascii_hexdigit() {
+                    v = v * 16 + (field[i] as char).to_digit(16).unwrap_or(0);
+                    i += 1;
+                    k += 1;
+                }
+                out.push(v as u8);
+            }
+            other => out.push(other),
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A copied row as a `jsonb` expression (column name → text value) for the dead letter.
+fn row_json(columns: &[(String, Kind)], texts: &[Option<String>]) -> String {
+    let names: Vec<String> = columns.iter().map(|(c, _)| literal(c)).collect();
+    let vals: Vec<String> = texts
+        .iter()
+        .map(|t| t.as_deref().map_or("NULL".to_string(), literal))
+        .collect();
+    format!(
+        "json_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::jsonb",
+        names.join(","),
+        vals.join(",")
+    )
+}
+
+/// The dead letter of a copied row whose expression failed.
+fn deadletter_sql(dl: &Deadletter, plan: &CopyPlan, lsn: Lsn, row: &str, error: &str) -> String {
+    format!(
+        "INSERT INTO {} (sid, source, source_table, lsn, op, row, error, at) VALUES \
+         ({}, {}, {}, {}::pg_lsn, 'COPY', {row}, {}, now())",
+        dl.table,
+        literal(&dl.sid),
+        literal(&dl.source),
+        literal(&format!("{}.{}", plan.source_schema, plan.source_table)),
+        literal(&lsn.to_string()),
+        literal(error)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_fields_unescape() {
+        assert_eq!(unescape(b"\\N"), None);
+        assert_eq!(unescape(b"plain"), Some("plain".into()));
+        assert_eq!(
+            unescape(b"a\\tb\\\\c\\nd\\101\\x42"),
+            Some("a\tb\\c\ndAB".into())
+        );
+    }
+
+    #[test]
+    fn rows_through_expressions_split_across_chunks() {
+        use crate::config::TableMap;
+        let map = TableMap {
+            schema: "s".into(),
+            table: "t".into(),
+            target: "t".into(),
+            mode: Mode::Clone,
+            partitions_regex: None,
+            filter: Some("amount > 0".into()),
+            set: vec![
+                ("label".into(), "name + '!'".into()),
+                ("name".into(), "'<' + name + '>'".into()),
+            ],
+        };
+        let exprs = TableExprs::compile(&map).unwrap().unwrap();
+        let plan = CopyPlan {
+            source_schema: "s".into(),
+            source_table: "t".into(),
+            target_schema: "public".into(),
+            target_table: "t".into(),
+            columns: vec!["id".into(), "name".into()],
+            key: vec!["id".into()],
+            sid: Some(Sid::new("a")),
+            mode: Mode::Clone,
+            shared: false,
+            exprs: Some(exprs.clone()),
+            source_columns: vec![
+                ("id".into(), Kind::Int),
+                ("amount".into(), Kind::Float),
+                ("name".into(), Kind::Text),
+            ],
+            set_extra: vec!["label".into()],
+        };
+        assert_eq!(
+            plan.copy_out_sql(),
+            "COPY (SELECT \"id\", \"amount\", \"name\" FROM ONLY \"s\".\"t\") TO STDOUT"
+        );
+        assert_eq!(
+            plan.copy_in_sql(),
+            "COPY \"public\".\"t\" (\"id\", \"name\", \"label\", \"sid\") FROM STDIN"
+        );
+        let mut rw = RowWise::new(&plan, &exprs);
+        let (mut out, mut rejected) = (Vec::new(), Vec::new());
+        let suffix = copy_escape("a");
+        let n = rw.feed(
+            b"1\t2.5\tx\\ty\n2\t0\tskip\n3\t\\N",
+            Some(&suffix),
+            &mut out,
+            &mut rejected,
+        );
+        assert_eq!(n, 2);
+        let n = rw.feed(b"\tnull amount\n", Some(&suffix), &mut out, &mut rejected);
+        assert_eq!(n, 1);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1\t<x\\ty>\tx\\ty!\ta\n",
+            "the filter drops row 2; set computes name and label"
+        );
+        assert_eq!(rejected.len(), 1, "row 3's NULL amount fails the filter");
+        assert!(rejected[0].0.contains("'null amount'"), "{:?}", rejected[0]);
+        assert!(
+            rejected[0].1.starts_with("filter \"amount > 0\" failed"),
+            "{:?}",
+            rejected[0]
+        );
+    }
 
     #[test]
     fn sid_is_appended_to_rows_split_across_chunks() {
@@ -460,6 +800,9 @@ mod tests {
             sid: Some(Sid::new("o'k")),
             mode: Mode::Append,
             shared: false,
+            exprs: None,
+            source_columns: Vec::new(),
+            set_extra: Vec::new(),
         };
         assert_eq!(
             p.copy_out_sql(),
