@@ -285,46 +285,52 @@ pub fn fill(table: &TargetTable, stage: &Stage, moved: bool) -> String {
     s
 }
 
-/// The latest version of the staged key `s` on the destination, as `l` (none: NULLs).
+/// `FROM (the latest version of the staged key s on the destination) AS l WHERE `.
 fn push_latest(s: &mut String, table: &TargetTable) {
-    s.push_str("FROM (SELECT 1) AS o LEFT JOIN LATERAL (SELECT t.kvsz_start, t.kvsz_end FROM ");
+    s.push_str("FROM (SELECT t.kvsz_start, t.kvsz_end FROM ");
     s.push_str(&target(table));
     s.push_str(" AS t WHERE ");
     push_key_match(s, table, "t", "s");
-    s.push_str(" ORDER BY t.kvsz_start DESC LIMIT 1) AS l ON true");
+    s.push_str(" ORDER BY t.kvsz_start DESC LIMIT 1) AS l WHERE ");
 }
 
-/// Whether the key's history already reaches the staged stamp (see the module's
-/// `mark`); `first`: the row is a first INSERT, skipped when the key is open.
-fn push_reached(s: &mut String, first: &str) {
-    s.push_str("CASE WHEN l.kvsz_start IS NULL THEN false WHEN l.kvsz_end >= ");
+/// The key's history already reaches the staged stamp (see the module's `mark`): its
+/// latest version `l` starts there or later, or was closed there or later.
+fn push_reached(s: &mut String) {
+    s.push_str("l.kvsz_start >= s.kvsz_at OR (l.kvsz_end >= s.kvsz_at AND l.kvsz_end < ");
     push_literal(s, OPEN_FROM);
-    s.push_str(&format!(
-        " THEN {first} OR l.kvsz_start >= s.kvsz_at ELSE l.kvsz_end >= s.kvsz_at END"
-    ));
+    s.push(')');
 }
 
-/// Marks the staged versions already on the destination, and gives each its start.
+/// Marks the staged versions the destination already has (and first INSERTs of a key
+/// with an open version), and gives a first INSERT of a key with versions its own
+/// stamp as start. Only rows whose key has versions are looked at twice, and only
+/// those to skip or first INSERTs are written: in a batch without replay, none.
 pub fn mark_rows(table: &TargetTable, stage: &Stage) -> String {
     let mut s = format!(
-        "UPDATE {} AS s SET (kvsz_skip, kvsz_start) = (SELECT ",
+        "UPDATE {} AS s SET kvsz_start = s.kvsz_at, kvsz_skip = EXISTS (SELECT 1 ",
         stage.rows
     );
-    push_reached(&mut s, "s.kvsz_first");
-    s.push_str(", CASE WHEN s.kvsz_first AND l.kvsz_start IS NULL THEN ");
-    push_literal(&mut s, FIRST_START);
-    s.push_str(" ELSE s.kvsz_at END ");
     push_latest(&mut s, table);
+    push_reached(&mut s);
+    s.push_str(" OR (s.kvsz_first AND l.kvsz_end >= ");
+    push_literal(&mut s, OPEN_FROM);
+    s.push_str(")) WHERE EXISTS (SELECT 1 ");
+    push_latest(&mut s, table);
+    s.push_str("s.kvsz_first OR ");
+    push_reached(&mut s);
     s.push(')');
     s
 }
 
-/// Marks the staged closings already on the destination.
+/// Marks the staged closings the destination already reached.
 pub fn mark_keys(table: &TargetTable, stage: &Stage) -> String {
-    let mut s = format!("UPDATE {} AS s SET kvsz_skip = (SELECT ", stage.keys);
-    push_reached(&mut s, "false");
-    s.push(' ');
+    let mut s = format!(
+        "UPDATE {} AS s SET kvsz_skip = true WHERE EXISTS (SELECT 1 ",
+        stage.keys
+    );
     push_latest(&mut s, table);
+    push_reached(&mut s);
     s.push(')');
     s
 }
@@ -341,7 +347,7 @@ pub fn close(table: &TargetTable, stage: &Stage) -> String {
     push_cols(&mut s, table, &table.key, "", true);
     s.push_str(", kvsz_at, kvsz_deleted FROM ");
     s.push_str(&stage.keys);
-    s.push_str(" WHERE NOT kvsz_skip ORDER BY ");
+    s.push_str(" WHERE kvsz_skip IS NOT TRUE ORDER BY ");
     push_cols(&mut s, table, &table.key, "", true);
     s.push_str(", kvsz_at) AS c WHERE ");
     push_key_match(&mut s, table, "t", "c");
@@ -358,9 +364,12 @@ pub fn insert(table: &TargetTable, stage: &Stage) -> String {
     push_cols(&mut s, table, &cols, "", true);
     s.push_str(", kvsz_start, kvsz_end, kvsz_deleted) OVERRIDING SYSTEM VALUE SELECT ");
     push_cols(&mut s, table, &cols, "s.", true);
-    s.push_str(", s.kvsz_start, s.kvsz_end, s.kvsz_deleted FROM ");
+    // Unmarked: the key has no version, so a first INSERT's version is valid from 1900.
+    s.push_str(", coalesce(s.kvsz_start, CASE WHEN s.kvsz_first THEN ");
+    push_literal(&mut s, FIRST_START);
+    s.push_str(" ELSE s.kvsz_at END), s.kvsz_end, s.kvsz_deleted FROM ");
     s.push_str(&stage.rows);
-    s.push_str(" AS s WHERE NOT s.kvsz_skip AND s.kvsz_mask IS NULL");
+    s.push_str(" AS s WHERE s.kvsz_skip IS NOT TRUE AND s.kvsz_mask IS NULL");
     s
 }
 
@@ -622,23 +631,24 @@ mod tests {
         );
         assert_eq!(
             mark_rows(&t, &st),
-            "UPDATE pg_temp.kvsz_r1 AS s SET (kvsz_skip, kvsz_start) = (SELECT CASE WHEN \
-             l.kvsz_start IS NULL THEN false WHEN l.kvsz_end >= '9998-12-31 00:00:00+00' THEN \
-             s.kvsz_first OR l.kvsz_start >= s.kvsz_at ELSE l.kvsz_end >= s.kvsz_at END, CASE \
-             WHEN s.kvsz_first AND l.kvsz_start IS NULL THEN '1900-01-01 00:00:00+00' ELSE \
-             s.kvsz_at END FROM (SELECT 1) AS o LEFT JOIN LATERAL (SELECT t.kvsz_start, \
-             t.kvsz_end FROM \"public\".\"h\"\"t\" AS t WHERE t.\"id\" = s.\"id\" AND t.\"sid\" = \
-             s.\"sid\" ORDER BY t.kvsz_start DESC LIMIT 1) AS l ON true)"
+            "UPDATE pg_temp.kvsz_r1 AS s SET kvsz_start = s.kvsz_at, kvsz_skip = EXISTS (SELECT 1 \
+             FROM (SELECT t.kvsz_start, t.kvsz_end FROM \"public\".\"h\"\"t\" AS t WHERE t.\"id\" = \
+             s.\"id\" AND t.\"sid\" = s.\"sid\" ORDER BY t.kvsz_start DESC LIMIT 1) AS l WHERE \
+             l.kvsz_start >= s.kvsz_at OR (l.kvsz_end >= s.kvsz_at AND l.kvsz_end < '9998-12-31 \
+             00:00:00+00') OR (s.kvsz_first AND l.kvsz_end >= '9998-12-31 00:00:00+00')) WHERE \
+             EXISTS (SELECT 1 FROM (SELECT t.kvsz_start, t.kvsz_end FROM \"public\".\"h\"\"t\" AS t \
+             WHERE t.\"id\" = s.\"id\" AND t.\"sid\" = s.\"sid\" ORDER BY t.kvsz_start DESC LIMIT 1) \
+             AS l WHERE s.kvsz_first OR l.kvsz_start >= s.kvsz_at OR (l.kvsz_end >= s.kvsz_at AND \
+             l.kvsz_end < '9998-12-31 00:00:00+00'))"
         );
         assert!(mark_keys(&t, &st).starts_with(
-            "UPDATE pg_temp.kvsz_k1 AS s SET kvsz_skip = (SELECT CASE WHEN l.kvsz_start IS NULL \
-             THEN false WHEN l.kvsz_end >= '9998-12-31 00:00:00+00' THEN false OR"
+            "UPDATE pg_temp.kvsz_k1 AS s SET kvsz_skip = true WHERE EXISTS (SELECT 1 FROM (SELECT"
         ));
         assert_eq!(
             close(&t, &st),
             "UPDATE \"public\".\"h\"\"t\" AS t SET kvsz_end = c.kvsz_at, kvsz_deleted = \
              c.kvsz_deleted FROM (SELECT DISTINCT ON (\"id\", \"sid\") \"id\", \"sid\", kvsz_at, \
-             kvsz_deleted FROM pg_temp.kvsz_k1 WHERE NOT kvsz_skip ORDER BY \"id\", \"sid\", \
+             kvsz_deleted FROM pg_temp.kvsz_k1 WHERE kvsz_skip IS NOT TRUE ORDER BY \"id\", \"sid\", \
              kvsz_at) AS c WHERE t.\"id\" = c.\"id\" AND t.\"sid\" = c.\"sid\" AND t.kvsz_end >= \
              '9998-12-31 00:00:00+00' AND t.kvsz_start < c.kvsz_at"
         );
@@ -646,8 +656,9 @@ mod tests {
             insert(&t, &st),
             "INSERT INTO \"public\".\"h\"\"t\" (\"id\", \"v\", \"sid\", kvsz_start, kvsz_end, \
              kvsz_deleted) OVERRIDING SYSTEM VALUE SELECT s.\"id\", s.\"v\", s.\"sid\", \
-             s.kvsz_start, s.kvsz_end, s.kvsz_deleted FROM pg_temp.kvsz_r1 AS s WHERE NOT \
-             s.kvsz_skip AND s.kvsz_mask IS NULL"
+             coalesce(s.kvsz_start, CASE WHEN s.kvsz_first THEN '1900-01-01 00:00:00+00' ELSE \
+             s.kvsz_at END), s.kvsz_end, s.kvsz_deleted FROM pg_temp.kvsz_r1 AS s WHERE \
+             s.kvsz_skip IS NOT TRUE AND s.kvsz_mask IS NULL"
         );
         assert_eq!(
             fill(&t, &st, true),
