@@ -12,7 +12,7 @@ use log::{debug, info, warn};
 use postgres::Statement;
 
 use crate::change::{Change, SourceId, TargetTable, Value};
-use crate::pg::quote::{literal, qualified};
+use crate::pg::quote::{jsonb_object, literal, qualified};
 use crate::pg::session::open_destination;
 use crate::pg::{describe, Lsn};
 
@@ -939,24 +939,16 @@ enum Literal {
 
 /// The change's row as a `jsonb` expression (column name → text value).
 fn row_json(c: &Change) -> String {
-    let mut names = Vec::new();
-    let mut vals = Vec::new();
     let (cols, values): (Vec<usize>, Vec<Value>) = match &c.old_key {
         Some(k) if c.values.is_empty() => (c.table.key.clone(), k.iter().collect()),
         _ => ((0..c.values.len()).collect(), c.values.iter().collect()),
     };
-    for (i, v) in cols.iter().zip(values) {
-        if let Some(col) = c.table.columns.get(*i) {
-            names.push(literal(&col.name));
-            vals.push(match v {
-                Value::Text(s) => literal(s),
-                Value::Null | Value::Unchanged => "NULL".to_string(),
-            });
-        }
-    }
-    format!(
-        "json_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::jsonb",
-        names.join(","),
-        vals.join(",")
-    )
+    jsonb_object(cols.iter().zip(values).filter_map(|(i, v)| {
+        let col = c.table.columns.get(*i)?;
+        let text = match v {
+            Value::Text(s) => Some(s),
+            Value::Null | Value::Unchanged => None,
+        };
+        Some((col.name.as_str(), text))
+    }))
 }

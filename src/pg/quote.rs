@@ -36,6 +36,19 @@ pub fn literal(value: &str) -> String {
     out
 }
 
+/// `json_object(ARRAY[names], ARRAY[values])::jsonb` of name → text value (None: null):
+/// a row as the dead letter keeps it.
+pub fn jsonb_object<'a>(pairs: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> String {
+    let (names, vals): (Vec<String>, Vec<String>) = pairs
+        .map(|(n, v)| (literal(n), v.map_or("NULL".to_string(), literal)))
+        .unzip();
+    format!(
+        "json_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::jsonb",
+        names.join(","),
+        vals.join(",")
+    )
+}
+
 /// Appends `'text'` to `out`.
 pub fn push_literal(out: &mut String, value: &str) {
     out.push('\'');

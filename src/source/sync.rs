@@ -13,7 +13,7 @@ use crate::change::Sid;
 use crate::config::Mode;
 use crate::expr::{Cell, Kind, TableExprs};
 use crate::pg::describe;
-use crate::pg::quote::{ident, literal, push_copy_field, qualified};
+use crate::pg::quote::{ident, jsonb_object, literal, push_copy_field, qualified};
 use crate::pg::Lsn;
 
 /// What to copy: the shared columns of one source table into its target.
@@ -662,15 +662,11 @@ fn unescape(field: &[u8]) -> Option<String> {
 
 /// A copied row as a `jsonb` expression (column name → text value) for the dead letter.
 fn row_json(columns: &[(String, Kind)], texts: &[Option<String>]) -> String {
-    let names: Vec<String> = columns.iter().map(|(c, _)| literal(c)).collect();
-    let vals: Vec<String> = texts
-        .iter()
-        .map(|t| t.as_deref().map_or("NULL".to_string(), literal))
-        .collect();
-    format!(
-        "json_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::jsonb",
-        names.join(","),
-        vals.join(",")
+    jsonb_object(
+        columns
+            .iter()
+            .zip(texts)
+            .map(|((c, _), t)| (c.as_str(), t.as_deref())),
     )
 }
 
