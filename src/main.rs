@@ -2,16 +2,20 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use kuvasz_streamer::apply::writer::RejectPolicy;
 use kuvasz_streamer::change::Sid;
 use kuvasz_streamer::config::{self, Args, Command, Config, LogFormat, Map, OnError};
 use kuvasz_streamer::daemon::{self, DaemonSettings, Signals};
 use kuvasz_streamer::expr::TableExprs;
+use kuvasz_streamer::http::Http;
+use kuvasz_streamer::log_context;
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
 use kuvasz_streamer::sequences::Outcome;
 use kuvasz_streamer::source::setup::{table_report, TableStatus};
 use kuvasz_streamer::source::SourceSpec;
+use kuvasz_streamer::status::{json_string, SourceStatus, Status};
 use log::{error, info, warn};
 
 fn main() -> ExitCode {
@@ -131,13 +135,16 @@ fn init_logging(config: &Config) {
         }
         LogFormat::Json => {
             b.format(move |f, r| {
+                let (source, sid) = match log_context::source() {
+                    Some((d, s)) => (json_string(&d), json_string(&s)),
+                    None => ("null".to_string(), "null".to_string()),
+                };
                 writeln!(
                     f,
-                    "{{\"ts\":\"{}\",\"level\":\"{}\",\"name\":{},\"target\":{},\"msg\":{}}}",
+                    "{{\"time\":\"{}\",\"level\":\"{}\",\"name\":{},\"source\":{source},\"sid\":{sid},\"message\":{}}}",
                     f.timestamp_millis(),
                     r.level(),
                     json_string(&name),
-                    json_string(r.target()),
                     json_string(&r.args().to_string())
                 )
             });
@@ -146,25 +153,29 @@ fn init_logging(config: &Config) {
     let _ = b.try_init();
 }
 
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// What `/api/status` and `/metrics` report, one entry per source URL and writer.
+fn status(l: &Loaded) -> Arc<Status> {
+    let sources = l
+        .sources
+        .iter()
+        .map(|s| {
+            Arc::new(SourceStatus::new(
+                &s.database,
+                s.sid.as_str(),
+                &s.slot,
+                &s.conn.redacted(),
+            ))
+        })
+        .collect();
+    Arc::new(Status::new(
+        &l.config.server.name,
+        &l.dest.redacted(),
+        sources,
+        l.config.app.num_workers,
+    ))
 }
 
-fn settings(l: &Loaded) -> DaemonSettings {
+fn settings(l: &Loaded, status: Arc<Status>) -> DaemonSettings {
     let mut dest = l.dest.to_postgres_config();
     dest.application_name(&l.config.server.name);
     DaemonSettings {
@@ -180,6 +191,7 @@ fn settings(l: &Loaded) -> DaemonSettings {
         },
         sync_rate: l.config.app.sync_rate,
         sync_burst: l.config.app.sync_burst,
+        status,
     }
 }
 
@@ -210,8 +222,16 @@ fn run(args: &Args) -> ExitCode {
         loaded.config.database.schema,
         loaded.config.app.num_workers
     );
-    let s = settings(&loaded);
-    match daemon::run(&s, loaded.sources, &signals) {
+    let status = status(&loaded);
+    let http = match Http::start(&loaded.config.server.address, status.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let s = settings(&loaded, status);
+    let code = match daemon::run(&s, loaded.sources, &signals) {
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS
@@ -220,7 +240,9 @@ fn run(args: &Args) -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    http.stop();
+    code
 }
 
 /// `sequences`: one line per destination sequence; exit 1 when a source could not be

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,8 @@ pub struct WriterSettings {
     pub sources: Arc<Vec<SourceLabel>>,
     pub progress: Arc<Progress>,
     pub inflight: Arc<Inflight>,
+    /// Where commits and rejected rows are reported (see [`crate::status`]).
+    pub status: Arc<crate::status::Status>,
 }
 
 #[derive(Debug)]
@@ -278,6 +281,9 @@ impl Writer {
                 match self.rx.recv_timeout(Duration::from_millis(500)) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
+                        if let Some(w) = self.settings.status.writers.get(self.id) {
+                            w.queued.store(0, Ordering::Relaxed);
+                        }
                         if self.trim_due {
                             self.trim_due = false;
                             self.copy_buf = Vec::new();
@@ -291,6 +297,9 @@ impl Writer {
             match msg {
                 WriterMsg::Change { change, key } => {
                     self.settings.inflight.taken(self.id, change.byte_len());
+                    if let Some(w) = self.settings.status.writers.get(self.id) {
+                        w.jobs.fetch_add(1, Ordering::Relaxed);
+                    }
                     if Batch::is_barrier(&change) {
                         // Alone in its own transaction, after everything before it.
                         self.commit()?;
@@ -357,10 +366,15 @@ impl Writer {
     fn commit(&mut self) -> Result<(), WriterError> {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
+            let started = Instant::now();
             if !self.apply_literal(&batch)? {
                 self.apply_batch(&batch)?;
             }
             self.end_txn();
+            if let Some(w) = self.settings.status.writers.get(self.id) {
+                w.committed(batch.changes, started.elapsed());
+                w.queued.store(self.rx.len() as u64, Ordering::Relaxed);
+            }
             self.trim_due |= batch.bytes >= TRIM_AFTER_BYTES;
             self.window_commits += 1;
             self.roll_window();
@@ -861,6 +875,16 @@ impl Writer {
                 sid: String::new(),
             });
         let table = c.table.display();
+        if let Some(s) = self.settings.status.sources.get(c.source) {
+            s.rejected(crate::status::RejectedRow {
+                at_ms: crate::status::now_ms(),
+                table: table.clone(),
+                op: c.op.to_string(),
+                key: c.describe_key(),
+                lsn: c.pos.commit_lsn,
+                message: message.clone(),
+            });
+        }
         match self.settings.on_error {
             RejectPolicy::Stop => Err(WriterError::Rejected(Box::new(Rejection {
                 writer: self.id,
@@ -873,15 +897,17 @@ impl Writer {
                 message,
             }))),
             RejectPolicy::Deadletter => {
-                warn!(
-                    "destination rejected {} from source {} (sid {}) on {table} key {} at LSN {}: \
-                     {message}; written to kvsz_deadletter",
-                    c.op,
-                    label.name,
-                    label.sid,
-                    c.describe_key(),
-                    c.pos.commit_lsn
-                );
+                crate::log_context::with_source(&label.name, &label.sid, || {
+                    warn!(
+                        "destination rejected {} from source {} (sid {}) on {table} key {} at \
+                         LSN {}: {message}; written to kvsz_deadletter",
+                        c.op,
+                        label.name,
+                        label.sid,
+                        c.describe_key(),
+                        c.pos.commit_lsn
+                    )
+                });
                 let row = row_json(c);
                 let stmt = format!(
                     "INSERT INTO {} (sid, source, source_table, lsn, op, row, error, at) \

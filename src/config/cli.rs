@@ -162,7 +162,7 @@ Options:
 
 Keys (default):
   server.name         name in logs and the destination's application_name (kuvasz-streamer)
-  server.address      HTTP address for health and metrics; not served yet (127.0.0.1:8000)
+  server.address      HTTP address of /healthz /readyz /metrics /api/status and / (127.0.0.1:8000)
   logs.level          error, warn, info, debug or trace (info)
   logs.format         text or json (text)
   database.url        destination connection string, postgres://... or key=value (required)

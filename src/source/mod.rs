@@ -93,6 +93,8 @@ pub struct SourceEnv {
     pub sync_burst: u64,
     /// What a rejected row of an initial copy does (a failing expression).
     pub on_error: crate::apply::writer::RejectPolicy,
+    /// What this source reports over HTTP.
+    pub status: Arc<crate::status::SourceStatus>,
 }
 
 #[derive(Debug)]

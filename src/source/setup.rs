@@ -19,6 +19,7 @@ use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::session::open_destination;
 use crate::pg::Lsn;
+use crate::status::State;
 
 use super::mapping::HISTORY_COLUMNS;
 use super::sync::{copy_group, CopyOptions, CopyPlan, Deadletter, RateLimiter};
@@ -770,6 +771,7 @@ fn reconcile_publications(
 
 /// Prepares the source and returns where to start streaming.
 pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceError> {
+    env.status.set_state(State::Starting);
     let mut src = connect_source(spec, env)?;
     let mut dest = connect_dest(spec, env)?;
     check_prerequisites(spec, &mut src)?;
@@ -1127,6 +1129,32 @@ fn copy_one_target(
     }
     src.batch_execute(&begin)
         .map_err(sql_err(spec, format!("open snapshot for {name}")))?;
+    env.status.set_state(State::Copying);
+    let mut tables = Vec::with_capacity(group.len());
+    for r in group {
+        // The planner's estimate, for the copy's ETA: cheap, and good enough after any
+        // VACUUM or ANALYZE (-1 when never analyzed).
+        let estimate = src
+            .query_one(
+                // to_regclass: never an error, which would abort the snapshot's transaction.
+                "SELECT coalesce((SELECT reltuples::bigint FROM pg_catalog.pg_class \
+                 WHERE oid = pg_catalog.to_regclass($1)), -1)",
+                &[&qualified(&r.source.schema, &r.source.name)],
+            )
+            .map(|row| row.get::<_, i64>(0))
+            .unwrap_or_else(|e| {
+                warn!(
+                    "source {}: cannot estimate the rows of {}: {}",
+                    spec.label(),
+                    r.key(),
+                    crate::pg::describe(&e)
+                );
+                -1
+            });
+        let t = env.status.table(&r.key());
+        t.copy_started(&r.target(), estimate);
+        tables.push(t);
+    }
     let started = std::time::Instant::now();
     let done: String = group
         .iter()
@@ -1143,6 +1171,7 @@ fn copy_one_target(
             source: spec.database.clone(),
             sid: spec.sid.to_string(),
         }),
+        progress: tables.clone(),
     };
     let result = copy_group(src, dest, &plans, &done, &opts, limiter, &stop);
     let _ = src.batch_execute("COMMIT");
@@ -1151,6 +1180,9 @@ fn copy_one_target(
         table: name.clone(),
         error,
     })?;
+    for t in &tables {
+        t.copy_done();
+    }
     for (r, (rows, bytes)) in group.iter().zip(counts) {
         info!(
             "source {}: copied {} → {}: {rows} rows, {bytes} bytes in {:.1}s",

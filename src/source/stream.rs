@@ -2,6 +2,7 @@
 //! and confirm to the slot what every writer has committed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::Lsn;
+use crate::status::TableCounters;
 
 use super::mapping::{map_relation, RelationMap, RowExprs};
 use super::setup::{connect_dest, connect_source, tables_changed, Route, StartPoint, TableName};
@@ -50,6 +52,8 @@ struct Mapped {
     /// The Relation message, kept while some of its columns are missing on the target: the
     /// mapping is rebuilt once the target has them (see [`TARGET_RECHECK`]).
     incomplete: Option<Relation>,
+    /// What `/metrics` counts for this source table.
+    counters: Arc<TableCounters>,
 }
 
 /// A target's name as a number, for [`Stamps`] (FNV-1a: stable, cheap).
@@ -151,6 +155,9 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         );
     }
     let dest = connect_dest(spec, env)?;
+    env.status.set_state(crate::status::State::Streaming);
+    env.status.heard(start);
+    env.status.confirmed(start);
     let s = Streamer {
         spec,
         env,
@@ -318,10 +325,14 @@ impl Streamer<'_> {
     fn send_status(&mut self, force: bool) -> Result<(), SourceError> {
         let ok = self.env.progress.confirmable(self.spec.id).min(self.routed);
         let advanced = ok > self.confirmed;
+        let status = &self.env.status;
+        status.heard(self.received);
         if advanced {
             self.confirmed = ok;
+            status.confirmed(ok);
         }
         if force || advanced || self.last_status.elapsed() >= STATUS_EVERY {
+            status.heartbeat();
             debug!(
                 "source {}: standby status write {} flush {}",
                 self.label(),
@@ -387,9 +398,13 @@ impl Streamer<'_> {
                         None => {}
                         Some(Err(e)) => return self.reject(c, e),
                         // Not for this target: never inserted.
-                        Some(Ok(o)) if !o.pass => return Ok(()),
+                        Some(Ok(o)) if !o.pass => {
+                            m.counters.filtered.fetch_add(1, Ordering::Relaxed);
+                            return Ok(());
+                        }
                         Some(Ok(o)) => c.values = m.map.with_computed(&c.values, &o.computed),
                     }
+                    m.counters.routed(Op::Insert);
                     let c = self.stamped(c, history);
                     self.route(c)?;
                 }
@@ -413,6 +428,7 @@ impl Streamer<'_> {
                         // The new row fails the filter: it leaves a clone or history
                         // target (SPEC §3), an append target ignores the update.
                         Some(Ok(o)) if !o.pass => {
+                            m.counters.filtered.fetch_add(1, Ordering::Relaxed);
                             if append {
                                 return Ok(());
                             }
@@ -428,6 +444,7 @@ impl Streamer<'_> {
                             }
                         }
                     }
+                    m.counters.routed(Op::Update);
                     let first = self.stamped(first, history);
                     if let (Some(c), Some(_)) = (second.as_mut(), history) {
                         // The new key of a history row continues its history from T: an
@@ -463,6 +480,7 @@ impl Streamer<'_> {
                         .map
                         .delete(self.spec.id, old, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    m.counters.routed(Op::Delete);
                     let c = self.stamped(c, history);
                     self.route(c)?;
                 }
@@ -511,6 +529,7 @@ impl Streamer<'_> {
                         continue;
                     }
                     let history = m.history;
+                    m.counters.routed(Op::Truncate);
                     let mut c = m.map.truncate(self.spec.id, pos, self.txn_time);
                     info!(
                         "source {}: TRUNCATE {} at {}",
@@ -627,6 +646,9 @@ impl Streamer<'_> {
     fn end_txn(&mut self, end_lsn: Lsn) {
         self.in_txn = false;
         self.routed = self.routed.max(end_lsn);
+        self.env
+            .status
+            .committed(end_lsn, crate::status::pg_time_ms(self.txn_time));
     }
 
     fn pos(&mut self) -> Position {
@@ -650,6 +672,7 @@ impl Streamer<'_> {
     /// Queues a change for its writer. A full queue (a slow destination) blocks the
     /// stream, as it should, while the walsender keeps hearing from us.
     fn route(&mut self, c: Change) -> Result<(), SourceError> {
+        self.env.status.changes.fetch_add(1, Ordering::Relaxed);
         match self.env.router.try_route(c) {
             Routed::Queued => Ok(()),
             Routed::Full(pending) => self.blocking(move |r, idle| r.finish_route(pending, idle)),
@@ -880,6 +903,7 @@ impl Streamer<'_> {
                 message,
             })?
             .map(|e| Arc::new(RowExprs::new(e, &rel.columns)));
+        let counters = self.env.status.table(&source_name);
         self.relations.insert(
             rel.id,
             Some(Mapped {
@@ -892,6 +916,7 @@ impl Streamer<'_> {
                 shared: route.shared,
                 siblings: route.siblings,
                 incomplete,
+                counters,
             }),
         );
         Ok(())

@@ -15,6 +15,7 @@ use crate::expr::{Cell, Kind, TableExprs};
 use crate::pg::describe;
 use crate::pg::quote::{ident, jsonb_object, literal, push_copy_field, qualified};
 use crate::pg::Lsn;
+use crate::status::TableCounters;
 
 /// What to copy: the shared columns of one source table into its target.
 #[derive(Clone, Debug)]
@@ -49,6 +50,8 @@ pub struct CopyOptions {
     pub lsn: Lsn,
     /// Where a row whose expression fails goes: None stops the copy (`on_error = stop`).
     pub deadletter: Option<Deadletter>,
+    /// Where each plan's rows and bytes are counted as they pass (by plan index).
+    pub progress: Vec<Arc<TableCounters>>,
 }
 
 /// `kvsz_deadletter` and who writes into it.
@@ -394,7 +397,8 @@ pub fn copy_group(
         tx.batch_execute(&p.stage_sql())
             .map_err(CopyError::Destination)?;
     }
-    for plan in plans {
+    for (i, plan) in plans.iter().enumerate() {
+        let progress = opts.progress.get(i).map(Arc::as_ref);
         let merge = history_merge
             || (history.is_none()
                 && plan.merges()
@@ -423,6 +427,7 @@ pub fn copy_group(
             limiter,
             stop,
             &mut rejected,
+            progress,
         )?);
         if !rejected.is_empty() {
             let Some(dl) = &opts.deadletter else {
@@ -459,6 +464,7 @@ fn pipe(
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
     rejected: &mut Vec<(String, String)>,
+    progress: Option<&TableCounters>,
 ) -> Result<(u64, u64), CopyError> {
     let field = plan.suffix();
     let mut rows = 0u64;
@@ -486,6 +492,9 @@ fn pipe(
         };
         rows += r;
         bytes += n as u64;
+        if let Some(p) = progress {
+            p.copied(r, n as u64);
+        }
         limiter.take(r);
         writer.write_all(&out).map_err(CopyError::Io)?;
     }

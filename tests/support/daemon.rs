@@ -25,12 +25,17 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with `database_extra` lines in `[database]` (a schema).
     pub fn start_in(dest_url: &str, database_extra: &str, map: &str, extra_app: &[&str]) -> Daemon {
-        Self::start_files(dest_url, database_extra, "map.toml", map, extra_app)
+        Self::start_files(dest_url, database_extra, "map.toml", map, extra_app, "")
+    }
+
+    /// Like [`Daemon::start`], with `logs_extra` lines in `[logs]` (a format).
+    pub fn start_logs(dest_url: &str, map: &str, logs_extra: &str) -> Daemon {
+        Self::start_files(dest_url, "", "map.toml", map, &[], logs_extra)
     }
 
     /// Like [`Daemon::start`], with the map in the Go implementation's YAML format.
     pub fn start_yaml(dest_url: &str, map: &str) -> Daemon {
-        Self::start_files(dest_url, "", "map.yaml", map, &[])
+        Self::start_files(dest_url, "", "map.yaml", map, &[], "")
     }
 
     fn start_files(
@@ -39,11 +44,12 @@ impl Daemon {
         map_name: &str,
         map: &str,
         extra_app: &[&str],
+        logs_extra: &str,
     ) -> Daemon {
         let dir = work_dir();
         fs::write(dir.join(map_name), map).expect("write map");
         let mut conf = format!(
-            "[server]\naddress = \"127.0.0.1:0\"\n[logs]\nlevel = \"info\"\n[database]\nurl = \"{dest_url}\"\n\
+            "[server]\naddress = \"127.0.0.1:0\"\n[logs]\nlevel = \"info\"\n{logs_extra}\n[database]\nurl = \"{dest_url}\"\n\
              {database_extra}\n[app]\nmap_file = \"{}\"\ncommit_delay = 0.2\n",
             dir.join(map_name).display()
         );

@@ -1,0 +1,985 @@
+//! What the daemon is doing, shared between the threads that do it and the HTTP thread
+//! that reports it: per source its state, positions, lag, counters and copy progress;
+//! per writer its queue, commits and histograms. Plain atomics, written on the hot paths
+//! with relaxed stores and read only by reports; the rendering (JSON, Prometheus text)
+//! is pure and unit-tested.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use crate::change::Op;
+use crate::pg::Lsn;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A pgoutput commit time (µs since 2000-01-01) as Unix milliseconds.
+pub fn pg_time_ms(pg_micros: i64) -> i64 {
+    pg_micros / 1000 + 946_684_800_000
+}
+
+/// Where a source is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Connecting, checking prerequisites, reconciling publication and slot.
+    Starting = 0,
+    /// Copying tables (initial sync).
+    Copying = 1,
+    Streaming = 2,
+    /// Failed; the supervisor starts it again after a backoff.
+    Retrying = 3,
+    Stopped = 4,
+}
+
+impl State {
+    const ALL: [State; 5] = [
+        State::Starting,
+        State::Copying,
+        State::Streaming,
+        State::Retrying,
+        State::Stopped,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Copying => "copying",
+            State::Streaming => "streaming",
+            State::Retrying => "retrying",
+            State::Stopped => "stopped",
+        }
+    }
+
+    fn from_u8(v: u8) -> State {
+        State::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(State::Stopped)
+    }
+}
+
+/// Counters of one source table.
+#[derive(Default)]
+pub struct TableCounters {
+    /// Changes routed to the writers, by [`op_index`].
+    pub ops: [AtomicU64; 4],
+    /// Changes a filter left out.
+    pub filtered: AtomicU64,
+    pub sync_rows: AtomicU64,
+    pub sync_bytes: AtomicU64,
+    copy: Mutex<Option<CopyProgress>>,
+}
+
+/// The last (or running) initial copy of a table.
+#[derive(Clone, Debug)]
+struct CopyProgress {
+    target: String,
+    /// `pg_class.reltuples` of the source table when the copy started (-1: unknown).
+    estimate: i64,
+    rows: u64,
+    bytes: u64,
+    started_ms: i64,
+    finished_ms: Option<i64>,
+}
+
+const OPS: [&str; 4] = ["insert", "update", "delete", "truncate"];
+
+pub fn op_index(op: Op) -> usize {
+    match op {
+        Op::Insert => 0,
+        Op::Update => 1,
+        Op::Delete => 2,
+        Op::Truncate => 3,
+    }
+}
+
+impl TableCounters {
+    pub fn routed(&self, op: Op) {
+        self.ops[op_index(op)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of this table into `target` starts.
+    pub fn copy_started(&self, target: &str, estimate: i64) {
+        *self.copy.lock() = Some(CopyProgress {
+            target: target.to_string(),
+            estimate,
+            rows: 0,
+            bytes: 0,
+            started_ms: now_ms(),
+            finished_ms: None,
+        });
+    }
+
+    /// Rows and bytes of the running copy, as they pass.
+    pub fn copied(&self, rows: u64, bytes: u64) {
+        self.sync_rows.fetch_add(rows, Ordering::Relaxed);
+        self.sync_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(c) = self.copy.lock().as_mut() {
+            c.rows += rows;
+            c.bytes += bytes;
+        }
+    }
+
+    pub fn copy_done(&self) {
+        if let Some(c) = self.copy.lock().as_mut() {
+            c.finished_ms = Some(now_ms());
+        }
+    }
+}
+
+/// A row the destination or an expression refused, as reported.
+#[derive(Clone, Debug)]
+pub struct RejectedRow {
+    pub at_ms: i64,
+    pub table: String,
+    pub op: String,
+    pub key: String,
+    pub lsn: Lsn,
+    pub message: String,
+}
+
+/// Samples of (end LSN, commit time in Unix ms) of transactions received and not yet
+/// confirmed: the oldest one is how far behind the destination is, in time.
+const COMMITS_KEPT: usize = 4096;
+/// Commits closer together than this (commit time) share one sample.
+const COMMIT_SAMPLE_MS: i64 = 100;
+
+/// One source URL.
+pub struct SourceStatus {
+    pub database: String,
+    pub sid: String,
+    pub slot: String,
+    /// The URL without its password.
+    pub url: String,
+    state: AtomicU8,
+    since_ms: AtomicI64,
+    /// Highest WAL position the server told of (data or keepalive).
+    received: AtomicU64,
+    confirmed: AtomicU64,
+    /// Commit time of the oldest received, unconfirmed transaction (0: none).
+    oldest_unconfirmed_ms: AtomicI64,
+    /// Last message from the source's server.
+    heartbeat_ms: AtomicI64,
+    pub transactions: AtomicU64,
+    pub changes: AtomicU64,
+    rejected: AtomicU64,
+    commits: Mutex<VecDeque<(Lsn, i64)>>,
+    tables: Mutex<Vec<(String, Arc<TableCounters>)>>,
+    last_error: Mutex<Option<(i64, String)>>,
+    last_rejected: Mutex<Option<RejectedRow>>,
+    /// Lag samples for the page's sparkline: (Unix ms, lag seconds).
+    lag_history: Mutex<VecDeque<(i64, f64)>>,
+}
+
+/// Points of the sparkline kept per source (one per report, at most every second).
+const LAG_POINTS: usize = 120;
+
+impl SourceStatus {
+    pub fn new(database: &str, sid: &str, slot: &str, url: &str) -> SourceStatus {
+        SourceStatus {
+            database: database.to_string(),
+            sid: sid.to_string(),
+            slot: slot.to_string(),
+            url: url.to_string(),
+            state: AtomicU8::new(State::Starting as u8),
+            since_ms: AtomicI64::new(now_ms()),
+            received: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            oldest_unconfirmed_ms: AtomicI64::new(0),
+            heartbeat_ms: AtomicI64::new(0),
+            transactions: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            commits: Mutex::new(VecDeque::new()),
+            tables: Mutex::new(Vec::new()),
+            last_error: Mutex::new(None),
+            last_rejected: Mutex::new(None),
+            lag_history: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.database, self.sid)
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, s: State) {
+        if self.state.swap(s as u8, Ordering::Relaxed) != s as u8 {
+            self.since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        if s == State::Streaming {
+            *self.last_error.lock() = None;
+        }
+    }
+
+    /// The source failed with `message` and will be retried.
+    pub fn failed(&self, message: &str) {
+        self.set_state(State::Retrying);
+        // Reported under the source's name already: without the repeated prefix.
+        let prefix = format!("source {}: ", self.label());
+        let message = message.strip_prefix(&prefix).unwrap_or(message);
+        *self.last_error.lock() = Some((now_ms(), message.to_string()));
+    }
+
+    /// The counters of source table `name` (`schema.table`), made at first use.
+    pub fn table(&self, name: &str) -> Arc<TableCounters> {
+        let mut tables = self.tables.lock();
+        if let Some((_, t)) = tables.iter().find(|(n, _)| n == name) {
+            return t.clone();
+        }
+        let t = Arc::new(TableCounters::default());
+        tables.push((name.to_string(), t.clone()));
+        t
+    }
+
+    /// The server's message arrived; its WAL end is `wal_end`.
+    pub fn heard(&self, wal_end: Lsn) {
+        self.received.fetch_max(wal_end.0, Ordering::Relaxed);
+    }
+
+    /// Called at each standby status: the clock of the heartbeat is read there, not per
+    /// message.
+    pub fn heartbeat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// A transaction ending at `end_lsn` that committed at `commit_ms` was received.
+    pub fn committed(&self, end_lsn: Lsn, commit_ms: i64) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.commits.lock();
+        let full = q.len() >= COMMITS_KEPT;
+        match q.back_mut() {
+            Some(last) if commit_ms - last.1 < COMMIT_SAMPLE_MS || full => {
+                // Same sample: later end, first time (the oldest of what it stands for).
+                last.0 = last.0.max(end_lsn);
+            }
+            _ => q.push_back((end_lsn, commit_ms)),
+        }
+        if let Some(&(_, t)) = q.front() {
+            self.oldest_unconfirmed_ms.store(t, Ordering::Relaxed);
+        }
+    }
+
+    /// Everything before `lsn` is committed on the destination and confirmed.
+    pub fn confirmed(&self, lsn: Lsn) {
+        self.confirmed.fetch_max(lsn.0, Ordering::Relaxed);
+        let mut q = self.commits.lock();
+        while q.front().is_some_and(|&(end, _)| end <= lsn) {
+            q.pop_front();
+        }
+        let oldest = q.front().map_or(0, |&(_, t)| t);
+        self.oldest_unconfirmed_ms.store(oldest, Ordering::Relaxed);
+    }
+
+    pub fn received_lsn(&self) -> Lsn {
+        Lsn(self.received.load(Ordering::Relaxed))
+    }
+
+    pub fn confirmed_lsn(&self) -> Lsn {
+        Lsn(self.confirmed.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of WAL the server has that the destination has not confirmed.
+    pub fn lag_bytes(&self) -> u64 {
+        let (r, c) = (self.received_lsn(), self.confirmed_lsn());
+        if c == Lsn::ZERO {
+            return 0;
+        }
+        r.0.saturating_sub(c.0)
+    }
+
+    /// How long ago the oldest received, unconfirmed transaction committed on the source.
+    pub fn lag_seconds(&self, now_ms: i64) -> f64 {
+        match self.oldest_unconfirmed_ms.load(Ordering::Relaxed) {
+            0 => 0.0,
+            t => ((now_ms - t).max(0)) as f64 / 1000.0,
+        }
+    }
+
+    /// The destination or an expression refused a change (its table is the target).
+    pub fn rejected(&self, row: RejectedRow) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        *self.last_rejected.lock() = Some(row);
+    }
+
+    fn rejected_total(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    fn filtered_total(&self) -> u64 {
+        self.tables
+            .lock()
+            .iter()
+            .map(|(_, t)| t.filtered.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Adds a sparkline point (at most one a second).
+    fn sample_lag(&self, now_ms: i64) {
+        let lag = self.lag_seconds(now_ms);
+        let mut h = self.lag_history.lock();
+        if h.back().is_some_and(|&(t, _)| now_ms - t < 1000) {
+            return;
+        }
+        if h.len() >= LAG_POINTS {
+            h.pop_front();
+        }
+        h.push_back((now_ms, lag));
+    }
+}
+
+/// Fixed-bucket histogram over atomics (Prometheus `_bucket`, `_sum`, `_count`).
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    /// Sum in millionths, so it stays an integer.
+    sum_micro: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Changes per commit.
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 10.0, 100.0, 1000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0,
+];
+/// Seconds per commit.
+pub const COMMIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micro: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micro
+            .fetch_add((v * 1e6).max(0.0) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Appends the exposition lines of `name` with `labels` (`k="v",…`, may be empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+    }
+}
+
+/// One writer thread.
+pub struct WriterStatus {
+    /// Messages waiting in its queue, as of its last look.
+    pub queued: AtomicU64,
+    pub commits: AtomicU64,
+    pub changes: AtomicU64,
+    /// Changes taken from the queue (the Go implementation's jobs per channel).
+    pub jobs: AtomicU64,
+    last_commit_ms: AtomicI64,
+    last_commit_micros: AtomicU64,
+    pub batch_size: Histogram,
+    pub commit_seconds: Histogram,
+}
+
+impl Default for WriterStatus {
+    fn default() -> Self {
+        WriterStatus {
+            queued: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            jobs: AtomicU64::new(0),
+            last_commit_ms: AtomicI64::new(0),
+            last_commit_micros: AtomicU64::new(0),
+            batch_size: Histogram::new(BATCH_BUCKETS),
+            commit_seconds: Histogram::new(COMMIT_BUCKETS),
+        }
+    }
+}
+
+impl WriterStatus {
+    /// A batch of `changes` was committed in `took`.
+    pub fn committed(&self, changes: usize, took: Duration) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.changes.fetch_add(changes as u64, Ordering::Relaxed);
+        self.last_commit_ms.store(now_ms(), Ordering::Relaxed);
+        self.last_commit_micros
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.batch_size.observe(changes as f64);
+        self.commit_seconds.observe(took.as_secs_f64());
+    }
+}
+
+/// Everything the HTTP endpoints report.
+pub struct Status {
+    pub name: String,
+    pub version: &'static str,
+    pub started_ms: i64,
+    pub destination: String,
+    pub sources: Vec<Arc<SourceStatus>>,
+    pub writers: Vec<WriterStatus>,
+}
+
+impl Status {
+    pub fn new(
+        name: &str,
+        destination: &str,
+        sources: Vec<Arc<SourceStatus>>,
+        writers: usize,
+    ) -> Status {
+        Status {
+            name: name.to_string(),
+            version: env!("CARGO_PKG_VERSION"),
+            started_ms: now_ms(),
+            destination: destination.to_string(),
+            sources,
+            writers: (0..writers.max(1))
+                .map(|_| WriterStatus::default())
+                .collect(),
+        }
+    }
+
+    /// Why the daemon is not ready (empty: every source streams).
+    pub fn not_ready(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .filter(|s| s.state() != State::Streaming)
+            .map(|s| {
+                let mut r = format!("source {} is {}", s.label(), s.state().name());
+                if let Some((_, e)) = s.last_error.lock().as_ref() {
+                    r.push_str(": ");
+                    r.push_str(e);
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// `/readyz`'s body: `{"ready":…,"reasons":[…]}`.
+    pub fn readiness_json(&self) -> String {
+        let reasons = self.not_ready();
+        let list: Vec<String> = reasons.iter().map(|r| json_string(r)).collect();
+        format!(
+            "{{\"ready\":{},\"reasons\":[{}]}}\n",
+            reasons.is_empty(),
+            list.join(",")
+        )
+    }
+
+    /// `/api/status` (SPEC §6).
+    pub fn to_json(&self, now_ms: i64) -> String {
+        let mut o = String::with_capacity(4096);
+        let _ = write!(
+            o,
+            "{{\"name\":{},\"version\":{},\"started\":{},\"uptime_seconds\":{},\"destination\":{},\
+             \"ready\":{},\"sources\":[",
+            json_string(&self.name),
+            json_string(self.version),
+            json_time(self.started_ms),
+            (now_ms - self.started_ms).max(0) / 1000,
+            json_string(&self.destination),
+            self.not_ready().is_empty()
+        );
+        for (i, s) in self.sources.iter().enumerate() {
+            s.sample_lag(now_ms);
+            if i > 0 {
+                o.push(',');
+            }
+            let _ = write!(
+                o,
+                "{{\"database\":{},\"sid\":{},\"slot\":{},\"url\":{},\"state\":\"{}\",\"since\":{},\
+                 \"received_lsn\":\"{}\",\"confirmed_lsn\":\"{}\",\"lag_bytes\":{},\"lag_seconds\":{:.3},\
+                 \"heartbeat\":{},\"transactions\":{},\"changes\":{},\"rejected\":{},\"filtered\":{},",
+                json_string(&s.database),
+                json_string(&s.sid),
+                json_string(&s.slot),
+                json_string(&s.url),
+                s.state().name(),
+                json_time(s.since_ms.load(Ordering::Relaxed)),
+                s.received_lsn(),
+                s.confirmed_lsn(),
+                s.lag_bytes(),
+                s.lag_seconds(now_ms),
+                json_time(s.heartbeat_ms.load(Ordering::Relaxed)),
+                s.transactions.load(Ordering::Relaxed),
+                s.changes.load(Ordering::Relaxed),
+                s.rejected_total(),
+                s.filtered_total(),
+            );
+            match s.last_error.lock().as_ref() {
+                Some((at, e)) => {
+                    let _ = write!(
+                        o,
+                        "\"last_error\":{{\"at\":{},\"message\":{}}},",
+                        json_time(*at),
+                        json_string(e)
+                    );
+                }
+                None => o.push_str("\"last_error\":null,"),
+            }
+            match s.last_rejected.lock().as_ref() {
+                Some(r) => {
+                    let _ = write!(
+                        o,
+                        "\"last_rejected\":{{\"at\":{},\"table\":{},\"op\":{},\"key\":{},\"lsn\":\"{}\",\"message\":{}}},",
+                        json_time(r.at_ms),
+                        json_string(&r.table),
+                        json_string(&r.op),
+                        json_string(&r.key),
+                        r.lsn,
+                        json_string(&r.message)
+                    );
+                }
+                None => o.push_str("\"last_rejected\":null,"),
+            }
+            let lags: Vec<String> = s
+                .lag_history
+                .lock()
+                .iter()
+                .map(|(_, l)| format!("{l:.3}"))
+                .collect();
+            let _ = write!(o, "\"lag_history\":[{}],\"tables\":[", lags.join(","));
+            for (j, (name, t)) in s.tables.lock().iter().enumerate() {
+                if j > 0 {
+                    o.push(',');
+                }
+                table_json(&mut o, name, t, now_ms);
+            }
+            o.push_str("]}");
+        }
+        o.push_str("],\"writers\":[");
+        for (i, w) in self.writers.iter().enumerate() {
+            if i > 0 {
+                o.push(',');
+            }
+            let _ = write!(
+                o,
+                "{{\"id\":{i},\"queue\":{},\"commits\":{},\"changes\":{},\"last_commit\":{},\
+                 \"last_commit_seconds\":{:.6}}}",
+                w.queued.load(Ordering::Relaxed),
+                w.commits.load(Ordering::Relaxed),
+                w.changes.load(Ordering::Relaxed),
+                json_time(w.last_commit_ms.load(Ordering::Relaxed)),
+                w.last_commit_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+        }
+        o.push_str("]}\n");
+        o
+    }
+
+    /// `/metrics`: Prometheus text exposition, version 0.0.4.
+    pub fn to_prometheus(&self, now_ms: i64) -> String {
+        let mut o = String::with_capacity(8192);
+        let src_labels = |s: &SourceStatus| {
+            format!(
+                "database=\"{}\",sid=\"{}\"",
+                label_value(&s.database),
+                label_value(&s.sid)
+            )
+        };
+        let tables: Vec<(String, String, Arc<TableCounters>)> = self
+            .sources
+            .iter()
+            .flat_map(|s| {
+                let l = src_labels(s);
+                s.tables
+                    .lock()
+                    .iter()
+                    .map(|(n, t)| (l.clone(), label_value(n), t.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        help(
+            &mut o,
+            "streamer_operations_total",
+            "counter",
+            "Changes read from the sources, by source table, operation and result (ok: routed to the writers; filtered: left out by the entry's filter).",
+        );
+        for (l, table, t) in &tables {
+            for (i, op) in OPS.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "streamer_operations_total{{{l},table=\"{table}\",operation=\"{op}\",result=\"ok\"}} {}",
+                    t.ops[i].load(Ordering::Relaxed)
+                );
+            }
+            let _ = writeln!(
+                o,
+                "streamer_operations_total{{{l},table=\"{table}\",operation=\"any\",result=\"filtered\"}} {}",
+                t.filtered.load(Ordering::Relaxed)
+            );
+        }
+        help(
+            &mut o,
+            "streamer_sync_total_rows",
+            "counter",
+            "Rows copied by initial syncs.",
+        );
+        for (l, table, t) in &tables {
+            let _ = writeln!(
+                o,
+                "streamer_sync_total_rows{{{l},table=\"{table}\"}} {}",
+                t.sync_rows.load(Ordering::Relaxed)
+            );
+        }
+        help(
+            &mut o,
+            "streamer_sync_total_bytes",
+            "counter",
+            "Bytes of COPY data read by initial syncs.",
+        );
+        for (l, table, t) in &tables {
+            let _ = writeln!(
+                o,
+                "streamer_sync_total_bytes{{{l},table=\"{table}\"}} {}",
+                t.sync_bytes.load(Ordering::Relaxed)
+            );
+        }
+        help(
+            &mut o,
+            "streamer_jobs_total",
+            "counter",
+            "Changes taken by each writer from its queue.",
+        );
+        for (i, w) in self.writers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "streamer_jobs_total{{channel=\"writer-{i}\"}} {}",
+                w.jobs.load(Ordering::Relaxed)
+            );
+        }
+        help(
+            &mut o,
+            "url_heartbeat",
+            "gauge",
+            "Unix time of the last standby status exchanged with each source.",
+        );
+        for s in &self.sources {
+            let _ = writeln!(
+                o,
+                "url_heartbeat{{{}}} {}",
+                src_labels(s),
+                s.heartbeat_ms.load(Ordering::Relaxed) / 1000
+            );
+        }
+        help(
+            &mut o,
+            "kuvasz_source_state",
+            "gauge",
+            "1 for each source's current state.",
+        );
+        for s in &self.sources {
+            for st in State::ALL {
+                let _ = writeln!(
+                    o,
+                    "kuvasz_source_state{{{},state=\"{}\"}} {}",
+                    src_labels(s),
+                    st.name(),
+                    u8::from(s.state() == st)
+                );
+            }
+        }
+        type Gauge = fn(&SourceStatus, i64) -> String;
+        let gauges: [(&str, &str, &str, Gauge); 6] = [
+            (
+                "kuvasz_source_received_lsn",
+                "gauge",
+                "Highest WAL position the source's server reported, as a number.",
+                |s, _| s.received_lsn().0.to_string(),
+            ),
+            (
+                "kuvasz_source_confirmed_lsn",
+                "gauge",
+                "WAL position committed on the destination and confirmed to the slot.",
+                |s, _| s.confirmed_lsn().0.to_string(),
+            ),
+            (
+                "kuvasz_source_lag_bytes",
+                "gauge",
+                "WAL bytes between the source's position and the confirmed one.",
+                |s, _| s.lag_bytes().to_string(),
+            ),
+            (
+                "kuvasz_source_lag_seconds",
+                "gauge",
+                "Age of the oldest source commit not yet committed on the destination.",
+                |s, now| format!("{:.3}", s.lag_seconds(now)),
+            ),
+            (
+                "kuvasz_source_transactions_total",
+                "counter",
+                "Source transactions received.",
+                |s, _| s.transactions.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "kuvasz_source_rejected_total",
+                "counter",
+                "Rows the destination or an expression rejected.",
+                |s, _| s.rejected_total().to_string(),
+            ),
+        ];
+        for (name, kind, text, f) in gauges {
+            help(&mut o, name, kind, text);
+            for s in &self.sources {
+                let _ = writeln!(o, "{name}{{{}}} {}", src_labels(s), f(s, now_ms));
+            }
+        }
+        help(
+            &mut o,
+            "kuvasz_writer_queue",
+            "gauge",
+            "Messages waiting in each writer's queue.",
+        );
+        for (i, w) in self.writers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "kuvasz_writer_queue{{writer=\"{i}\"}} {}",
+                w.queued.load(Ordering::Relaxed)
+            );
+        }
+        help(
+            &mut o,
+            "kuvasz_writer_batch_size",
+            "histogram",
+            "Changes per destination commit.",
+        );
+        for (i, w) in self.writers.iter().enumerate() {
+            w.batch_size.render(
+                &mut o,
+                "kuvasz_writer_batch_size",
+                &format!("writer=\"{i}\""),
+            );
+        }
+        help(
+            &mut o,
+            "streamer_operations_seconds",
+            "histogram",
+            "Duration of each writer's destination commits (a batch of changes).",
+        );
+        for (i, w) in self.writers.iter().enumerate() {
+            w.commit_seconds.render(
+                &mut o,
+                "streamer_operations_seconds",
+                &format!("writer=\"{i}\""),
+            );
+        }
+        o
+    }
+}
+
+fn table_json(o: &mut String, name: &str, t: &TableCounters, now_ms: i64) {
+    let ops: Vec<String> = OPS
+        .iter()
+        .zip(&t.ops)
+        .map(|(n, c)| format!("\"{n}\":{}", c.load(Ordering::Relaxed)))
+        .collect();
+    let _ = write!(
+        o,
+        "{{\"table\":{},{},\"filtered\":{},\"copy\":",
+        json_string(name),
+        ops.join(","),
+        t.filtered.load(Ordering::Relaxed)
+    );
+    match t.copy.lock().as_ref() {
+        None => o.push_str("null}"),
+        Some(c) => {
+            let elapsed = ((c.finished_ms.unwrap_or(now_ms) - c.started_ms).max(0)) as f64 / 1000.0;
+            // Rows left at the rate so far, while the estimate says there are some left.
+            let eta = match c.finished_ms {
+                Some(_) => "0".to_string(),
+                None if c.estimate > 0 && c.rows > 0 && elapsed > 0.0 => {
+                    let left = (c.estimate as f64 - c.rows as f64).max(0.0);
+                    format!("{:.0}", left / (c.rows as f64 / elapsed))
+                }
+                None => "null".to_string(),
+            };
+            let _ = write!(
+                o,
+                "{{\"target\":{},\"state\":\"{}\",\"rows\":{},\"bytes\":{},\"estimated_rows\":{},\
+                 \"seconds\":{:.1},\"eta_seconds\":{eta}}}}}",
+                json_string(&c.target),
+                if c.finished_ms.is_some() {
+                    "done"
+                } else {
+                    "copying"
+                },
+                c.rows,
+                c.bytes,
+                if c.estimate >= 0 {
+                    c.estimate.to_string()
+                } else {
+                    "null".to_string()
+                },
+                elapsed
+            );
+        }
+    }
+}
+
+fn help(o: &mut String, name: &str, kind: &str, text: &str) {
+    let _ = writeln!(o, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// An RFC 3339 time in quotes, or `null` for "never" (0).
+fn json_time(ms: i64) -> String {
+    if ms == 0 {
+        return "null".into();
+    }
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => format!(
+            "\"{}\"",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
+        None => "null".into(),
+    }
+}
+
+/// A JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_source() -> Status {
+        let s = Arc::new(SourceStatus::new(
+            "shop",
+            "eu\"1",
+            "kvsz_shop_eu1",
+            "postgres://kv@h/shop",
+        ));
+        Status::new("kv", "postgres://kv@d/dw", vec![s], 2)
+    }
+
+    #[test]
+    fn lag_is_the_oldest_unconfirmed_commit() {
+        let s = SourceStatus::new("a", "1", "slot", "url");
+        assert_eq!(s.lag_seconds(10_000), 0.0);
+        s.committed(Lsn(100), 1_000);
+        s.committed(Lsn(200), 1_050); // same sample as the first
+        s.committed(Lsn(300), 2_000);
+        assert_eq!(s.lag_seconds(10_000), 9.0);
+        s.confirmed(Lsn(200));
+        assert_eq!(s.lag_seconds(10_000), 8.0);
+        s.confirmed(Lsn(300));
+        assert_eq!(s.lag_seconds(10_000), 0.0);
+        assert_eq!(s.transactions.load(Ordering::Relaxed), 3);
+        s.heard(Lsn(1_000));
+        assert_eq!(s.lag_bytes(), 700);
+    }
+
+    #[test]
+    fn readiness_names_each_source_not_streaming() {
+        let st = one_source();
+        assert_eq!(
+            st.readiness_json(),
+            "{\"ready\":false,\"reasons\":[\"source shop/eu\\\"1 is starting\"]}\n"
+        );
+        st.sources[0].failed("source shop/eu\"1: connect: refused");
+        assert_eq!(
+            st.not_ready(),
+            vec!["source shop/eu\"1 is retrying: connect: refused".to_string()]
+        );
+        st.sources[0].set_state(State::Streaming);
+        assert_eq!(st.readiness_json(), "{\"ready\":true,\"reasons\":[]}\n");
+    }
+
+    #[test]
+    fn metrics_carry_the_go_names_and_escaped_labels() {
+        let st = one_source();
+        let t = st.sources[0].table("public.orders");
+        t.routed(Op::Insert);
+        t.routed(Op::Insert);
+        t.copied(10, 100);
+        st.writers[1].committed(5, Duration::from_millis(3));
+        let m = st.to_prometheus(now_ms());
+        for line in [
+            "streamer_operations_total{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\",operation=\"insert\",result=\"ok\"} 2",
+            "streamer_sync_total_rows{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\"} 10",
+            "streamer_sync_total_bytes{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\"} 100",
+            "streamer_jobs_total{channel=\"writer-1\"} 0",
+            "kuvasz_source_state{database=\"shop\",sid=\"eu\\\"1\",state=\"starting\"} 1",
+            "kuvasz_writer_batch_size_bucket{writer=\"1\",le=\"10\"} 1",
+            "streamer_operations_seconds_bucket{writer=\"1\",le=\"0.005\"} 1",
+            "streamer_operations_seconds_count{writer=\"1\"} 1",
+            "# TYPE url_heartbeat gauge",
+        ] {
+            assert!(m.lines().any(|l| l == line), "missing {line} in\n{m}");
+        }
+    }
+
+    #[test]
+    fn status_json_has_copy_progress_and_eta() {
+        let st = one_source();
+        let t = st.sources[0].table("public.orders");
+        t.copy_started("orders", 1000);
+        t.copied(250, 4096);
+        let j = st.to_json(now_ms() + 1000);
+        assert!(j.contains("\"url\":\"postgres://kv@h/shop\""), "{j}");
+        assert!(
+            j.contains("\"copy\":{\"target\":\"orders\",\"state\":\"copying\",\"rows\":250,\"bytes\":4096,\"estimated_rows\":1000"),
+            "{j}"
+        );
+        assert!(j.contains("\"eta_seconds\":3}"), "{j}");
+        t.copy_done();
+        assert!(st.to_json(now_ms()).contains("\"state\":\"done\""));
+    }
+}

@@ -1,0 +1,535 @@
+//! The daemon as a service, against running servers: the HTTP endpoints' exact status
+//! codes and fields while a source is down and after it returns, `/healthz` answering
+//! while clients stall, the status page rendered in headless Chromium, JSON logs.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::daemon::Daemon;
+use support::{destination, source, unique_name, wait_for};
+
+/// The address the daemon logged it listens on (`server.address = 127.0.0.1:0`).
+fn http_address(d: &Daemon) -> String {
+    wait_for(
+        "the HTTP address in the log",
+        Duration::from_secs(30),
+        || {
+            let log = d.log();
+            let at = log.find("HTTP on http://")? + "HTTP on http://".len();
+            let rest = &log[at..];
+            Some(rest[..rest.find('/')?].to_string())
+        },
+    )
+}
+
+/// One request over a fresh connection: status code, headers (lower-cased names), body.
+fn request(addr: &str, method: &str, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the daemon's HTTP address");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read answer");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete answer");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let (code, _, body) = request(addr, "GET", path);
+    (code, body)
+}
+
+/// The metric line that starts with `prefix` (name and labels), its value.
+fn metric(body: &str, prefix: &str) -> Option<String> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix).map(|v| v.trim().to_string()))
+}
+
+#[test]
+fn endpoints_while_a_source_is_down_and_after_it_returns() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let family = unique_name("web");
+    let up = unique_name("webup");
+    let down = unique_name("webdown");
+    let db_dst = unique_name("webdst");
+    src.drop_database(&down);
+    src.create_database(&up);
+    let table = "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v text); \
+                 INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3) g";
+    src.execute(&up, table);
+    dest.create_database(&db_dst);
+    dest.execute(
+        &db_dst,
+        "SET ROLE kuvasz; CREATE TABLE t (sid text, id int, v text, PRIMARY KEY (sid, id))",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"a\" }}, {{ url = \"{}\", sid = \"b\" }} ]\n[source.tables]\nt = {{}}\n",
+        src.url(&up),
+        src.url(&down)
+    );
+    let d = Daemon::start(&dest.url(&db_dst), &map, &[]);
+    let addr = http_address(&d);
+
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    // Source a streams, source b cannot connect: not ready, and b is named with its error.
+    let body = wait_for("a streaming, b retrying", Duration::from_secs(60), || {
+        let (code, body) = get(&addr, "/readyz");
+        (code == 503 && d.log().contains("streaming from slot") && body.contains("is retrying"))
+            .then_some(body)
+    });
+    assert_eq!(
+        body,
+        format!(
+            "{{\"ready\":false,\"reasons\":[\"source {family}/b is retrying: connect to {}: database \\\"{down}\\\" does not exist (SQLSTATE 3D000)\"]}}\n",
+            src.url(&down).replace("kuvasz:kuvasz@", "kuvasz:********@")
+        ),
+    );
+    let (code, status) = get(&addr, "/api/status");
+    assert_eq!(code, 200);
+    assert!(!status.contains("kuvasz:kuvasz@"), "password in {status}");
+    assert!(
+        status.starts_with("{\"name\":\"kuvasz-streamer\",\"version\":\""),
+        "{status}"
+    );
+    assert!(status.contains("\"ready\":false,"), "{status}");
+    let a = section(&status, "\"sid\":\"a\"");
+    let b = section(&status, "\"sid\":\"b\"");
+    assert!(a.contains("\"state\":\"streaming\""), "{a}");
+    assert!(a.contains("\"last_error\":null"), "{a}");
+    assert!(
+        a.contains("\"copy\":{\"target\":\"public.t\",\"state\":\"done\",\"rows\":3,"),
+        "{a}"
+    );
+    assert!(b.contains("\"state\":\"retrying\""), "{b}");
+    assert!(
+        b.contains("does not exist (SQLSTATE 3D000)\"},\"last_rejected\":null"),
+        "{b}"
+    );
+    assert!(status.contains("\"writers\":[{\"id\":0,"), "{status}");
+
+    // Rows streamed from a are counted by table, operation and result.
+    src.execute(
+        &up,
+        "INSERT INTO t VALUES (4, 'x'), (5, 'y'); DELETE FROM t WHERE id = 1",
+    );
+    let labels = format!("database=\"{family}\",sid=\"a\"");
+    let metrics = wait_for("the inserts counted", Duration::from_secs(30), || {
+        let (_, m) = get(&addr, "/metrics");
+        (metric(
+            &m,
+            &format!("streamer_operations_total{{{labels},table=\"public.t\",operation=\"delete\",result=\"ok\"}}"),
+        )
+        .as_deref()
+            == Some("1"))
+        .then_some(m)
+    });
+    for (line, value) in [
+        (
+            format!("streamer_operations_total{{{labels},table=\"public.t\",operation=\"insert\",result=\"ok\"}}"),
+            "2",
+        ),
+        (
+            format!("streamer_sync_total_rows{{{labels},table=\"public.t\"}}"),
+            "3",
+        ),
+        (
+            format!("kuvasz_source_state{{{labels},state=\"streaming\"}}"),
+            "1",
+        ),
+        (
+            format!("kuvasz_source_state{{database=\"{family}\",sid=\"b\",state=\"retrying\"}}"),
+            "1",
+        ),
+        (
+            format!("kuvasz_source_transactions_total{{{labels}}}"),
+            "1",
+        ),
+        (
+            format!("kuvasz_source_rejected_total{{{labels}}}"),
+            "0",
+        ),
+    ] {
+        assert_eq!(metric(&metrics, &line).as_deref(), Some(value), "{line} in\n{metrics}");
+    }
+    for name in [
+        "# TYPE streamer_jobs_total counter",
+        "# TYPE url_heartbeat gauge",
+        "# TYPE kuvasz_source_lag_seconds gauge",
+        "# TYPE kuvasz_source_lag_bytes gauge",
+        "# TYPE kuvasz_writer_queue gauge",
+        "# TYPE kuvasz_writer_batch_size histogram",
+        "# TYPE streamer_operations_seconds histogram",
+    ] {
+        assert!(metrics.lines().any(|l| l == name), "{name} in\n{metrics}");
+    }
+    assert!(!metrics.contains("kuvasz:kuvasz@"));
+
+    // Wrong paths and methods.
+    assert_eq!(get(&addr, "/nope").0, 404);
+    let (code, head, _) = request(&addr, "POST", "/metrics");
+    assert_eq!(code, 405);
+    assert!(head.contains("\r\nallow: get, head"), "{head}");
+    let (code, head, page) = request(&addr, "GET", "/");
+    assert_eq!(code, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(page.contains("fetch(\"api/status\""), "{page}");
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "external asset in the page"
+    );
+
+    // The missing database appears: b is retried on its own, copies and streams.
+    src.create_database(&down);
+    src.execute(&down, table);
+    let body = wait_for("ready", Duration::from_secs(90), || {
+        let (code, body) = get(&addr, "/readyz");
+        (code == 200).then_some(body)
+    });
+    assert_eq!(body, "{\"ready\":true,\"reasons\":[]}\n");
+    let rows = wait_for("b's rows", Duration::from_secs(30), || {
+        let r = dest.query(&db_dst, "SELECT count(*) FROM t WHERE sid = 'b'");
+        (r[0][0].as_deref() == Some("3")).then_some(r)
+    });
+    assert_eq!(rows[0][0].as_deref(), Some("3"));
+    let (_, status) = get(&addr, "/api/status");
+    let b = section(&status, "\"sid\":\"b\"");
+    assert!(b.contains("\"state\":\"streaming\""), "{b}");
+    assert!(b.contains("\"last_error\":null"), "{b}");
+    d.stop_ok();
+}
+
+/// The JSON object of the source whose fields include `marker`, up to the next source.
+fn section<'a>(status: &'a str, marker: &str) -> &'a str {
+    let at = status
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker} in {status}"));
+    let start = status[..at].rfind("{\"database\"").expect("source object");
+    let end = status[at..]
+        .find("{\"database\"")
+        .map_or(status.len(), |e| at + e);
+    &status[start..end]
+}
+
+#[test]
+fn healthz_answers_while_clients_stall() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let db = unique_name("stall");
+    let db_dst = unique_name("stalldst");
+    src.create_database(&db);
+    src.execute(&db, "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)");
+    dest.create_database(&db_dst);
+    dest.execute(
+        &db_dst,
+        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n[source.tables]\nt = {{}}\n",
+        src.url(&db)
+    );
+    let d = Daemon::start(&dest.url(&db_dst), &map, &[]);
+    let addr = http_address(&d);
+    // 40 clients that send half a request and then nothing.
+    let stalled: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .expect("half a request");
+            s
+        })
+        .collect();
+    // And one that asks for the metrics and never reads them.
+    let mut unread = TcpStream::connect(&addr).expect("connect");
+    unread
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    for _ in 0..5 {
+        assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    }
+    assert_eq!(get(&addr, "/api/status").0, 200);
+    drop(stalled);
+    drop(unread);
+    d.stop_ok();
+}
+
+/// Where CI keeps files for people to look at after a run (under `target/`).
+fn artifact_dir() -> std::path::PathBuf {
+    let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-artifacts");
+    std::fs::create_dir_all(&d).expect("create target/ci-artifacts");
+    d
+}
+
+/// Headless Chromium on `url`: its DOM after the page's scripts ran, and a screenshot
+/// at `png`.
+fn chromium(url: &str, png: &std::path::Path) -> String {
+    let profile = support::scratch_dir("chromium");
+    let common = |cmd: &mut std::process::Command| {
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--window-size=1400,700",
+            // Long enough for the page's first fetch of /api/status to be shown.
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    };
+    let mut shot = std::process::Command::new("chromium");
+    common(&mut shot);
+    let out = shot
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url)
+        .output()
+        .expect("run chromium (installed by .ci/install-postgres.sh)");
+    assert!(
+        out.status.success() && png.exists(),
+        "chromium --screenshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dom = std::process::Command::new("chromium");
+    common(&mut dom);
+    let out = dom
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `html` without its `<tag …>…</tag>` elements.
+fn without(html: &str, tag: &str) -> String {
+    let (open, close) = (format!("<{tag}"), format!("</{tag}>"));
+    let mut out = String::new();
+    let mut rest = html;
+    while let Some(at) = rest.find(&open) {
+        out.push_str(&rest[..at]);
+        rest = rest[at..]
+            .find(&close)
+            .map_or("", |e| &rest[at + e + close.len()..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The text a reader sees: the DOM without script, style and tags, spaces collapsed.
+fn visible_text(dom: &str) -> String {
+    let html = without(&without(dom, "script"), "style");
+    let mut out = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                out.push(' ');
+            }
+            '>' => in_tag = false,
+            c if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn status_page_renders_in_chromium() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let family = unique_name("page");
+    let db = unique_name("pagesrc");
+    let db_dst = unique_name("pagedst");
+    src.create_database(&db);
+    src.execute(
+        &db,
+        "SET ROLE kuvasz; CREATE TABLE orders (id int PRIMARY KEY, v text); \
+         INSERT INTO orders SELECT g, 'v' FROM generate_series(1, 500) g; ANALYZE orders",
+    );
+    dest.create_database(&db_dst);
+    dest.execute(
+        &db_dst,
+        "SET ROLE kuvasz; CREATE TABLE orders (sid text, id int, v text, PRIMARY KEY (sid, id))",
+    );
+    let missing = unique_name("pagegone");
+    src.drop_database(&missing);
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"eu1\" }}, {{ url = \"{}\", sid = \"us1\" }} ]\n[source.tables]\norders = {{}}\n",
+        src.url(&db),
+        src.url(&missing)
+    );
+    let d = Daemon::start(&dest.url(&db_dst), &map, &[]);
+    let addr = http_address(&d);
+    d.wait_streaming(1);
+    src.execute(&db, "UPDATE orders SET v = 'w' WHERE id <= 10");
+    wait_for("the update committed", Duration::from_secs(30), || {
+        let r = dest.query(&db_dst, "SELECT count(*) FROM orders WHERE v = 'w'");
+        (r[0][0].as_deref() == Some("10")).then_some(())
+    });
+    let png = artifact_dir().join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    let text = visible_text(&chromium(&format!("http://{addr}/"), &png));
+    eprintln!("screenshot: {}\nvisible text: {text}", png.display());
+    for expected in [
+        "kuvasz-streamer — kuvasz-streamer".to_string(),
+        "Not ready".to_string(),
+        format!("{family}/eu1 slot kuvasz_{family}_eu1 streaming"),
+        format!("{family}/us1 slot kuvasz_{family}_us1 retrying"),
+        format!("database \"{missing}\" does not exist"),
+        "public.orders — done 500 / ~500 rows".to_string(),
+        "Writers".to_string(),
+        "writer 0".to_string(),
+        "writer 1".to_string(),
+    ] {
+        assert!(
+            text.contains(&expected),
+            "{expected:?} not in the page's text: {text}"
+        );
+    }
+    assert!(
+        !text.contains("kuvasz:kuvasz@"),
+        "password on the page: {text}"
+    );
+    assert!(!text.contains("cannot reach the daemon"), "{text}");
+    let size = std::fs::metadata(&png).expect("screenshot").len();
+    assert!(size > 10_000, "a blank screenshot ({size} bytes)");
+    d.stop_ok();
+}
+
+/// A flat JSON object of string (or null) values, as the daemon's JSON log lines are;
+/// None when `line` is anything else.
+fn flat_json(line: &str) -> Option<Vec<(String, Option<String>)>> {
+    fn string(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<String> {
+        if chars.next()? != '"' {
+            return None;
+        }
+        let mut s = String::new();
+        loop {
+            match chars.next()? {
+                '"' => return Some(s),
+                '\\' => match chars.next()? {
+                    'n' => s.push('\n'),
+                    't' => s.push('\t'),
+                    'r' => s.push('\r'),
+                    'u' => {
+                        let hex: String = (0..4).filter_map(|_| chars.next()).collect();
+                        s.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                    }
+                    c => s.push(c),
+                },
+                c => s.push(c),
+            }
+        }
+    }
+    let mut chars = line.chars().peekable();
+    if chars.next()? != '{' {
+        return None;
+    }
+    let mut fields = Vec::new();
+    loop {
+        let key = string(&mut chars)?;
+        if chars.next()? != ':' {
+            return None;
+        }
+        let value = if chars.peek() == Some(&'n') {
+            let word: String = (0..4).filter_map(|_| chars.next()).collect();
+            (word == "null").then_some(())?;
+            None
+        } else {
+            Some(string(&mut chars)?)
+        };
+        fields.push((key, value));
+        match chars.next()? {
+            ',' => continue,
+            '}' => return chars.next().is_none().then_some(fields),
+            _ => return None,
+        }
+    }
+}
+
+#[test]
+fn json_logs_name_the_source_of_every_line_about_one() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let family = unique_name("jlog");
+    let db = unique_name("jlogsrc");
+    let missing = unique_name("jloggone");
+    let db_dst = unique_name("jlogdst");
+    src.create_database(&db);
+    src.drop_database(&missing);
+    src.execute(&db, "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)");
+    dest.create_database(&db_dst);
+    dest.execute(
+        &db_dst,
+        "SET ROLE kuvasz; CREATE TABLE t (sid text, id int, PRIMARY KEY (sid, id))",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"a\" }}, {{ url = \"{}\", sid = \"b\" }} ]\n[source.tables]\nt = {{}}\n",
+        src.url(&db),
+        src.url(&missing)
+    );
+    let d = Daemon::start_logs(&dest.url(&db_dst), &map, "format = \"json\"");
+    d.wait_streaming(1);
+    wait_for("b retried twice", Duration::from_secs(30), || {
+        (d.log().matches("does not exist").count() >= 2).then_some(())
+    });
+    let log = d.stop_ok();
+    let log = std::fs::read_to_string(log.join("daemon.log")).expect("log");
+    assert!(
+        !log.contains("kuvasz:kuvasz@"),
+        "a password in the log:\n{log}"
+    );
+    let mut about = [0, 0];
+    for line in log.lines() {
+        let fields = flat_json(line).unwrap_or_else(|| panic!("not a JSON object: {line}"));
+        let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["time", "level", "name", "source", "sid", "message"],
+            "{line}"
+        );
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.clone())
+        };
+        let message = get("message").expect("a message");
+        for (i, sid) in ["a", "b"].iter().enumerate() {
+            if message.contains(&format!("source {family}/{sid}")) {
+                about[i] += 1;
+                assert_eq!(
+                    (get("source"), get("sid")),
+                    (Some(family.clone()), Some(sid.to_string())),
+                    "{line}"
+                );
+            }
+        }
+        assert!(
+            ["ERROR", "WARN", "INFO"].contains(&get("level").as_deref().unwrap_or("")),
+            "{line}"
+        );
+        assert_eq!(get("name").as_deref(), Some("kuvasz-streamer"), "{line}");
+    }
+    assert!(
+        about[0] >= 3 && about[1] >= 2,
+        "lines about a and b: {about:?}\n{log}"
+    );
+}
