@@ -16,7 +16,7 @@ use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings
 use crate::pg::describe;
 use crate::pg::quote::qualified;
 use crate::source::{self, SourceEnv, SourceSpec, StopFlag, SYNC_STATE_TABLE};
-use crate::status::{State, Status};
+use crate::status::{ErrorClass, State, Status};
 
 /// Settings the supervisor needs, taken from the service configuration.
 #[derive(Clone)]
@@ -54,7 +54,7 @@ impl Signals {
 }
 
 enum Event {
-    Source(usize, Result<(), String>),
+    Source(usize, Result<(), (ErrorClass, String)>),
     Writer(usize, Result<(), String>),
 }
 
@@ -140,6 +140,8 @@ struct SourceSlot {
     started: Instant,
     restart_at: Option<Instant>,
     backoff: Backoff,
+    /// Why the supervisor stopped it (a rejected row), reported when its thread ends.
+    failure: Option<String>,
 }
 
 /// Runs until SIGTERM/SIGINT. Returns Ok after a clean stop.
@@ -166,6 +168,7 @@ pub fn run(
             return Ok(());
         }
         if let Err(e) = prepare_destination(settings) {
+            destination_down(settings, &e);
             let d = pool_backoff.step();
             error!("{e}; retrying in {:.0?}", d);
             sleep_unless(&signals.term, d);
@@ -186,11 +189,22 @@ pub fn run(
                 if started.elapsed() > Duration::from_secs(120) {
                     pool_backoff.reset();
                 }
+                destination_down(settings, &e);
                 let d = pool_backoff.step();
                 error!("{e}; restarting all sources and writers in {:.0?}", d);
                 sleep_unless(&signals.term, d);
             }
         }
+    }
+}
+
+/// The destination failed: every source waits for it (and says so) until it returns.
+fn destination_down(settings: &DaemonSettings, e: &str) {
+    for s in &settings.status.sources {
+        s.failed(
+            ErrorClass::Transient,
+            &format!("waiting for the destination: {e}"),
+        );
     }
 }
 
@@ -206,15 +220,21 @@ fn spawn_source(slot: &mut SourceSpecSlotArgs, events: &Sender<Event>) {
             let r = catch_unwind(AssertUnwindSafe(|| source::run(&spec, &env)));
             let r = match r {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("source {}: thread panicked", spec.label())),
+                Ok(Err(e)) => Err((e.class(), e.to_string())),
+                Err(_) => Err((
+                    ErrorClass::Transient,
+                    format!("source {}: thread panicked", spec.label()),
+                )),
             };
             let _ = tx.send(Event::Source(id, r));
         });
     match handle {
         Ok(h) => slot.handle = Some(h),
         Err(e) => {
-            let _ = events.send(Event::Source(id, Err(format!("cannot start thread: {e}"))));
+            let _ = events.send(Event::Source(
+                id,
+                Err((ErrorClass::Transient, format!("cannot start thread: {e}"))),
+            ));
         }
     }
 }
@@ -238,6 +258,7 @@ fn generation(
     let progress = Arc::new(Progress::new(sources.len(), n));
     let inflight = Arc::new(Inflight::new(n));
     let (events_tx, events) = unbounded::<Event>();
+    let (rejections_tx, rejections) = unbounded::<(usize, String)>();
     let mut writer_txs = Vec::new();
     let mut writers = Vec::new();
     for i in 0..n {
@@ -252,6 +273,7 @@ fn generation(
             progress: progress.clone(),
             inflight: inflight.clone(),
             status: settings.status.clone(),
+            rejections: rejections_tx.clone(),
         };
         let etx = events_tx.clone();
         let h = thread::Builder::new()
@@ -294,6 +316,7 @@ fn generation(
             started: Instant::now(),
             restart_at: None,
             backoff: Backoff::new(),
+            failure: None,
         });
     }
     info!("started {} source(s) and {n} writer(s)", sources.len());
@@ -311,20 +334,22 @@ fn generation(
                 let spec = slot.spec.clone();
                 crate::log_context::with_source(&spec.database, spec.sid.as_str(), || {
                     if !stopping {
-                        let why = match r {
-                            Err(e) => {
+                        let why = match (r, slot.failure.take()) {
+                            // Logged by the writer that refused the row.
+                            (_, Some(rejected)) => (ErrorClass::RejectedRow, rejected),
+                            (Err((class, e)), None) => {
                                 error!("{e}");
-                                e
+                                (class, e)
                             }
-                            Ok(()) => {
+                            (Ok(()), None) => {
                                 let e =
                                     format!("source {}: stopped unexpectedly", slot.spec.label());
                                 warn!("{e}");
-                                e
+                                (ErrorClass::Transient, e)
                             }
                         };
                         if let Some(s) = status {
-                            s.failed(&why);
+                            s.failed(why.0, &why.1);
                         }
                         if slot.started.elapsed() > Duration::from_secs(120) {
                             slot.backoff.reset();
@@ -333,7 +358,7 @@ fn generation(
                         info!("source {}: restarting in {:.0?}", slot.spec.label(), d);
                         slot.restart_at = Some(Instant::now() + d);
                     } else {
-                        if let Err(e) = r {
+                        if let Err((_, e)) = r {
                             warn!("{e}");
                         }
                         if let Some(s) = status {
@@ -354,6 +379,19 @@ fn generation(
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break Err("event channel closed".into()),
+        }
+        // A source whose row the destination refused (on_error = stop) stops alone and
+        // is started again after its backoff; the others stream on.
+        while let Ok((id, report)) = rejections.try_recv() {
+            if let Some(slot) = slots.get_mut(id) {
+                if let Some(s) = settings.status.sources.get(id) {
+                    s.failed(ErrorClass::RejectedRow, &report);
+                }
+                if slot.handle.is_some() && slot.failure.is_none() {
+                    slot.failure = Some(report);
+                    slot.stop.abort();
+                }
+            }
         }
         if signals.hup.swap(false, Ordering::Relaxed) {
             warn!("SIGHUP: live map reload is not implemented yet; restart the service to apply map changes");

@@ -28,6 +28,31 @@ pub fn pg_time_ms(pg_micros: i64) -> i64 {
     pg_micros / 1000 + 946_684_800_000
 }
 
+/// What kind of failure stopped a source: every kind is retried with backoff, the
+/// kind tells an operator where to look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A server unreachable or a connection lost: it passes by itself.
+    Transient,
+    /// The destination (or an expression) refused a row, and `on_error = stop`.
+    RejectedRow,
+    /// A server lacks a setting, privilege or object the daemon needs.
+    Prerequisite,
+    /// The map and the schemas disagree (a target table or column).
+    Configuration,
+}
+
+impl ErrorClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::RejectedRow => "rejected_row",
+            ErrorClass::Prerequisite => "prerequisite",
+            ErrorClass::Configuration => "configuration",
+        }
+    }
+}
+
 /// Where a source is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -175,7 +200,7 @@ pub struct SourceStatus {
     rejected: AtomicU64,
     commits: Mutex<VecDeque<(Lsn, i64)>>,
     tables: Mutex<Vec<(String, Arc<TableCounters>)>>,
-    last_error: Mutex<Option<(i64, String)>>,
+    last_error: Mutex<Option<(i64, ErrorClass, String)>>,
     last_rejected: Mutex<Option<RejectedRow>>,
     /// Lag samples for the page's sparkline: (Unix ms, lag seconds).
     lag_history: Mutex<VecDeque<(i64, f64)>>,
@@ -226,12 +251,12 @@ impl SourceStatus {
     }
 
     /// The source failed with `message` and will be retried.
-    pub fn failed(&self, message: &str) {
+    pub fn failed(&self, class: ErrorClass, message: &str) {
         self.set_state(State::Retrying);
         // Reported under the source's name already: without the repeated prefix.
         let prefix = format!("source {}: ", self.label());
         let message = message.strip_prefix(&prefix).unwrap_or(message);
-        *self.last_error.lock() = Some((now_ms(), message.to_string()));
+        *self.last_error.lock() = Some((now_ms(), class, message.to_string()));
     }
 
     /// The counters of source table `name` (`schema.table`), made at first use.
@@ -443,6 +468,28 @@ impl WriterStatus {
     }
 }
 
+/// What the destination found that the source's change did not expect (SPEC §4): the
+/// change is applied all the same, and counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Anomaly {
+    /// An INSERT whose key was there already (updated instead).
+    InsertFoundRow,
+    /// An UPDATE whose key was missing (inserted instead, or nothing to change).
+    UpdateMissedRow,
+    /// A DELETE whose key was missing.
+    DeleteMissedRow,
+}
+
+impl Anomaly {
+    pub fn name(self) -> &'static str {
+        match self {
+            Anomaly::InsertFoundRow => "insert_found_row",
+            Anomaly::UpdateMissedRow => "update_missed_row",
+            Anomaly::DeleteMissedRow => "delete_missed_row",
+        }
+    }
+}
+
 /// Everything the HTTP endpoints report.
 pub struct Status {
     pub name: String,
@@ -451,6 +498,8 @@ pub struct Status {
     pub destination: String,
     pub sources: Vec<Arc<SourceStatus>>,
     pub writers: Vec<WriterStatus>,
+    /// Anomalies by target table and kind (rare: a lock is fine).
+    anomalies: Mutex<std::collections::BTreeMap<(String, Anomaly), u64>>,
 }
 
 impl Status {
@@ -469,7 +518,17 @@ impl Status {
             writers: (0..writers.max(1))
                 .map(|_| WriterStatus::default())
                 .collect(),
+            anomalies: Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// `n` changes to target `table` met `kind`.
+    pub fn anomaly(&self, table: &str, kind: Anomaly, n: usize) {
+        *self
+            .anomalies
+            .lock()
+            .entry((table.to_string(), kind))
+            .or_default() += n as u64;
     }
 
     /// Why the daemon is not ready (empty: every source streams).
@@ -479,7 +538,7 @@ impl Status {
             .filter(|s| s.state() != State::Streaming)
             .map(|s| {
                 let mut r = format!("source {} is {}", s.label(), s.state().name());
-                if let Some((_, e)) = s.last_error.lock().as_ref() {
+                if let Some((_, _, e)) = s.last_error.lock().as_ref() {
                     r.push_str(": ");
                     r.push_str(e);
                 }
@@ -540,11 +599,12 @@ impl Status {
                 s.filtered_total(),
             );
             match s.last_error.lock().as_ref() {
-                Some((at, e)) => {
+                Some((at, class, e)) => {
                     let _ = write!(
                         o,
-                        "\"last_error\":{{\"at\":{},\"message\":{}}},",
+                        "\"last_error\":{{\"at\":{},\"class\":\"{}\",\"message\":{}}},",
                         json_time(*at),
+                        class.name(),
                         json_string(e)
                     );
                 }
@@ -759,6 +819,20 @@ impl Status {
         }
         help(
             &mut o,
+            "kuvasz_anomalies_total",
+            "counter",
+            "Changes the destination did not expect, applied anyway: by target table and kind.",
+        );
+        for ((table, kind), n) in self.anomalies.lock().iter() {
+            let _ = writeln!(
+                o,
+                "kuvasz_anomalies_total{{table=\"{}\",kind=\"{}\"}} {n}",
+                label_value(table),
+                kind.name()
+            );
+        }
+        help(
+            &mut o,
             "kuvasz_writer_queue",
             "gauge",
             "Messages waiting in each writer's queue.",
@@ -933,7 +1007,7 @@ mod tests {
             st.readiness_json(),
             "{\"ready\":false,\"reasons\":[\"source shop/eu\\\"1 is starting\"]}\n"
         );
-        st.sources[0].failed("source shop/eu\"1: connect: refused");
+        st.sources[0].failed(ErrorClass::Transient, "source shop/eu\"1: connect: refused");
         assert_eq!(
             st.not_ready(),
             vec!["source shop/eu\"1 is retrying: connect: refused".to_string()]
@@ -950,6 +1024,8 @@ mod tests {
         t.routed(Op::Insert);
         t.copied(10, 100);
         st.writers[1].committed(5, Duration::from_millis(3));
+        st.anomaly("public.orders", Anomaly::DeleteMissedRow, 2);
+        st.anomaly("public.orders", Anomaly::DeleteMissedRow, 1);
         let m = st.to_prometheus(now_ms());
         for line in [
             "streamer_operations_total{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\",operation=\"insert\",result=\"ok\"} 2",
@@ -961,6 +1037,7 @@ mod tests {
             "streamer_operations_seconds_bucket{writer=\"1\",le=\"0.005\"} 1",
             "streamer_operations_seconds_count{writer=\"1\"} 1",
             "# TYPE url_heartbeat gauge",
+            "kuvasz_anomalies_total{table=\"public.orders\",kind=\"delete_missed_row\"} 3",
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line} in\n{m}");
         }

@@ -223,25 +223,33 @@ fn section<'a>(status: &'a str, marker: &str) -> &'a str {
     &status[start..end]
 }
 
-#[test]
-fn healthz_answers_while_clients_stall() {
-    let src = source(*support::versions().last().expect("a version"));
-    let dest = destination();
-    let db = unique_name("stall");
-    let db_dst = unique_name("stalldst");
+/// A daemon streaming table `t (id int PRIMARY KEY)` of a new source database into a new
+/// destination database: the daemon, its HTTP address, both database names.
+fn one_table_daemon(
+    src: &support::Cluster,
+    dest: &support::Cluster,
+    prefix: &str,
+) -> (Daemon, String, String, String) {
+    let db = unique_name(prefix);
+    let db_dst = unique_name(&format!("{prefix}dst"));
+    let table = "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)";
     src.create_database(&db);
-    src.execute(&db, "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)");
+    src.execute(&db, table);
     dest.create_database(&db_dst);
-    dest.execute(
-        &db_dst,
-        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)",
-    );
+    dest.execute(&db_dst, table);
     let map = format!(
         "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n[source.tables]\nt = {{}}\n",
         src.url(&db)
     );
     let d = Daemon::start(&dest.url(&db_dst), &map, &[]);
     let addr = http_address(&d);
+    (d, addr, db, db_dst)
+}
+
+#[test]
+fn healthz_answers_while_clients_stall() {
+    let src = source(*support::versions().last().expect("a version"));
+    let (d, addr, _, _) = one_table_daemon(src, destination(), "stall");
     // 40 clients that send half a request and then nothing.
     let stalled: Vec<TcpStream> = (0..40)
         .map(|_| {
@@ -532,4 +540,184 @@ fn json_logs_name_the_source_of_every_line_about_one() {
         about[0] >= 3 && about[1] >= 2,
         "lines about a and b: {about:?}\n{log}"
     );
+}
+
+/// Lines of the log that say a source started streaming from `slot`.
+fn streams_started(d: &Daemon, slot: &str) -> usize {
+    d.log()
+        .lines()
+        .filter(|l| l.contains(&format!("streaming from slot {slot} ")))
+        .count()
+}
+
+#[test]
+fn rejected_row_stops_only_its_source() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let family = unique_name("blast");
+    let dbs = [unique_name("blasta"), unique_name("blastb")];
+    let db_dst = unique_name("blastdst");
+    for db in &dbs {
+        src.create_database(db);
+        src.execute(
+            db,
+            "SET ROLE kuvasz; CREATE TABLE items (id int PRIMARY KEY, qty int)",
+        );
+    }
+    dest.create_database(&db_dst);
+    // The destination refuses negative quantities; the sources do not.
+    dest.execute(
+        &db_dst,
+        "SET ROLE kuvasz; CREATE TABLE items (sid text, id int, qty int CHECK (qty >= 0), \
+         PRIMARY KEY (sid, id))",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"a\" }}, {{ url = \"{}\", sid = \"b\" }} ]\n[source.tables]\nitems = {{}}\n",
+        src.url(&dbs[0]),
+        src.url(&dbs[1])
+    );
+    let d = Daemon::start(&dest.url(&db_dst), &map, &[]);
+    let addr = http_address(&d);
+    d.wait_streaming(2);
+    let slot_b = format!("kuvasz_{family}_b");
+    assert_eq!(streams_started(&d, &slot_b), 1);
+
+    src.execute(
+        &dbs[0],
+        "INSERT INTO items VALUES (1, 1); INSERT INTO items VALUES (2, -1); \
+         INSERT INTO items VALUES (3, 3)",
+    );
+    let count = |sid: &str| {
+        dest.query(
+            &db_dst,
+            &format!("SELECT count(*) FROM items WHERE sid = '{sid}'"),
+        )[0][0]
+            .clone()
+            .unwrap_or_default()
+    };
+    // While a is held at its refused row, b streams on, untouched.
+    let body = wait_for("a not ready", Duration::from_secs(60), || {
+        let (code, body) = get(&addr, "/readyz");
+        (code == 503).then_some(body)
+    });
+    assert!(
+        body.starts_with(&format!(
+            "{{\"ready\":false,\"reasons\":[\"source {family}/a is retrying: writer "
+        )),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "destination rejected INSERT from source {family} (sid a) on public.items key (id)=(2) at LSN "
+        )),
+        "{body}"
+    );
+    for i in 0..5 {
+        src.execute(&dbs[1], &format!("INSERT INTO items VALUES ({i}, {i})"));
+        let want = (i + 1).to_string();
+        wait_for("b's row", Duration::from_secs(30), || {
+            (count("b") == want).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, status) = get(&addr, "/api/status");
+    let a = section(&status, "\"sid\":\"a\"");
+    assert!(a.contains("\"state\":\"retrying\""), "{a}");
+    assert!(a.contains("\"last_error\":{\"at\":\""), "{a}");
+    assert!(a.contains("\"class\":\"rejected_row\""), "{a}");
+    assert!(
+        a.contains("\"last_rejected\":{\"at\":\"") && a.contains("\"key\":\"(id)=(2)\""),
+        "{a}"
+    );
+    let b = section(&status, "\"sid\":\"b\"");
+    assert!(b.contains("\"state\":\"streaming\""), "{b}");
+    // The refused row is neither applied nor skipped: nothing of a after it is confirmed.
+    assert_eq!(
+        dest.query(
+            &db_dst,
+            "SELECT count(*) FROM items WHERE sid = 'a' AND id = 2"
+        )[0][0]
+            .as_deref(),
+        Some("0")
+    );
+    // The operator fixes the cause: a applies everything; b was never restarted.
+    dest.execute(&db_dst, "ALTER TABLE items DROP CONSTRAINT items_qty_check");
+    wait_for("a's rows", Duration::from_secs(90), || {
+        (count("a") == "3").then_some(())
+    });
+    let body = wait_for("ready", Duration::from_secs(30), || {
+        let (code, body) = get(&addr, "/readyz");
+        (code == 200).then_some(body)
+    });
+    assert_eq!(body, "{\"ready\":true,\"reasons\":[]}\n");
+    assert_eq!(
+        dest.query(&db_dst, "SELECT sid, id, qty FROM items ORDER BY sid, id")
+            .into_iter()
+            .map(|r| r
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .collect::<Vec<_>>(),
+        ["a 1 1", "a 2 -1", "a 3 3", "b 0 0", "b 1 1", "b 2 2", "b 3 3", "b 4 4"]
+    );
+    assert_eq!(
+        streams_started(&d, &slot_b),
+        1,
+        "b was restarted:\n{}",
+        d.log()
+    );
+    assert!(
+        !d.log().contains("restarting all sources"),
+        "the pool restarted:\n{}",
+        d.log()
+    );
+    d.stop_ok();
+}
+
+#[test]
+fn destination_outage_pauses_every_source_and_resumes() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = support::private_destination();
+    let (d, addr, db, db_dst) = one_table_daemon(src, &dest, "outage");
+    d.wait_streaming(1);
+    let count = || {
+        dest.query(&db_dst, "SELECT count(*) FROM t")[0][0]
+            .clone()
+            .unwrap_or_default()
+    };
+    src.execute(&db, "INSERT INTO t SELECT generate_series(1, 10)");
+    wait_for("10 rows", Duration::from_secs(30), || {
+        (count() == "10").then_some(())
+    });
+
+    dest.stop();
+    src.execute(&db, "INSERT INTO t SELECT generate_series(11, 20)");
+    let body = wait_for("not ready", Duration::from_secs(60), || {
+        let (code, body) = get(&addr, "/readyz");
+        (code == 503 && body.contains("waiting for the destination")).then_some(body)
+    });
+    assert!(
+        body.starts_with(&format!("{{\"ready\":false,\"reasons\":[\"source {db}/1 is retrying: waiting for the destination: ")),
+        "{body}"
+    );
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        get(&addr, "/healthz").0,
+        200,
+        "the daemon exited:\n{}",
+        d.log()
+    );
+
+    dest.start();
+    wait_for("20 rows", Duration::from_secs(90), || {
+        (count() == "20").then_some(())
+    });
+    let body = wait_for("ready", Duration::from_secs(60), || {
+        let (code, body) = get(&addr, "/readyz");
+        (code == 200).then_some(body)
+    });
+    assert_eq!(body, "{\"ready\":true,\"reasons\":[]}\n");
+    d.stop_ok();
 }

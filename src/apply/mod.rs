@@ -30,6 +30,9 @@ pub enum WriterMsg {
     Marker { source: SourceId, lsn: Lsn },
     /// Commit now and answer: a barrier for the sender.
     Flush(Sender<()>),
+    /// `source` starts (again): what it sends from now on is applied, even after one of
+    /// its rows was rejected.
+    Resume { source: SourceId },
     /// Commit what is applied and stop.
     Stop,
 }

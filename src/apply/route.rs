@@ -209,6 +209,19 @@ impl Router {
         wait_answers(&rx, self.writers.len(), idle)
     }
 
+    /// Tells every writer that `source` starts: a source held after a rejected row is
+    /// applied again from here.
+    pub fn resume<E>(
+        &self,
+        source: SourceId,
+        idle: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), Wait<E>> {
+        for w in &self.writers {
+            send(w, WriterMsg::Resume { source }, idle)?;
+        }
+        Ok(())
+    }
+
     /// Sends a change to writer 0 and waits for its commit (for barrier changes).
     pub fn apply_alone<E>(
         &self,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use postgres::Statement;
 
 use crate::change::{Change, SourceId, TargetTable, Value};
@@ -22,6 +22,7 @@ use super::history;
 use super::progress::Progress;
 use super::sql::{self, Stage};
 use super::{Inflight, WriterMsg};
+use crate::status::{Anomaly, Status};
 
 /// How long a writer whose queue ran dry waits for more before it commits a backlog's
 /// batch, in steps: the source refills the queue within this time, so batches grow
@@ -86,7 +87,10 @@ pub struct WriterSettings {
     pub progress: Arc<Progress>,
     pub inflight: Arc<Inflight>,
     /// Where commits and rejected rows are reported (see [`crate::status`]).
-    pub status: Arc<crate::status::Status>,
+    pub status: Arc<Status>,
+    /// Sources stopped by a rejected row (`on_error = stop`), with the report, for the
+    /// supervisor to restart them.
+    pub rejections: Sender<(SourceId, String)>,
 }
 
 #[derive(Debug)]
@@ -187,6 +191,8 @@ pub struct Writer {
     /// A big batch was committed since memory was last handed back (see
     /// [`crate::memory`]); done once the queue is idle.
     trim_due: bool,
+    /// Sources held after a rejected row, by source id (see [`Writer::stopped_source`]).
+    held: Vec<bool>,
 }
 
 /// Writes one entry's line of COPY data.
@@ -220,6 +226,7 @@ impl Writer {
                  SET enable_hashjoin = off; SET enable_mergejoin = off",
             )
             .map_err(conn)?;
+        let held = vec![false; settings.sources.len()];
         Ok(Writer {
             id,
             client,
@@ -239,6 +246,7 @@ impl Writer {
             prepared: HashMap::new(),
             copy_buf: Vec::new(),
             trim_due: false,
+            held,
         })
     }
 
@@ -294,6 +302,9 @@ impl Writer {
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
                 }
             };
+            if self.stopped_source(&msg) {
+                continue;
+            }
             match msg {
                 WriterMsg::Change { change, key } => {
                     self.settings.inflight.taken(self.id, change.byte_len());
@@ -325,6 +336,11 @@ impl Writer {
                     self.flushes.push(tx);
                     self.commit()?;
                 }
+                WriterMsg::Resume { source } => {
+                    if let Some(p) = self.held.get_mut(source) {
+                        *p = false;
+                    }
+                }
                 WriterMsg::Stop => return self.commit(),
             }
             if self.batch.is_full()
@@ -334,6 +350,24 @@ impl Writer {
                 self.commit()?;
             }
         }
+    }
+
+    /// Whether `msg` belongs to a source held since one of its rows was rejected (under
+    /// `on_error = stop`): dropped, as the source replays it from its confirmed position
+    /// once it starts again (its [`WriterMsg::Resume`] ends the hold).
+    fn stopped_source(&mut self, msg: &WriterMsg) -> bool {
+        let source = match msg {
+            WriterMsg::Change { change, .. } | WriterMsg::Rejected { change, .. } => change.source,
+            WriterMsg::Marker { source, .. } => *source,
+            WriterMsg::Flush(_) | WriterMsg::Resume { .. } | WriterMsg::Stop => return false,
+        };
+        if !self.held.get(source).copied().unwrap_or(false) {
+            return false;
+        }
+        if let WriterMsg::Change { change, .. } | WriterMsg::Rejected { change, .. } = msg {
+            self.settings.inflight.taken(self.id, change.byte_len());
+        }
+        true
     }
 
     fn push(&mut self, c: Change, key: u64) {
@@ -386,7 +420,9 @@ impl Writer {
             );
         }
         for (source, lsn) in self.markers.drain(..) {
-            self.settings.progress.ack(source, self.id, lsn);
+            if !self.held.get(source).copied().unwrap_or(false) {
+                self.settings.progress.ack(source, self.id, lsn);
+            }
         }
         for tx in self.flushes.drain(..) {
             let _ = tx.send(());
@@ -470,13 +506,16 @@ impl Writer {
                         }
                         postgres::SimpleQueryMessage::CommandComplete(n) => match steps.next() {
                             Some(Literal::Delete { table, n: want }) => {
-                                log_deleted(table, *want, *n as usize)
+                                log_deleted(&self.settings.status, table, *want, *n as usize)
                             }
-                            Some(Literal::Upsert { table, fresh }) => {
-                                log_upserted(table, *fresh, row.take().unwrap_or(*fresh))
-                            }
+                            Some(Literal::Upsert { table, fresh }) => log_upserted(
+                                &self.settings.status,
+                                table,
+                                *fresh,
+                                row.take().unwrap_or(*fresh),
+                            ),
                             Some(Literal::Patch { table }) if *n == 0 => {
-                                info!("{table}: an UPDATE found no row to change")
+                                log_patch_missed(&self.settings.status, table)
                             }
                             _ => {}
                         },
@@ -795,7 +834,7 @@ impl Writer {
                 .statement(sql::delete_staged(table, &stage))
                 .map_err(&fail)?;
             let deleted = self.client.execute(&stmt, &[]).map_err(&fail)? as usize;
-            log_deleted(&name, deletes, deleted);
+            log_deleted(&self.settings.status, &name, deletes, deleted);
         }
         let upserts: Vec<&Entry> = entries
             .iter()
@@ -830,7 +869,7 @@ impl Writer {
                         .last()
                         .unwrap_or(0) as usize
                 };
-                log_upserted(&name, fresh, inserted);
+                log_upserted(&self.settings.status, &name, fresh, inserted);
             }
         }
         let mut masks: Vec<String> = entries
@@ -851,7 +890,7 @@ impl Writer {
             if let Some(stmt) = stmt {
                 let n = self.client.execute(stmt.as_str(), &[]).map_err(&fail)?;
                 if n == 0 {
-                    info!("{name}: an UPDATE found no row to change");
+                    log_patch_missed(&self.settings.status, &name);
                 }
             }
         }
@@ -886,16 +925,30 @@ impl Writer {
             });
         }
         match self.settings.on_error {
-            RejectPolicy::Stop => Err(WriterError::Rejected(Box::new(Rejection {
-                writer: self.id,
-                source: label.name,
-                sid: label.sid,
-                table,
-                key: c.describe_key(),
-                op: c.op.to_string(),
-                lsn: c.pos.commit_lsn,
-                message,
-            }))),
+            RejectPolicy::Stop => {
+                // This source stops here, alone: nothing of it past this change is
+                // confirmed by this writer, its queued changes are dropped until it starts
+                // again from its confirmed position, and the supervisor restarts it with
+                // backoff. The rest of the batch, other sources' changes included, commits.
+                let r = Rejection {
+                    writer: self.id,
+                    source: label.name.clone(),
+                    sid: label.sid.clone(),
+                    table,
+                    key: c.describe_key(),
+                    op: c.op.to_string(),
+                    lsn: c.pos.commit_lsn,
+                    message,
+                };
+                let report = WriterError::Rejected(Box::new(r)).to_string();
+                crate::log_context::with_source(&label.name, &label.sid, || error!("{report}"));
+                if let Some(h) = self.held.get_mut(c.source) {
+                    *h = true;
+                }
+                self.markers.retain(|(s, _)| *s != c.source);
+                let _ = self.settings.rejections.send((c.source, report));
+                Ok(())
+            }
             RejectPolicy::Deadletter => {
                 crate::log_context::with_source(&label.name, &label.sid, || {
                     warn!(
@@ -929,28 +982,31 @@ impl Writer {
 
 /// Logs the anomalies SPEC §4 asks to count among upserts: an INSERT that found its key
 /// (fewer inserted than were new), an UPDATE that did not (more).
-fn log_upserted(table: &str, fresh: usize, inserted: usize) {
+fn log_upserted(status: &Status, table: &str, fresh: usize, inserted: usize) {
     if inserted < fresh {
-        info!(
-            "{table}: {} inserted row(s) already existed; updated them",
-            fresh - inserted
-        );
+        let n = fresh - inserted;
+        info!("{table}: {n} inserted row(s) already existed; updated them");
+        status.anomaly(table, Anomaly::InsertFoundRow, n);
     } else if inserted > fresh {
-        info!(
-            "{table}: {} updated row(s) were missing; inserted them",
-            inserted - fresh
-        );
+        let n = inserted - fresh;
+        info!("{table}: {n} updated row(s) were missing; inserted them");
+        status.anomaly(table, Anomaly::UpdateMissedRow, n);
     }
 }
 
 /// Logs deletes of keys that were missing.
-fn log_deleted(table: &str, deletes: usize, deleted: usize) {
+fn log_deleted(status: &Status, table: &str, deletes: usize, deleted: usize) {
     if deleted < deletes {
-        info!(
-            "{table}: {} deleted row(s) were already missing",
-            deletes - deleted
-        );
+        let n = deletes - deleted;
+        info!("{table}: {n} deleted row(s) were already missing");
+        status.anomaly(table, Anomaly::DeleteMissedRow, n);
     }
+}
+
+/// Logs an in-place UPDATE (a moved key) that found no row.
+fn log_patch_missed(status: &Status, table: &str) {
+    info!("{table}: an UPDATE found no row to change");
+    status.anomaly(table, Anomaly::UpdateMissedRow, 1);
 }
 
 /// What one statement of a literal batch does, to read its result.

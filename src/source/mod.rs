@@ -21,6 +21,7 @@ use crate::pg::pgoutput::DecodeError;
 use crate::pg::replication::PgError;
 use crate::pg::{describe, Lsn};
 
+use crate::status::ErrorClass;
 use mapping::MappingError;
 use sync::CopyError;
 
@@ -181,8 +182,35 @@ impl fmt::Display for SourceError {
 
 impl std::error::Error for SourceError {}
 
+impl SourceError {
+    /// What kind of failure this is, for the supervisor's report.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SourceError::Prerequisite { .. } => ErrorClass::Prerequisite,
+            SourceError::Mapping { .. } => ErrorClass::Configuration,
+            SourceError::Sync {
+                error: CopyError::Rejected(_),
+                ..
+            } => ErrorClass::RejectedRow,
+            SourceError::Sql { .. }
+            | SourceError::Replication { .. }
+            | SourceError::Sync { .. }
+            | SourceError::Decode { .. }
+            | SourceError::Spool { .. }
+            | SourceError::PoolClosed { .. } => ErrorClass::Transient,
+        }
+    }
+}
+
 /// Runs one source until stopped or failed: set-up (with initial sync), then streaming.
 pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
+    // Before anything this run routes: what an earlier run left queued after a rejected
+    // row is dropped by its writer up to here, and applied from here.
+    env.router
+        .resume(spec.id, &mut || Ok::<(), std::convert::Infallible>(()))
+        .map_err(|_| SourceError::PoolClosed {
+            source: spec.label(),
+        })?;
     loop {
         // Changes an earlier run (or stream) of this source left queued are committed
         // before a re-copy could race them. No replication connection to keep alive yet:
