@@ -11,7 +11,7 @@ use crossbeam_channel::{bounded, unbounded, RecvTimeoutError, Sender};
 use log::{error, info, warn};
 use postgres::NoTls;
 
-use crate::apply::writer::{RejectPolicy, SourceLabel};
+use crate::apply::writer::RejectPolicy;
 use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
 use crate::pg::describe;
 use crate::pg::quote::qualified;
@@ -32,7 +32,12 @@ pub struct DaemonSettings {
     pub sync_burst: u64,
     /// What the HTTP endpoints report (one entry per source, in source id order).
     pub status: Arc<Status>,
+    /// Reads configuration and map again (SIGHUP): the sources they now name.
+    pub reload: Option<Reload>,
 }
+
+/// See [`DaemonSettings::reload`].
+pub type Reload = Arc<dyn Fn() -> Result<Vec<SourceSpec>, String> + Send + Sync>;
 
 /// Signals, shared with the handlers.
 #[derive(Clone, Default)]
@@ -55,6 +60,9 @@ impl Signals {
 
 enum Event {
     Source(usize, Result<(), (ErrorClass, String)>),
+    /// The slot and publications of a source removed by a reload are dropped (or the
+    /// attempt was given up and logged).
+    Retired(usize, Option<usize>),
     Writer(usize, Result<(), String>),
 }
 
@@ -142,6 +150,42 @@ struct SourceSlot {
     backoff: Backoff,
     /// Why the supervisor stopped it (a rejected row), reported when its thread ends.
     failure: Option<String>,
+    /// What a reload asked of it, done once its thread has ended.
+    plan: Plan,
+}
+
+impl SourceSlot {
+    fn new(spec: Arc<SourceSpec>) -> SourceSlot {
+        SourceSlot {
+            spec,
+            handle: None,
+            stop: Arc::new(StopFlag::default()),
+            started: Instant::now(),
+            restart_at: None,
+            backoff: Backoff::new(),
+            failure: None,
+            plan: Plan::Run,
+        }
+    }
+}
+
+/// What a reload asked of a running source.
+enum Plan {
+    Run,
+    /// Start again with this spec (same slot and server; its tables or settings changed).
+    Restart(Arc<SourceSpec>),
+    /// Drop its slot and publications, then start source `then` (its URL moved to
+    /// another server or database under the same slot name), if any.
+    Retire {
+        then: Option<usize>,
+    },
+}
+
+/// Every source the daemon has run, by id: ids index progress and status and are
+/// never reused, so a source a reload removed stays here, no longer live.
+struct Fleet {
+    specs: Vec<Arc<SourceSpec>>,
+    live: Vec<bool>,
 }
 
 /// Runs until SIGTERM/SIGINT. Returns Ok after a clean stop.
@@ -150,18 +194,12 @@ pub fn run(
     sources: Vec<SourceSpec>,
     signals: &Signals,
 ) -> Result<(), String> {
-    let labels: Arc<Vec<SourceLabel>> = Arc::new(
-        sources
-            .iter()
-            .map(|s| SourceLabel {
-                name: s.database.clone(),
-                sid: s.sid.to_string(),
-            })
-            .collect(),
-    );
     let mut retired = false;
     let specs = sources.clone();
-    let sources: Vec<Arc<SourceSpec>> = sources.into_iter().map(Arc::new).collect();
+    let mut fleet = Fleet {
+        live: vec![true; sources.len()],
+        specs: sources.into_iter().map(Arc::new).collect(),
+    };
     let mut pool_backoff = Backoff::new();
     loop {
         if signals.term.load(Ordering::Relaxed) {
@@ -182,7 +220,7 @@ pub fn run(
             }
         }
         let started = Instant::now();
-        match generation(settings, &sources, &labels, signals) {
+        match generation(settings, &mut fleet, signals) {
             Ok(()) => return Ok(()),
             Err(e) => {
                 // A pool that ran for a while failed afresh: start the backoff over.
@@ -200,7 +238,7 @@ pub fn run(
 
 /// The destination failed: every source waits for it (and says so) until it returns.
 fn destination_down(settings: &DaemonSettings, e: &str) {
-    for s in &settings.status.sources {
+    for s in settings.status.live() {
         s.failed(
             ErrorClass::Transient,
             &format!("waiting for the destination: {e}"),
@@ -250,12 +288,11 @@ struct SourceSpecSlotArgs {
 /// failed and everything must start again from the slots' confirmed positions.
 fn generation(
     settings: &DaemonSettings,
-    sources: &[Arc<SourceSpec>],
-    labels: &Arc<Vec<SourceLabel>>,
+    fleet: &mut Fleet,
     signals: &Signals,
 ) -> Result<(), String> {
     let n = settings.num_workers.max(1);
-    let progress = Arc::new(Progress::new(sources.len(), n));
+    let progress = Arc::new(Progress::new(fleet.specs.len(), n));
     let inflight = Arc::new(Inflight::new(n));
     let (events_tx, events) = unbounded::<Event>();
     let (rejections_tx, rejections) = unbounded::<(usize, String)>();
@@ -269,7 +306,6 @@ fn generation(
             schema: settings.dest_schema.clone(),
             commit_delay: settings.commit_delay,
             on_error: settings.on_error,
-            sources: labels.clone(),
             progress: progress.clone(),
             inflight: inflight.clone(),
             status: settings.status.clone(),
@@ -300,26 +336,24 @@ fn generation(
         writers.push(Some(h));
     }
     let router = Router::new(writer_txs.clone(), inflight.clone());
-    let mut slots: Vec<SourceSlot> = Vec::new();
-    for spec in sources {
-        let stop = Arc::new(StopFlag::default());
-        let mut args = SourceSpecSlotArgs {
-            spec: spec.clone(),
-            env: source_env(settings, spec.id, &router, &progress, &stop),
-            handle: None,
-        };
-        spawn_source(&mut args, &events_tx);
-        slots.push(SourceSlot {
-            spec: spec.clone(),
-            handle: args.handle,
-            stop,
-            started: Instant::now(),
-            restart_at: None,
-            backoff: Backoff::new(),
-            failure: None,
-        });
+    let mut slots: Vec<SourceSlot> = fleet
+        .specs
+        .iter()
+        .map(|spec| SourceSlot::new(spec.clone()))
+        .collect();
+    // Live sources start at once (below); removed ones never again.
+    for (slot, live) in slots.iter_mut().zip(&fleet.live) {
+        if *live {
+            slot.restart_at = Some(Instant::now());
+        }
     }
-    info!("started {} source(s) and {n} writer(s)", sources.len());
+    let live = fleet.live.iter().filter(|l| **l).count();
+    info!("starting {live} source(s) and {n} writer(s)");
+    start_due(
+        &ctx_of(settings, &progress, &events_tx),
+        &mut slots,
+        &router,
+    );
 
     let mut stopping = false;
     let mut stop_deadline = Instant::now();
@@ -330,7 +364,11 @@ fn generation(
                 if let Some(h) = slot.handle.take() {
                     let _ = h.join();
                 }
-                let status = settings.status.sources.get(id);
+                if !stopping && !matches!(slot.plan, Plan::Run) {
+                    follow_plan(settings, slot, &events_tx);
+                    continue;
+                }
+                let status = settings.status.source(id);
                 let spec = slot.spec.clone();
                 crate::log_context::with_source(&spec.database, spec.sid.as_str(), || {
                     if !stopping {
@@ -377,6 +415,14 @@ fn generation(
                     });
                 }
             }
+            Ok(Event::Retired(id, then)) => {
+                if let Some(s) = settings.status.source(id) {
+                    s.retire();
+                }
+                if let Some(slot) = then.and_then(|j| slots.get_mut(j)) {
+                    slot.restart_at = Some(Instant::now());
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break Err("event channel closed".into()),
         }
@@ -384,7 +430,7 @@ fn generation(
         // is started again after its backoff; the others stream on.
         while let Ok((id, report)) = rejections.try_recv() {
             if let Some(slot) = slots.get_mut(id) {
-                if let Some(s) = settings.status.sources.get(id) {
+                if let Some(s) = settings.status.source(id) {
                     s.failed(ErrorClass::RejectedRow, &report);
                 }
                 if slot.handle.is_some() && slot.failure.is_none() {
@@ -393,8 +439,20 @@ fn generation(
                 }
             }
         }
-        if signals.hup.swap(false, Ordering::Relaxed) {
-            warn!("SIGHUP: live map reload is not implemented yet; restart the service to apply map changes");
+        if signals.hup.swap(false, Ordering::Relaxed) && !stopping {
+            match settings.reload.as_ref().map(|r| r()) {
+                None => warn!("SIGHUP: nothing to reload"),
+                Some(Err(e)) => error!("SIGHUP: {e}; the running configuration and map are kept"),
+                Some(Ok(specs)) => {
+                    info!("SIGHUP: configuration and map read again");
+                    reconcile(
+                        &ctx_of(settings, &progress, &events_tx),
+                        fleet,
+                        &mut slots,
+                        specs,
+                    );
+                }
+            }
         }
         if !stopping && signals.term.load(Ordering::Relaxed) {
             info!("stopping: committing what was applied and confirming it to the sources");
@@ -410,20 +468,11 @@ fn generation(
             }
             continue;
         }
-        for slot in slots.iter_mut() {
-            if slot.handle.is_none() && slot.restart_at.is_some_and(|t| Instant::now() >= t) {
-                slot.restart_at = None;
-                slot.stop = Arc::new(StopFlag::default());
-                let mut args = SourceSpecSlotArgs {
-                    spec: slot.spec.clone(),
-                    env: source_env(settings, slot.spec.id, &router, &progress, &slot.stop),
-                    handle: None,
-                };
-                spawn_source(&mut args, &events_tx);
-                slot.handle = args.handle;
-                slot.started = Instant::now();
-            }
-        }
+        start_due(
+            &ctx_of(settings, &progress, &events_tx),
+            &mut slots,
+            &router,
+        );
     };
 
     // Sources first (graceful ones have confirmed already), then the writers commit.
@@ -483,9 +532,210 @@ fn source_env(
         on_error: settings.on_error,
         status: settings
             .status
-            .sources
-            .get(id)
-            .cloned()
+            .source(id)
             .unwrap_or_else(|| Arc::new(crate::status::SourceStatus::new("?", "?", "?", "?"))),
+    }
+}
+
+/// What a reload needs of the running generation.
+struct Ctx<'a> {
+    settings: &'a DaemonSettings,
+    progress: &'a Arc<Progress>,
+    events: &'a Sender<Event>,
+}
+
+/// Whether two specs of one slot read the same server and database: then the slot's
+/// positions carry over (a changed user, password or parameter only restarts it).
+fn same_server(a: &SourceSpec, b: &SourceSpec) -> bool {
+    (&a.conn.host, a.conn.port, &a.conn.dbname) == (&b.conn.host, b.conn.port, &b.conn.dbname)
+}
+
+/// Whether a running source needs no restart for `new`.
+fn unchanged(old: &SourceSpec, new: &SourceSpec) -> bool {
+    old.conn == new.conn && old.tables == new.tables && old.family_size == new.family_size
+}
+
+/// Applies a reloaded map to the running sources: new slots start, removed ones stop
+/// and are retired (slot and publications dropped), changed ones restart; a source the
+/// reload did not touch is left running.
+fn reconcile(
+    ctx: &Ctx<'_>,
+    fleet: &mut Fleet,
+    slots: &mut Vec<SourceSlot>,
+    specs: Vec<SourceSpec>,
+) {
+    let mut kept = std::collections::BTreeSet::new();
+    for mut spec in specs {
+        let running =
+            (0..fleet.specs.len()).find(|&i| fleet.live[i] && fleet.specs[i].slot == spec.slot);
+        match running {
+            Some(id) if unchanged(&fleet.specs[id], &spec) => {
+                kept.insert(id);
+            }
+            Some(id) if same_server(&fleet.specs[id], &spec) => {
+                kept.insert(id);
+                spec.id = id;
+                let spec = Arc::new(spec);
+                let old = &fleet.specs[id];
+                let why = if old.tables != spec.tables {
+                    "its tables in the map changed"
+                } else if old.conn != spec.conn {
+                    "its URL's user, password or parameters changed"
+                } else {
+                    "the number of URLs of its family changed"
+                };
+                info!("source {}: {why}: restarting it", spec.label());
+                fleet.specs[id] = spec.clone();
+                plan(ctx, &mut slots[id], Plan::Restart(spec));
+            }
+            Some(id) => {
+                // Same slot name on another server or database: the old slot is dropped
+                // first (its sync state rows share the name), then the new one starts.
+                let new = add(ctx, fleet, slots, spec, false);
+                info!(
+                    "source {}: its URL now names another server or database: retiring slot {} \
+                     on the old one, then starting anew",
+                    fleet.specs[id].label(),
+                    fleet.specs[id].slot
+                );
+                fleet.live[id] = false;
+                plan(ctx, &mut slots[id], Plan::Retire { then: Some(new) });
+                kept.insert(new);
+            }
+            None => {
+                let id = add(ctx, fleet, slots, spec, true);
+                kept.insert(id);
+                info!(
+                    "source {}: added by the reload: starting it",
+                    fleet.specs[id].label()
+                );
+            }
+        }
+    }
+    for (id, (spec, live)) in fleet.specs.iter().zip(fleet.live.iter_mut()).enumerate() {
+        if *live && !kept.contains(&id) {
+            info!(
+                "source {}: removed from the map: stopping it, then dropping slot {} and its \
+                 publications",
+                spec.label(),
+                spec.slot
+            );
+            *live = false;
+            plan(ctx, &mut slots[id], Plan::Retire { then: None });
+        }
+    }
+}
+
+/// A new source: the next id everywhere (fleet, progress, status, slots). Started at
+/// once when `start`, else when released.
+fn add(
+    ctx: &Ctx<'_>,
+    fleet: &mut Fleet,
+    slots: &mut Vec<SourceSlot>,
+    mut spec: SourceSpec,
+    start: bool,
+) -> usize {
+    let id = fleet.specs.len();
+    spec.id = id;
+    let status = Arc::new(crate::status::SourceStatus::new(
+        &spec.database,
+        spec.sid.as_str(),
+        &spec.slot,
+        &spec.conn.redacted(),
+    ));
+    let sid = ctx.settings.status.add_source(status);
+    if sid != id {
+        error!(
+            "source {}: status id {sid} is not its id {id}",
+            spec.label()
+        );
+    }
+    ctx.progress.ensure(id + 1);
+    let spec = Arc::new(spec);
+    fleet.specs.push(spec.clone());
+    fleet.live.push(true);
+    let mut slot = SourceSlot::new(spec);
+    if start {
+        slot.restart_at = Some(Instant::now());
+    }
+    slots.push(slot);
+    id
+}
+
+/// Asks a source to stop for `p`; carried out when its thread has ended (at once when
+/// none runs).
+fn plan(ctx: &Ctx<'_>, slot: &mut SourceSlot, p: Plan) {
+    slot.plan = p;
+    slot.failure = None;
+    if slot.handle.is_some() {
+        slot.stop.graceful();
+    } else {
+        follow_plan(ctx.settings, slot, ctx.events);
+    }
+}
+
+/// Carries out a reload's plan for a source whose thread has ended.
+fn follow_plan(settings: &DaemonSettings, slot: &mut SourceSlot, events: &Sender<Event>) {
+    match std::mem::replace(&mut slot.plan, Plan::Run) {
+        Plan::Run => {}
+        Plan::Restart(spec) => {
+            slot.spec = spec;
+            slot.backoff.reset();
+            slot.restart_at = Some(Instant::now());
+        }
+        Plan::Retire { then } => {
+            slot.restart_at = None;
+            let spec = slot.spec.clone();
+            let (dest, schema, tx) = (
+                settings.dest.clone(),
+                settings.dest_schema.clone(),
+                events.clone(),
+            );
+            let id = spec.id;
+            let spawned = thread::Builder::new()
+                .name(format!("retire-{id}"))
+                .spawn(move || {
+                    crate::log_context::set_source(&spec.database, spec.sid.as_str());
+                    source::retire::retire_one(&dest, &schema, &spec);
+                    let _ = tx.send(Event::Retired(id, then));
+                });
+            if let Err(e) = spawned {
+                error!(
+                    "source {}: cannot start a thread to retire it: {e}",
+                    slot.spec.label()
+                );
+                let _ = events.send(Event::Retired(id, then));
+            }
+        }
+    }
+}
+
+fn ctx_of<'a>(
+    settings: &'a DaemonSettings,
+    progress: &'a Arc<Progress>,
+    events: &'a Sender<Event>,
+) -> Ctx<'a> {
+    Ctx {
+        settings,
+        progress,
+        events,
+    }
+}
+
+/// Starts every source whose (re)start time has come.
+fn start_due(ctx: &Ctx<'_>, slots: &mut [SourceSlot], router: &Router) {
+    for slot in slots.iter_mut() {
+        if slot.handle.is_none() && slot.restart_at.is_some_and(|t| Instant::now() >= t) {
+            slot.restart_at = None;
+            slot.stop = Arc::new(StopFlag::default());
+            let mut args = SourceSpecSlotArgs {
+                spec: slot.spec.clone(),
+                env: source_env(ctx.settings, slot.spec.id, router, ctx.progress, &slot.stop),
+                handle: None,
+            };
+            spawn_source(&mut args, ctx.events);
+            slot.handle = args.handle;
+            slot.started = Instant::now();
+        }
     }
 }

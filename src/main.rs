@@ -175,7 +175,44 @@ fn status(l: &Loaded) -> Arc<Status> {
     ))
 }
 
-fn settings(l: &Loaded, status: Arc<Status>) -> DaemonSettings {
+/// SIGHUP: configuration and map read again; the sources they name, for the supervisor
+/// to reconcile. Keys other than the map's that changed take effect at the next
+/// restart, and are named.
+fn reloader(args: &Args, running: &Config) -> daemon::Reload {
+    let (args, running) = (args.clone(), running.clone());
+    Arc::new(move || {
+        let l = load(&args)?;
+        for w in &l.config.warnings {
+            warn!("{w}");
+        }
+        let (a, b) = (&running, &l.config);
+        let mut changed = Vec::new();
+        if a.server != b.server {
+            changed.push("[server]");
+        }
+        if a.logs != b.logs {
+            changed.push("[logs]");
+        }
+        if a.database != b.database {
+            changed.push("[database]");
+        }
+        let mut app = b.app.clone();
+        app.map_file = a.app.map_file.clone();
+        app.default_schema = a.app.default_schema.clone();
+        if a.app != app {
+            changed.push("[app] (other than map_file and default_schema)");
+        }
+        if !changed.is_empty() {
+            warn!(
+                "SIGHUP: changes to {} take effect at the next restart of the service",
+                changed.join(", ")
+            );
+        }
+        Ok(l.sources)
+    })
+}
+
+fn settings(l: &Loaded, status: Arc<Status>, reload: daemon::Reload) -> DaemonSettings {
     let mut dest = l.dest.to_postgres_config();
     dest.application_name(&l.config.server.name);
     DaemonSettings {
@@ -192,6 +229,7 @@ fn settings(l: &Loaded, status: Arc<Status>) -> DaemonSettings {
         sync_rate: l.config.app.sync_rate,
         sync_burst: l.config.app.sync_burst,
         status,
+        reload: Some(reload),
     }
 }
 
@@ -230,7 +268,7 @@ fn run(args: &Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let s = settings(&loaded, status);
+    let s = settings(&loaded, status, reloader(args, &loaded.config));
     let code = match daemon::run(&s, loaded.sources, &signals) {
         Ok(()) => {
             info!("stopped");

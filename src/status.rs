@@ -6,11 +6,11 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::change::Op;
 use crate::pg::Lsn;
@@ -188,6 +188,8 @@ pub struct SourceStatus {
     pub url: String,
     state: AtomicU8,
     since_ms: AtomicI64,
+    /// Removed from the map by a reload: no longer reported.
+    retired: AtomicBool,
     /// Highest WAL position the server told of (data or keepalive).
     received: AtomicU64,
     confirmed: AtomicU64,
@@ -218,6 +220,7 @@ impl SourceStatus {
             url: url.to_string(),
             state: AtomicU8::new(State::Starting as u8),
             since_ms: AtomicI64::new(now_ms()),
+            retired: AtomicBool::new(false),
             received: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),
             oldest_unconfirmed_ms: AtomicI64::new(0),
@@ -235,6 +238,12 @@ impl SourceStatus {
 
     pub fn label(&self) -> String {
         format!("{}/{}", self.database, self.sid)
+    }
+
+    /// Removed from the map: reported no more.
+    pub fn retire(&self) {
+        self.set_state(State::Stopped);
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     pub fn state(&self) -> State {
@@ -496,7 +505,8 @@ pub struct Status {
     pub version: &'static str,
     pub started_ms: i64,
     pub destination: String,
-    pub sources: Vec<Arc<SourceStatus>>,
+    /// By source id; a reload appends (ids are never reused) and retires.
+    sources: RwLock<Vec<Arc<SourceStatus>>>,
     pub writers: Vec<WriterStatus>,
     /// Anomalies by target table and kind (rare: a lock is fine).
     anomalies: Mutex<std::collections::BTreeMap<(String, Anomaly), u64>>,
@@ -514,12 +524,34 @@ impl Status {
             version: env!("CARGO_PKG_VERSION"),
             started_ms: now_ms(),
             destination: destination.to_string(),
-            sources,
+            sources: RwLock::new(sources),
             writers: (0..writers.max(1))
                 .map(|_| WriterStatus::default())
                 .collect(),
             anomalies: Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// The status of source `id`.
+    pub fn source(&self, id: usize) -> Option<Arc<SourceStatus>> {
+        self.sources.read().get(id).cloned()
+    }
+
+    /// A source added by a reload: its id.
+    pub fn add_source(&self, s: Arc<SourceStatus>) -> usize {
+        let mut v = self.sources.write();
+        v.push(s);
+        v.len() - 1
+    }
+
+    /// Sources not removed from the map, in id order.
+    pub fn live(&self) -> Vec<Arc<SourceStatus>> {
+        self.sources
+            .read()
+            .iter()
+            .filter(|s| !s.retired.load(Ordering::Relaxed))
+            .cloned()
+            .collect()
     }
 
     /// `n` changes to target `table` met `kind`.
@@ -533,7 +565,7 @@ impl Status {
 
     /// Why the daemon is not ready (empty: every source streams).
     pub fn not_ready(&self) -> Vec<String> {
-        self.sources
+        self.live()
             .iter()
             .filter(|s| s.state() != State::Streaming)
             .map(|s| {
@@ -572,7 +604,7 @@ impl Status {
             json_string(&self.destination),
             self.not_ready().is_empty()
         );
-        for (i, s) in self.sources.iter().enumerate() {
+        for (i, s) in self.live().iter().enumerate() {
             s.sample_lag(now_ms);
             if i > 0 {
                 o.push(',');
@@ -670,8 +702,8 @@ impl Status {
                 label_value(&s.sid)
             )
         };
-        let tables: Vec<(String, String, Arc<TableCounters>)> = self
-            .sources
+        let live = self.live();
+        let tables: Vec<(String, String, Arc<TableCounters>)> = live
             .iter()
             .flat_map(|s| {
                 let l = src_labels(s);
@@ -747,7 +779,7 @@ impl Status {
             "gauge",
             "Unix time of the last standby status exchanged with each source.",
         );
-        for s in &self.sources {
+        for s in &live {
             let _ = writeln!(
                 o,
                 "url_heartbeat{{{}}} {}",
@@ -761,7 +793,7 @@ impl Status {
             "gauge",
             "1 for each source's current state.",
         );
-        for s in &self.sources {
+        for s in &live {
             for st in State::ALL {
                 let _ = writeln!(
                     o,
@@ -813,7 +845,7 @@ impl Status {
         ];
         for (name, kind, text, f) in gauges {
             help(&mut o, name, kind, text);
-            for s in &self.sources {
+            for s in &live {
                 let _ = writeln!(o, "{name}{{{}}} {}", src_labels(s), f(s, now_ms));
             }
         }
@@ -1007,19 +1039,21 @@ mod tests {
             st.readiness_json(),
             "{\"ready\":false,\"reasons\":[\"source shop/eu\\\"1 is starting\"]}\n"
         );
-        st.sources[0].failed(ErrorClass::Transient, "source shop/eu\"1: connect: refused");
+        st.source(0)
+            .expect("source")
+            .failed(ErrorClass::Transient, "source shop/eu\"1: connect: refused");
         assert_eq!(
             st.not_ready(),
             vec!["source shop/eu\"1 is retrying: connect: refused".to_string()]
         );
-        st.sources[0].set_state(State::Streaming);
+        st.source(0).expect("source").set_state(State::Streaming);
         assert_eq!(st.readiness_json(), "{\"ready\":true,\"reasons\":[]}\n");
     }
 
     #[test]
     fn metrics_carry_the_go_names_and_escaped_labels() {
         let st = one_source();
-        let t = st.sources[0].table("public.orders");
+        let t = st.source(0).expect("source").table("public.orders");
         t.routed(Op::Insert);
         t.routed(Op::Insert);
         t.copied(10, 100);
@@ -1046,7 +1080,7 @@ mod tests {
     #[test]
     fn status_json_has_copy_progress_and_eta() {
         let st = one_source();
-        let t = st.sources[0].table("public.orders");
+        let t = st.source(0).expect("source").table("public.orders");
         t.copy_started("orders", 1000);
         t.copied(250, 4096);
         let j = st.to_json(now_ms() + 1000);

@@ -721,3 +721,167 @@ fn destination_outage_pauses_every_source_and_resumes() {
     assert_eq!(body, "{\"ready\":true,\"reasons\":[]}\n");
     d.stop_ok();
 }
+
+/// One `[[source]]` entry: database, its (url, sid) pairs, its tables.
+type Entry<'a> = (&'a str, Vec<(String, &'a str)>, &'a [&'a str]);
+
+/// A map of `[[source]]` entries.
+fn map_of(entries: &[Entry<'_>]) -> String {
+    let mut m = String::new();
+    for (database, urls, tables) in entries {
+        let urls: Vec<String> = urls
+            .iter()
+            .map(|(u, sid)| format!("{{ url = \"{u}\", sid = \"{sid}\" }}"))
+            .collect();
+        m.push_str(&format!(
+            "[[source]]\ndatabase = \"{database}\"\nurls = [ {} ]\n[source.tables]\n",
+            urls.join(", ")
+        ));
+        for t in *tables {
+            m.push_str(&format!("{t} = {{}}\n"));
+        }
+    }
+    m
+}
+
+#[test]
+fn sighup_reconciles_tables_and_sources_live() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let [fa, fb, fc, fd] = ["hupa", "hupb", "hupc", "hupd"].map(unique_name);
+    let [a, b, c, dd] = ["hupadb", "hupbdb", "hupcdb", "hupddb"].map(unique_name);
+    let db_dst = unique_name("hupdst");
+    let table = |name: &str| format!("CREATE TABLE {name} (id int PRIMARY KEY, v text)");
+    for (db, tables) in [
+        (&a, &["t1", "t2", "t3"][..]),
+        (&b, &["u"]),
+        (&c, &["w"]),
+        (&dd, &["x"]),
+    ] {
+        src.create_database(db);
+        let ddl: Vec<String> = tables.iter().map(|t| table(t)).collect();
+        src.execute(db, &format!("SET ROLE kuvasz; {}", ddl.join("; ")));
+        for t in tables {
+            src.execute(
+                db,
+                &format!("INSERT INTO {t} SELECT g, 'old' FROM generate_series(1, 5) g"),
+            );
+        }
+    }
+    dest.create_database(&db_dst);
+    let ddl: Vec<String> = ["t1", "t2", "t3", "u", "w", "x"]
+        .iter()
+        .map(|t| table(t))
+        .collect();
+    dest.execute(&db_dst, &format!("SET ROLE kuvasz; {}", ddl.join("; ")));
+    let before = map_of(&[
+        (&fa, vec![(src.url(&a), "1")], &["t1", "t2"]),
+        (&fb, vec![(src.url(&b), "1")], &["u"]),
+        (&fd, vec![(src.url(&dd), "1")], &["x"]),
+    ]);
+    let d = Daemon::start(&dest.url(&db_dst), &before, &[]);
+    d.wait_streaming(3);
+    let count = |t: &str| {
+        dest.query(&db_dst, &format!("SELECT count(*) FROM {t}"))[0][0]
+            .clone()
+            .unwrap_or_default()
+    };
+    for t in ["t1", "t2", "u", "x"] {
+        wait_for("copies", Duration::from_secs(30), || {
+            (count(t) == "5").then_some(())
+        });
+    }
+    assert_eq!(count("t3"), "0");
+    let slot = |f: &str| format!("kuvasz_{f}_1");
+    assert_eq!(streams_started(&d, &slot(&fb)), 1);
+
+    // A map that does not load is reported, and the running one kept.
+    std::fs::write(d.dir.join("map.toml"), "[[source]]\ndatabase = 3\n").expect("write map");
+    d.hup();
+    wait_for("the bad map reported", Duration::from_secs(30), || {
+        d.log()
+            .contains("the running configuration and map are kept")
+            .then_some(())
+    });
+    src.execute(&a, "INSERT INTO t1 VALUES (6, 'during')");
+    wait_for("t1 streams on", Duration::from_secs(30), || {
+        (count("t1") == "6").then_some(())
+    });
+
+    // t2 leaves the map, t3 joins it; source c is added, source d removed; b is untouched.
+    let after = map_of(&[
+        (&fa, vec![(src.url(&a), "1")], &["t1", "t3"]),
+        (&fb, vec![(src.url(&b), "1")], &["u"]),
+        (&fc, vec![(src.url(&c), "1")], &["w"]),
+    ]);
+    std::fs::write(d.dir.join("map.toml"), after).expect("write map");
+    d.hup();
+    wait_for("t3 copied", Duration::from_secs(60), || {
+        (count("t3") == "5").then_some(())
+    });
+    wait_for("w copied", Duration::from_secs(60), || {
+        (count("w") == "5").then_some(())
+    });
+    wait_for("d's slot dropped", Duration::from_secs(60), || {
+        let r = src.query(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+                slot(&fd)
+            ),
+        );
+        (r[0][0].as_deref() == Some("0")).then_some(())
+    });
+    assert_eq!(
+        src.query(&dd, "SELECT count(*) FROM pg_publication")[0][0].as_deref(),
+        Some("0"),
+        "d's publications are dropped"
+    );
+    assert_eq!(
+        src.query(&a, &format!(
+            "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'",
+            slot(&fa)
+        ))[0][0].as_deref(),
+        Some("t1,t3")
+    );
+    for (db, t) in [
+        (&a, "t1"),
+        (&a, "t2"),
+        (&a, "t3"),
+        (&b, "u"),
+        (&c, "w"),
+        (&dd, "x"),
+    ] {
+        src.execute(db, &format!("INSERT INTO {t} VALUES (100, 'new')"));
+    }
+    for (t, n) in [("t1", "7"), ("t3", "6"), ("u", "6"), ("w", "6")] {
+        wait_for("new rows", Duration::from_secs(30), || {
+            (count(t) == n).then_some(())
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        (count("t2"), count("x")),
+        ("5".to_string(), "5".to_string()),
+        "removed tables and sources no longer stream"
+    );
+    assert_eq!(
+        streams_started(&d, &slot(&fb)),
+        1,
+        "b was restarted:\n{}",
+        d.log()
+    );
+    let addr = http_address(&d);
+    let (_, status) = get(&addr, "/api/status");
+    assert!(
+        !status.contains(&slot(&fd)),
+        "a removed source is still reported: {status}"
+    );
+    assert!(status.contains(&slot(&fc)), "{status}");
+    let (code, body) = get(&addr, "/readyz");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "{\"ready\":true,\"reasons\":[]}\n")
+    );
+    d.stop_ok();
+}

@@ -7,26 +7,38 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::RwLock;
+
 use crate::change::SourceId;
 use crate::pg::Lsn;
 
 pub struct Progress {
-    /// acked[source][writer]
-    acked: Vec<Vec<AtomicU64>>,
+    /// acked[source][writer]; grows when a reload adds a source (ids are never reused).
+    acked: RwLock<Vec<Vec<AtomicU64>>>,
+    writers: usize,
 }
 
 impl Progress {
     pub fn new(sources: usize, writers: usize) -> Progress {
-        Progress {
-            acked: (0..sources)
-                .map(|_| (0..writers).map(|_| AtomicU64::new(0)).collect())
-                .collect(),
+        let p = Progress {
+            acked: RwLock::new(Vec::new()),
+            writers,
+        };
+        p.ensure(sources);
+        p
+    }
+
+    /// Makes room for sources `0..n`.
+    pub fn ensure(&self, n: usize) {
+        let mut acked = self.acked.write();
+        while acked.len() < n {
+            acked.push((0..self.writers).map(|_| AtomicU64::new(0)).collect());
         }
     }
 
     /// A writer has committed everything of `source` up to `lsn`.
     pub fn ack(&self, source: SourceId, writer: usize, lsn: Lsn) {
-        if let Some(slot) = self.acked.get(source).and_then(|w| w.get(writer)) {
+        if let Some(slot) = self.acked.read().get(source).and_then(|w| w.get(writer)) {
             slot.fetch_max(lsn.0, Ordering::AcqRel);
         }
     }
@@ -34,6 +46,7 @@ impl Progress {
     /// The LSN up to which every writer committed `source`'s changes.
     pub fn confirmable(&self, source: SourceId) -> Lsn {
         self.acked
+            .read()
             .get(source)
             .and_then(|w| w.iter().map(|a| a.load(Ordering::Acquire)).min())
             .map(Lsn)
@@ -57,5 +70,9 @@ mod tests {
         assert_eq!(p.confirmable(0), Lsn(7));
         assert_eq!(p.confirmable(1), Lsn(0));
         assert_eq!(p.confirmable(9), Lsn(0));
+        p.ensure(3);
+        p.ack(2, 0, Lsn(4));
+        assert_eq!(p.confirmable(2), Lsn(0));
+        assert_eq!(p.confirmable(0), Lsn(7));
     }
 }

@@ -69,9 +69,9 @@ pub enum RejectPolicy {
     Deadletter,
 }
 
-/// Names of the sources, indexed by `SourceId`, for reports.
+/// A source's names, for reports.
 #[derive(Clone, Debug)]
-pub struct SourceLabel {
+struct SourceLabel {
     pub name: String,
     pub sid: String,
 }
@@ -83,7 +83,6 @@ pub struct WriterSettings {
     pub schema: String,
     pub commit_delay: Duration,
     pub on_error: RejectPolicy,
-    pub sources: Arc<Vec<SourceLabel>>,
     pub progress: Arc<Progress>,
     pub inflight: Arc<Inflight>,
     /// Where commits and rejected rows are reported (see [`crate::status`]).
@@ -226,7 +225,6 @@ impl Writer {
                  SET enable_hashjoin = off; SET enable_mergejoin = off",
             )
             .map_err(conn)?;
-        let held = vec![false; settings.sources.len()];
         Ok(Writer {
             id,
             client,
@@ -246,7 +244,7 @@ impl Writer {
             prepared: HashMap::new(),
             copy_buf: Vec::new(),
             trim_due: false,
-            held,
+            held: Vec::new(),
         })
     }
 
@@ -904,17 +902,15 @@ impl Writer {
     }
 
     fn reject(&mut self, c: &Change, message: String) -> Result<(), WriterError> {
-        let label = self
-            .settings
-            .sources
-            .get(c.source)
-            .cloned()
-            .unwrap_or(SourceLabel {
-                name: format!("#{}", c.source),
-                sid: String::new(),
-            });
+        let status = self.settings.status.source(c.source);
+        let label = SourceLabel {
+            name: status
+                .as_ref()
+                .map_or_else(|| format!("#{}", c.source), |s| s.database.clone()),
+            sid: status.as_ref().map_or_else(String::new, |s| s.sid.clone()),
+        };
         let table = c.table.display();
-        if let Some(s) = self.settings.status.sources.get(c.source) {
+        if let Some(s) = status {
             s.rejected(crate::status::RejectedRow {
                 at_ms: crate::status::now_ms(),
                 table: table.clone(),
@@ -942,9 +938,10 @@ impl Writer {
                 };
                 let report = WriterError::Rejected(Box::new(r)).to_string();
                 crate::log_context::with_source(&label.name, &label.sid, || error!("{report}"));
-                if let Some(h) = self.held.get_mut(c.source) {
-                    *h = true;
+                if self.held.len() <= c.source {
+                    self.held.resize(c.source + 1, false);
                 }
+                self.held[c.source] = true;
                 self.markers.retain(|(s, _)| *s != c.source);
                 let _ = self.settings.rejections.send((c.source, report));
                 Ok(())

@@ -131,3 +131,50 @@ fn retire(slot: &str, family: &[&SourceSpec]) -> Result<bool, String> {
     }
     Ok(false)
 }
+
+/// Drops the slot and publications of `spec`, a source a reload removed, and its sync
+/// state on the destination. Its stream has just ended; the server may hold the slot
+/// for a moment longer, so a failure is tried again for a few seconds before it is
+/// logged with what to run by hand.
+pub fn retire_one(dest: &postgres::Config, dest_schema: &str, spec: &SourceSpec) {
+    let slot = spec.slot.as_str();
+    let mut attempt = 0;
+    let found = loop {
+        attempt += 1;
+        match retire(slot, &[spec]) {
+            Ok(found) => break found,
+            Err(_) if attempt < 10 => std::thread::sleep(std::time::Duration::from_millis(500)),
+            Err(e) => {
+                warn!(
+                    "source {}: cannot drop slot {slot}: {e}; drop it by hand with \
+                     SELECT pg_drop_replication_slot('{slot}') (and DROP PUBLICATION {})",
+                    spec.label(),
+                    ident(slot)
+                );
+                return;
+            }
+        }
+    };
+    if !found {
+        info!(
+            "source {}: slot {slot} was not on its server any more",
+            spec.label()
+        );
+    }
+    let cleared = dest.connect(NoTls).and_then(|mut c| {
+        c.execute(
+            &format!(
+                "DELETE FROM {} WHERE slot_name = $1",
+                qualified(dest_schema, SYNC_STATE_TABLE)
+            ),
+            &[&slot],
+        )
+    });
+    if let Err(e) = cleared {
+        warn!(
+            "source {}: cannot clear the sync state of slot {slot}: {}",
+            spec.label(),
+            describe(&e)
+        );
+    }
+}

@@ -118,6 +118,11 @@ impl Daemon {
         }
     }
 
+    /// SIGHUP: read configuration and map again.
+    pub fn hup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
     /// SIGTERM, then waits for exit; asserts a clean stop (status 0) within 30 s.
     /// Returns the directory so the same files can start it again.
     pub fn stop_ok(mut self) -> PathBuf {
