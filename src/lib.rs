@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod change;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod expr;

@@ -13,7 +13,6 @@ use kuvasz_streamer::http::Http;
 use kuvasz_streamer::log_context;
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
 use kuvasz_streamer::sequences::Outcome;
-use kuvasz_streamer::source::setup::{table_report, TableStatus};
 use kuvasz_streamer::source::SourceSpec;
 use kuvasz_streamer::status::{json_string, SourceStatus, Status};
 use log::{error, info, warn};
@@ -333,28 +332,8 @@ fn sequences(args: &Args, margin: i64) -> ExitCode {
     }
 }
 
-/// One line of `check` about a table, with what to change when something is wrong.
-fn describe_status(status: &TableStatus) -> String {
-    match status {
-        TableStatus::Ok { target } => format!("ok → {target}"),
-        TableStatus::InsertsOnly { target } => format!(
-            "→ {target}; warning: no primary key and no replica identity, so only INSERT and \
-             TRUNCATE are carried (publication <slot>_ins). Add a primary key, or ALTER TABLE … \
-             REPLICA IDENTITY FULL, to carry UPDATE and DELETE"
-        ),
-        TableStatus::Shared { target } => format!(
-            "→ {target}; warning: the target has no sid column and several URLs write into it: \
-             their keys must not collide, and their TRUNCATEs are not applied. Add a column sid \
-             text (and put it in the primary key) to keep them apart"
-        ),
-        TableStatus::Excluded { reason } => {
-            format!("NOT replicated: {reason}; fix it and restart the daemon")
-        }
-    }
-}
-
-/// Validates configuration and map, that every server answers, and how each mapped
-/// table would be replicated.
+/// Validates configuration and map, and probes every server for what the daemon needs
+/// of it: a report with what to change for each problem; exit 1 when there is one.
 fn check(args: &Args) -> ExitCode {
     let loaded = match load(args) {
         Ok(l) => l,
@@ -363,56 +342,14 @@ fn check(args: &Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut ok = true;
-    println!("configuration: ok ({} source URL(s))", loaded.sources.len());
-    let mut dest = match loaded.dest.to_postgres_config().connect(postgres::NoTls) {
-        Ok(c) => {
-            println!("destination {}: ok", loaded.dest.redacted());
-            Some(c)
-        }
-        Err(e) => {
-            ok = false;
-            println!(
-                "destination {}: {}",
-                loaded.dest.redacted(),
-                kuvasz_streamer::pg::describe(&e)
-            );
-            None
-        }
-    };
-    let schema = &loaded.config.database.schema;
-    for s in &loaded.sources {
-        let mut src = match s.conn.to_postgres_config().connect(postgres::NoTls) {
-            Ok(c) => {
-                println!("source {} ({}): ok", s.label(), s.conn.redacted());
-                c
-            }
-            Err(e) => {
-                ok = false;
-                println!(
-                    "source {} ({}): {}",
-                    s.label(),
-                    s.conn.redacted(),
-                    kuvasz_streamer::pg::describe(&e)
-                );
-                continue;
-            }
-        };
-        let Some(dest) = dest.as_mut() else { continue };
-        match table_report(s, schema, &mut src, dest) {
-            Ok(tables) => {
-                for (table, status) in tables {
-                    ok &= !matches!(status, TableStatus::Excluded { .. });
-                    println!("  table {table}: {}", describe_status(&status));
-                }
-            }
-            Err(e) => {
-                ok = false;
-                println!("  tables: {e}");
-            }
-        }
-    }
-    if ok {
+    let report = kuvasz_streamer::check::run(&kuvasz_streamer::check::CheckInput {
+        sources: &loaded.sources,
+        dest: &loaded.dest,
+        schema: &loaded.config.database.schema,
+        app_name: &loaded.config.server.name,
+    });
+    print!("{}", report.render());
+    if report.problems() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -246,7 +246,7 @@ fn keyless_table(version: u32) {
     let (code, report) = Daemon::check(&daemon.dir);
     assert_eq!(code, 0, "{report}");
     assert!(
-        report.contains("table public.events: → public.events; warning: no primary key")
+        report.contains("warning: table public.events → public.events: no primary key")
             && report.contains("only INSERT and"),
         "{report}"
     );
