@@ -10,9 +10,15 @@ if [ ! -x "$PGBIN/postgres" ]; then
   echo "== installing PostgreSQL 15"
   apt-get update -q && apt-get install -y -q postgresql-15 postgresql-client-15
 fi
-echo "== building kuvasz-streamer"
-cargo build --release -q
-BIN=$PWD/target/release/kuvasz-streamer
+# KVSZ_BIN: an already built binary (the test of this script passes its own).
+if [ -n "${KVSZ_BIN:-}" ]; then
+  BIN=$KVSZ_BIN
+else
+  echo "== building kuvasz-streamer"
+  cargo build --release -q
+  BIN=$PWD/target/release/kuvasz-streamer
+fi
+HTTP=127.0.0.1:${KVSZ_DEMO_HTTP_PORT:-8000}
 
 DIR=$(mktemp -d /tmp/kvsz-demo.XXXXXX)
 chmod 755 "$DIR"
@@ -63,6 +69,8 @@ MAP
 cat > "$DIR/kuvasz-streamer.toml" <<CONF
 [database]
 url = "postgres://postgres@127.0.0.1:$DST_PORT/warehouse"
+[server]
+address = "$HTTP"
 [app]
 map_file = "$DIR/map.toml"
 commit_delay = 0.5
@@ -91,6 +99,10 @@ for i in $(seq 1 10); do
 done
 sleep 2
 counts
+
+echo "== monitoring: http://$HTTP/ (status page), /readyz, /metrics, /api/status"
+echo "readyz: $(curl -s "http://$HTTP/readyz")"
+curl -s "http://$HTTP/metrics" | grep -E '^kuvasz_source_(state\{.*state="streaming"|lag_seconds)'
 
 echo "== stopping (SIGTERM): commits, confirms to the slots, exits 0"
 kill -TERM "$DAEMON"; wait "$DAEMON"; DAEMON=

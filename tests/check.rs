@@ -166,14 +166,12 @@ fn check_names_destination_problems_and_wrong_passwords() {
     let src = source(*support::versions().last().expect("a version"));
     let dest = destination();
     let family = unique_name("chkd");
-    let db = unique_name("chkdsrc");
-    let db_dst = unique_name("chkddst");
-    src.create_database(&db);
-    src.execute(&db, "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)");
-    dest.create_database(&db_dst);
-    dest.execute(
-        &db_dst,
-        "SET ROLE kuvasz; CREATE TABLE t (sid text, id int, PRIMARY KEY (sid, id))",
+    let (db, db_dst) = support::database_pair(
+        src,
+        dest,
+        "chkd",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        "CREATE TABLE t (sid text, id int, PRIMARY KEY (sid, id))",
     );
     let role = unique_name("kv_nocreate");
     dest.execute(
@@ -232,15 +230,8 @@ fn check_tells_this_daemon_from_another_consumer_of_the_slot() {
     let src = source(*support::versions().last().expect("a version"));
     let dest = destination();
     let family = unique_name("chka");
-    let db = unique_name("chkasrc");
-    let db_dst = unique_name("chkadst");
-    src.create_database(&db);
-    src.execute(&db, "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)");
-    dest.create_database(&db_dst);
-    dest.execute(
-        &db_dst,
-        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)",
-    );
+    let t = "CREATE TABLE t (id int PRIMARY KEY)";
+    let (db, db_dst) = support::database_pair(src, dest, "chka", t, t);
     let map = format!(
         "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n[source.tables]\nt = {{}}\n",
         src.url(&db)

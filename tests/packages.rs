@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{destination, source, unique_name};
+use support::{destination, source};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -169,15 +169,8 @@ fn deb_installs_runs_and_purges() {
     // The installed binary checks a throwaway pair of servers.
     let src = source(*support::versions().last().expect("a version"));
     let dest = destination();
-    let db = unique_name("pkg");
-    let db_dst = unique_name("pkgdst");
-    src.create_database(&db);
-    src.execute(&db, "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)");
-    dest.create_database(&db_dst);
-    dest.execute(
-        &db_dst,
-        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)",
-    );
+    let t = "CREATE TABLE t (id int PRIMARY KEY)";
+    let (db, db_dst) = support::database_pair(src, dest, "pkg", t, t);
     let dir = support::scratch_dir("pkg");
     std::fs::write(
         dir.join("map.toml"),

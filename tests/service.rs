@@ -255,13 +255,8 @@ fn one_table_daemon(
     dest: &support::Cluster,
     prefix: &str,
 ) -> (Daemon, String, String, String) {
-    let db = unique_name(prefix);
-    let db_dst = unique_name(&format!("{prefix}dst"));
-    let table = "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY)";
-    src.create_database(&db);
-    src.execute(&db, table);
-    dest.create_database(&db_dst);
-    dest.execute(&db_dst, table);
+    let table = "CREATE TABLE t (id int PRIMARY KEY)";
+    let (db, db_dst) = support::database_pair(src, dest, prefix, table, table);
     let map = format!(
         "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n[source.tables]\nt = {{}}\n",
         src.url(&db)

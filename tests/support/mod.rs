@@ -580,3 +580,21 @@ macro_rules! every_major {
         )*
     };
 }
+
+/// A fresh source database (named after `prefix`) with `src_sql` run in it as role
+/// kuvasz, and a fresh destination database with `dest_sql`: their names.
+pub fn database_pair(
+    src: &Cluster,
+    dest: &Cluster,
+    prefix: &str,
+    src_sql: &str,
+    dest_sql: &str,
+) -> (String, String) {
+    let db = unique_name(prefix);
+    let db_dst = unique_name(&format!("{prefix}dst"));
+    src.create_database(&db);
+    src.execute(&db, &format!("SET ROLE kuvasz; {src_sql}"));
+    dest.create_database(&db_dst);
+    dest.execute(&db_dst, &format!("SET ROLE kuvasz; {dest_sql}"));
+    (db, db_dst)
+}
