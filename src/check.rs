@@ -4,7 +4,9 @@
 //! The probes read catalogs; what they found is judged by pure functions (unit-tested)
 //! that turn facts into report lines.
 
-use postgres::{Client, NoTls};
+use postgres::Client;
+
+use crate::pg::connect::Endpoint;
 
 use crate::pg::describe;
 use crate::pg::quote::{ident, literal};
@@ -481,7 +483,7 @@ pub fn run(input: &CheckInput<'_>) -> Report {
         )),
     );
     let label = input.dest.redacted();
-    let mut dest = match input.dest.to_postgres_config().connect(NoTls) {
+    let mut dest = match Endpoint::new(input.dest.clone(), input.app_name).sql() {
         Ok(mut c) => {
             report.push(0, Line::Ok(format!("destination {label}: ok")));
             match probe_destination(&mut c, input.schema) {
@@ -500,7 +502,7 @@ pub fn run(input: &CheckInput<'_>) -> Report {
     };
     for s in input.sources {
         let head = format!("source {} ({})", s.label(), s.conn.redacted());
-        let mut src = match s.conn.to_postgres_config().connect(NoTls) {
+        let mut src = match s.endpoint(input.app_name).sql() {
             Ok(c) => {
                 report.push(0, Line::Ok(format!("{head}: ok")));
                 c

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::pg::connect::Endpoint;
 use crossbeam_channel::{bounded, unbounded, RecvTimeoutError, Sender};
 use log::{error, info, warn};
-use postgres::NoTls;
 
 use crate::apply::writer::RejectPolicy;
 use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
@@ -22,8 +22,7 @@ use crate::status::{ErrorClass, State, Status};
 #[derive(Clone)]
 pub struct DaemonSettings {
     pub app_name: String,
-    pub dest: postgres::Config,
-    pub dest_label: String,
+    pub dest: Endpoint,
     pub dest_schema: String,
     pub num_workers: usize,
     pub commit_delay: Duration,
@@ -115,10 +114,13 @@ fn sleep_unless(term: &AtomicBool, d: Duration) {
 
 /// Creates the daemon's own destination tables when missing.
 fn prepare_destination(s: &DaemonSettings) -> Result<(), String> {
-    let mut client = s
-        .dest
-        .connect(NoTls)
-        .map_err(|e| format!("connect to destination {}: {}", s.dest_label, describe(&e)))?;
+    let mut client = s.dest.sql().map_err(|e| {
+        format!(
+            "connect to destination {}: {}",
+            s.dest.redacted(),
+            describe(&e)
+        )
+    })?;
     let mut sql = format!(
         "CREATE TABLE IF NOT EXISTS {0} (slot_name text NOT NULL, source_table text NOT NULL, \
          target_table text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
@@ -214,8 +216,13 @@ pub fn run(
         }
         if !retired {
             retired = true;
-            match settings.dest.connect(NoTls) {
-                Ok(mut c) => source::retire::retire_removed(&mut c, &settings.dest_schema, &specs),
+            match settings.dest.sql() {
+                Ok(mut c) => source::retire::retire_removed(
+                    &mut c,
+                    &settings.dest_schema,
+                    &specs,
+                    &settings.app_name,
+                ),
                 Err(e) => warn!("cannot look for slots of removed URLs: {}", describe(&e)),
             }
         }

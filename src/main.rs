@@ -11,6 +11,7 @@ use kuvasz_streamer::daemon::{self, DaemonSettings, Signals};
 use kuvasz_streamer::expr::TableExprs;
 use kuvasz_streamer::http::Http;
 use kuvasz_streamer::log_context;
+use kuvasz_streamer::pg::connect::Endpoint;
 use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
 use kuvasz_streamer::sequences::Outcome;
 use kuvasz_streamer::source::SourceSpec;
@@ -212,12 +213,9 @@ fn reloader(args: &Args, running: &Config) -> daemon::Reload {
 }
 
 fn settings(l: &Loaded, status: Arc<Status>, reload: daemon::Reload) -> DaemonSettings {
-    let mut dest = l.dest.to_postgres_config();
-    dest.application_name(&l.config.server.name);
     DaemonSettings {
         app_name: l.config.server.name.clone(),
-        dest,
-        dest_label: l.dest.redacted(),
+        dest: Endpoint::new(l.dest.clone(), &l.config.server.name),
         dest_schema: l.config.database.schema.clone(),
         num_workers: l.config.app.num_workers,
         commit_delay: l.config.app.commit_delay,
@@ -292,7 +290,7 @@ fn sequences(args: &Args, margin: i64) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let dest = loaded.dest.to_postgres_config();
+    let dest = Endpoint::new(loaded.dest.clone(), &loaded.config.server.name);
     let report = match kuvasz_streamer::sequences::copy_sequences(
         &loaded.sources,
         &dest,

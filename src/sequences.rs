@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use postgres::{Client, NoTls};
+use postgres::Client;
+
+use crate::pg::connect::Endpoint;
 
 use crate::pg::catalog;
 use crate::pg::describe;
@@ -57,7 +59,7 @@ fn owned_sequences(
 /// Reads every source, then sets the destination sequences.
 pub fn copy_sequences(
     sources: &[SourceSpec],
-    dest: &postgres::Config,
+    dest: &Endpoint,
     dest_schema: &str,
     margin: i64,
 ) -> Result<Report, String> {
@@ -65,7 +67,7 @@ pub fn copy_sequences(
     // Destination sequence name → highest source value (None: never used anywhere).
     let mut wanted: BTreeMap<String, Option<i64>> = BTreeMap::new();
     for spec in sources {
-        let mut src = match spec.conn.to_postgres_config().connect(NoTls) {
+        let mut src = match spec.endpoint(&dest.application_name).sql() {
             Ok(c) => c,
             Err(e) => {
                 report.problems.push(format!(
@@ -107,7 +109,7 @@ pub fn copy_sequences(
         }
     }
     let mut client = dest
-        .connect(NoTls)
+        .sql()
         .map_err(|e| format!("connect to the destination: {}", describe(&e)))?;
     for (name, value) in wanted {
         let qualified = format!("{dest_schema}.{name}");

@@ -14,7 +14,6 @@ use postgres::Statement;
 
 use crate::change::{Change, SourceId, TargetTable, Value};
 use crate::pg::quote::{jsonb_object, literal, qualified};
-use crate::pg::session::open_destination;
 use crate::pg::{describe, Lsn};
 
 use super::batch::{Batch, Entry, Group, Net, MAX_COPY_BYTES, MAX_COPY_ROWS};
@@ -79,7 +78,7 @@ struct SourceLabel {
 /// Everything a writer needs besides its queue.
 #[derive(Clone)]
 pub struct WriterSettings {
-    pub dest: postgres::Config,
+    pub dest: crate::pg::connect::Endpoint,
     pub schema: String,
     pub commit_delay: Duration,
     pub on_error: RejectPolicy,
@@ -215,7 +214,7 @@ impl Writer {
         rx: Receiver<WriterMsg>,
     ) -> Result<Writer, WriterError> {
         let conn = |error| WriterError::Connection { writer: id, error };
-        let mut client = open_destination(&settings.dest).map_err(conn)?;
+        let mut client = settings.dest.destination().map_err(conn)?;
         // Every statement joins a batch of keys to a possibly huge target: nested loops over
         // the key index, never a hash join that scans the whole target per batch when the
         // planner's statistics lag behind a fast-growing table.

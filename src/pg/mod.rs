@@ -2,6 +2,7 @@
 //! replication protocol, the pgoutput decoder, catalog queries and LSNs.
 
 pub mod catalog;
+pub mod connect;
 pub mod conninfo;
 pub mod lsn;
 pub mod pgoutput;

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::warn;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use super::describe;
 
@@ -16,12 +16,11 @@ static REPLICA_ROLE_WARNED: AtomicBool = AtomicBool::new(false);
 /// Text styles the daemon's values are written in; the source side uses the same.
 pub const STYLES: &str = "SET DateStyle = ISO; SET IntervalStyle = postgres";
 
-/// Connects to the destination with the daemon's styles and, when the role may,
+/// Sets a destination session up with the daemon's styles and, when the role may,
 /// `session_replication_role = replica`, as PostgreSQL's own apply worker runs: a
 /// destination built from the source's schema (foreign keys, `last_update` triggers)
 /// then receives the source's values whatever order tables and writers commit in.
-pub fn open_destination(config: &postgres::Config) -> Result<Client, postgres::Error> {
-    let mut client = config.connect(NoTls)?;
+pub fn prepare_destination(client: &mut Client) -> Result<(), postgres::Error> {
     client.batch_execute(STYLES)?;
     if let Err(e) = client.batch_execute("SET session_replication_role = replica") {
         if !REPLICA_ROLE_WARNED.swap(true, Ordering::AcqRel) {
@@ -34,5 +33,5 @@ pub fn open_destination(config: &postgres::Config) -> Result<Client, postgres::E
             );
         }
     }
-    Ok(client)
+    Ok(())
 }

@@ -45,6 +45,11 @@ pub struct SourceSpec {
 }
 
 impl SourceSpec {
+    /// Where its sessions go, named `app_name`.
+    pub fn endpoint(&self, app_name: &str) -> crate::pg::connect::Endpoint {
+        crate::pg::connect::Endpoint::new(self.conn.clone(), app_name)
+    }
+
     /// `database/sid`, the name used in every message about this source.
     pub fn label(&self) -> String {
         format!("{}/{}", self.database, self.sid)
@@ -84,7 +89,7 @@ impl StopFlag {
 /// What a source thread shares with the rest of the daemon.
 #[derive(Clone)]
 pub struct SourceEnv {
-    pub dest: postgres::Config,
+    pub dest: crate::pg::connect::Endpoint,
     pub dest_schema: String,
     pub app_name: String,
     pub router: Router,

@@ -7,7 +7,9 @@
 use std::collections::BTreeSet;
 
 use log::{info, warn};
-use postgres::{Client, NoTls};
+use postgres::Client;
+
+use crate::pg::connect::Endpoint;
 
 use crate::pg::describe;
 use crate::pg::quote::{ident, qualified};
@@ -16,7 +18,12 @@ use super::{SourceSpec, SYNC_STATE_TABLE};
 
 /// Drops the slots (and publications) of removed URLs; every failure is logged, never
 /// fatal: the sources of the map come first.
-pub fn retire_removed(dest: &mut Client, dest_schema: &str, sources: &[SourceSpec]) {
+pub fn retire_removed(
+    dest: &mut Client,
+    dest_schema: &str,
+    sources: &[SourceSpec],
+    app_name: &str,
+) {
     let recorded: Vec<String> = match dest.query(
         &format!(
             "SELECT DISTINCT slot_name FROM {} ORDER BY 1",
@@ -50,7 +57,7 @@ pub fn retire_removed(dest: &mut Client, dest_schema: &str, sources: &[SourceSpe
         }
         // The state row stays until the slot is gone, so a slot left elsewhere is
         // reported at every start.
-        match retire(slot, &family) {
+        match retire(slot, &family, app_name) {
             Ok(true) => {}
             Ok(false) => {
                 warn!(
@@ -82,15 +89,15 @@ pub fn retire_removed(dest: &mut Client, dest_schema: &str, sources: &[SourceSpe
 }
 
 /// Looks for `slot` on each server of `family`; drops it there. `Ok(false)`: not found.
-fn retire(slot: &str, family: &[&SourceSpec]) -> Result<bool, String> {
+fn retire(slot: &str, family: &[&SourceSpec], app_name: &str) -> Result<bool, String> {
     let mut seen = BTreeSet::new();
     for spec in family {
         if !seen.insert((spec.conn.host.clone(), spec.conn.port)) {
             continue;
         }
-        let mut cfg = spec.conn.to_postgres_config();
-        let mut src = cfg
-            .connect(NoTls)
+        let endpoint = spec.endpoint(app_name);
+        let mut src = endpoint
+            .sql()
             .map_err(|e| format!("connect to {}: {}", spec.conn.redacted(), describe(&e)))?;
         let rows = src
             .query(
@@ -107,9 +114,9 @@ fn retire(slot: &str, family: &[&SourceSpec]) -> Result<bool, String> {
             ));
         }
         if let Some(db) = database {
-            let mut there = cfg
-                .dbname(&db)
-                .connect(NoTls)
+            let mut there = endpoint
+                .with_dbname(&db)
+                .sql()
                 .map_err(|e| format!("connect to database {db}: {}", describe(&e)))?;
             there
                 .batch_execute(&format!(
@@ -136,12 +143,12 @@ fn retire(slot: &str, family: &[&SourceSpec]) -> Result<bool, String> {
 /// state on the destination. Its stream has just ended; the server may hold the slot
 /// for a moment longer, so a failure is tried again for a few seconds before it is
 /// logged with what to run by hand.
-pub fn retire_one(dest: &postgres::Config, dest_schema: &str, spec: &SourceSpec) {
+pub fn retire_one(dest: &Endpoint, dest_schema: &str, spec: &SourceSpec) {
     let slot = spec.slot.as_str();
     let mut attempt = 0;
     let found = loop {
         attempt += 1;
-        match retire(slot, &[spec]) {
+        match retire(slot, &[spec], &dest.application_name) {
             Ok(found) => break found,
             Err(_) if attempt < 10 => std::thread::sleep(std::time::Duration::from_millis(500)),
             Err(e) => {
@@ -161,7 +168,7 @@ pub fn retire_one(dest: &postgres::Config, dest_schema: &str, spec: &SourceSpec)
             spec.label()
         );
     }
-    let cleared = dest.connect(NoTls).and_then(|mut c| {
+    let cleared = dest.sql().and_then(|mut c| {
         c.execute(
             &format!(
                 "DELETE FROM {} WHERE slot_name = $1",

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use log::{info, warn};
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use crate::apply::writer::RejectPolicy;
 use crate::config::{Mode, TableMap};
@@ -17,7 +17,6 @@ use crate::expr::{Kind, TableExprs};
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
-use crate::pg::session::open_destination;
 use crate::pg::Lsn;
 use crate::status::State;
 
@@ -135,9 +134,7 @@ fn prerequisite(spec: &SourceSpec, message: String) -> SourceError {
 
 /// Opens an ordinary SQL connection to the source.
 pub fn connect_source(spec: &SourceSpec, env: &SourceEnv) -> Result<Client, SourceError> {
-    let mut cfg = spec.conn.to_postgres_config();
-    cfg.application_name(&env.app_name);
-    cfg.connect(NoTls).map_err(sql_err(
+    spec.endpoint(&env.app_name).sql().map_err(sql_err(
         spec,
         format!("connect to {}", spec.conn.redacted()),
     ))
@@ -148,7 +145,7 @@ fn connect_replication(
     spec: &SourceSpec,
     env: &SourceEnv,
 ) -> Result<ReplicationConnection, SourceError> {
-    ReplicationConnection::connect(&spec.conn, &env.app_name).map_err(repl_err(
+    spec.endpoint(&env.app_name).replication().map_err(repl_err(
         spec,
         format!("replication connection to {}", spec.conn.redacted()),
     ))
@@ -156,7 +153,9 @@ fn connect_replication(
 
 /// Opens a destination connection (the same session settings as the writers').
 pub fn connect_dest(spec: &SourceSpec, env: &SourceEnv) -> Result<Client, SourceError> {
-    open_destination(&env.dest).map_err(sql_err(spec, "connect to the destination"))
+    env.dest
+        .destination()
+        .map_err(sql_err(spec, "connect to the destination"))
 }
 
 /// Checks what the server must offer before anything is created on it.

@@ -1,0 +1,59 @@
+//! The one place connections to PostgreSQL are opened: SQL sessions to a source or to
+//! the destination, destination sessions with the daemon's settings, and replication
+//! connections. Every session of an endpoint gets the same application_name (and, as
+//! TLS comes, the same TLS), whoever opens it.
+
+use postgres::{Client, NoTls};
+
+use super::conninfo::ConnInfo;
+use super::replication::{PgError, ReplicationConnection};
+use super::session;
+
+/// A server and database the daemon talks to, and the name its sessions carry.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub info: ConnInfo,
+    /// `application_name` of every session (`server.name`), so DBAs see them in
+    /// pg_stat_activity.
+    pub application_name: String,
+}
+
+impl Endpoint {
+    pub fn new(info: ConnInfo, application_name: &str) -> Endpoint {
+        Endpoint {
+            info,
+            application_name: application_name.to_string(),
+        }
+    }
+
+    /// The URL without its password, for every message about this endpoint.
+    pub fn redacted(&self) -> String {
+        self.info.redacted()
+    }
+
+    /// The same server, database `dbname`.
+    pub fn with_dbname(&self, dbname: &str) -> Endpoint {
+        let mut e = self.clone();
+        e.info.dbname = dbname.to_string();
+        e
+    }
+
+    /// A plain SQL session.
+    pub fn sql(&self) -> Result<Client, postgres::Error> {
+        let mut cfg = self.info.to_postgres_config();
+        cfg.application_name(&self.application_name);
+        cfg.connect(NoTls)
+    }
+
+    /// A session that writes target tables (see [`session::prepare_destination`]).
+    pub fn destination(&self) -> Result<Client, postgres::Error> {
+        let mut client = self.sql()?;
+        session::prepare_destination(&mut client)?;
+        Ok(client)
+    }
+
+    /// A walsender session (`replication=database`).
+    pub fn replication(&self) -> Result<ReplicationConnection, PgError> {
+        ReplicationConnection::connect(&self.info, &self.application_name)
+    }
+}
