@@ -260,15 +260,20 @@ pub fn judge_source(f: &SourceFacts, slot_name: &str, app_name: &str) -> Vec<Lin
     out
 }
 
+/// `server_version_num`, which decides the catalog columns to read.
+fn server_version(client: &mut Client) -> Result<i32, postgres::Error> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])?
+        .get(0))
+}
+
 /// Reads a source's facts (catalog queries only).
 pub fn probe_source(
     src: &mut Client,
     slot_name: &str,
     tables: &[String],
 ) -> Result<SourceFacts, postgres::Error> {
-    let version: i32 = src
-        .query_one("SELECT current_setting('server_version_num')::int", &[])?
-        .get(0);
+    let version = server_version(src)?;
     let level_sql = if version >= 190000 {
         "SELECT current_setting('effective_wal_level')"
     } else {
@@ -402,9 +407,7 @@ pub fn probe_destination(
     dest: &mut Client,
     schema: &str,
 ) -> Result<DestinationFacts, postgres::Error> {
-    let version: i32 = dest
-        .query_one("SELECT current_setting('server_version_num')::int", &[])?
-        .get(0);
+    let version = server_version(dest)?;
     let param = if version >= 150000 {
         "has_parameter_privilege('session_replication_role', 'SET')"
     } else {

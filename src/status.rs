@@ -441,8 +441,6 @@ pub struct WriterStatus {
     pub queued: AtomicU64,
     pub commits: AtomicU64,
     pub changes: AtomicU64,
-    /// Changes taken from the queue (the Go implementation's jobs per channel).
-    pub jobs: AtomicU64,
     last_commit_ms: AtomicI64,
     last_commit_micros: AtomicU64,
     pub batch_size: Histogram,
@@ -455,7 +453,6 @@ impl Default for WriterStatus {
             queued: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             changes: AtomicU64::new(0),
-            jobs: AtomicU64::new(0),
             last_commit_ms: AtomicI64::new(0),
             last_commit_micros: AtomicU64::new(0),
             batch_size: Histogram::new(BATCH_BUCKETS),
@@ -734,43 +731,37 @@ impl Status {
                 t.filtered.load(Ordering::Relaxed)
             );
         }
-        help(
-            &mut o,
-            "streamer_sync_total_rows",
-            "counter",
-            "Rows copied by initial syncs.",
-        );
-        for (l, table, t) in &tables {
-            let _ = writeln!(
-                o,
-                "streamer_sync_total_rows{{{l},table=\"{table}\"}} {}",
-                t.sync_rows.load(Ordering::Relaxed)
-            );
-        }
-        help(
-            &mut o,
-            "streamer_sync_total_bytes",
-            "counter",
-            "Bytes of COPY data read by initial syncs.",
-        );
-        for (l, table, t) in &tables {
-            let _ = writeln!(
-                o,
-                "streamer_sync_total_bytes{{{l},table=\"{table}\"}} {}",
-                t.sync_bytes.load(Ordering::Relaxed)
-            );
+        type Counter = fn(&TableCounters) -> &AtomicU64;
+        let sync: [(&str, &str, Counter); 2] = [
+            (
+                "streamer_sync_total_rows",
+                "Rows copied by initial syncs.",
+                |t| &t.sync_rows,
+            ),
+            (
+                "streamer_sync_total_bytes",
+                "Bytes of COPY data read by initial syncs.",
+                |t| &t.sync_bytes,
+            ),
+        ];
+        for (name, text, counter) in sync {
+            help(&mut o, name, "counter", text);
+            for (l, table, t) in &tables {
+                let n = counter(t).load(Ordering::Relaxed);
+                let _ = writeln!(o, "{name}{{{l},table=\"{table}\"}} {n}");
+            }
         }
         help(
             &mut o,
             "streamer_jobs_total",
             "counter",
-            "Changes taken by each writer from its queue.",
+            "Changes each writer took from its queue and committed.",
         );
         for (i, w) in self.writers.iter().enumerate() {
             let _ = writeln!(
                 o,
                 "streamer_jobs_total{{channel=\"writer-{i}\"}} {}",
-                w.jobs.load(Ordering::Relaxed)
+                w.changes.load(Ordering::Relaxed)
             );
         }
         help(
@@ -1065,7 +1056,7 @@ mod tests {
             "streamer_operations_total{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\",operation=\"insert\",result=\"ok\"} 2",
             "streamer_sync_total_rows{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\"} 10",
             "streamer_sync_total_bytes{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\"} 100",
-            "streamer_jobs_total{channel=\"writer-1\"} 0",
+            "streamer_jobs_total{channel=\"writer-1\"} 5",
             "kuvasz_source_state{database=\"shop\",sid=\"eu\\\"1\",state=\"starting\"} 1",
             "kuvasz_writer_batch_size_bucket{writer=\"1\",le=\"10\"} 1",
             "streamer_operations_seconds_bucket{writer=\"1\",le=\"0.005\"} 1",

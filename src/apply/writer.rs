@@ -305,9 +305,6 @@ impl Writer {
             match msg {
                 WriterMsg::Change { change, key } => {
                     self.settings.inflight.taken(self.id, change.byte_len());
-                    if let Some(w) = self.settings.status.writers.get(self.id) {
-                        w.jobs.fetch_add(1, Ordering::Relaxed);
-                    }
                     if Batch::is_barrier(&change) {
                         // Alone in its own transaction, after everything before it.
                         self.commit()?;
