@@ -22,8 +22,19 @@ HTTP=127.0.0.1:${KVSZ_DEMO_HTTP_PORT:-8000}
 
 DIR=$(mktemp -d /tmp/kvsz-demo.XXXXXX)
 chmod 755 "$DIR"
-SRC_PORT=54391
-DST_PORT=54392
+# Ports nothing listens on now (a fixed pair collides with a server left running by
+# an earlier, interrupted run); the range is below the kernel's ephemeral ports.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+  local p
+  while :; do
+    p=$(( 20000 + RANDOM % 10000 ))
+    listening "$p" || { echo "$p"; return; }
+  done
+}
+SRC_PORT=$(free_port)
+DST_PORT=$(free_port)
+while [ "$DST_PORT" = "$SRC_PORT" ]; do DST_PORT=$(free_port); done
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [ "$(id -u)" = 0 ] && chown postgres "$DIR"
 
@@ -37,8 +48,16 @@ trap cleanup EXIT
 for c in src dst; do
   as_pg "$PGBIN/initdb" -D "$DIR/$c" -A trust -U postgres --no-sync -E UTF8 --locale=C >/dev/null
 done
-as_pg "$PGBIN/pg_ctl" -D "$DIR/src" -l "$DIR/src.log" -w -o "-p $SRC_PORT -k $DIR -c wal_level=logical -c listen_addresses=127.0.0.1" start >/dev/null
-as_pg "$PGBIN/pg_ctl" -D "$DIR/dst" -l "$DIR/dst.log" -w -o "-p $DST_PORT -k $DIR -c listen_addresses=127.0.0.1" start >/dev/null
+start_server() { # name port extra-options
+  as_pg "$PGBIN/pg_ctl" -D "$DIR/$1" -l "$DIR/$1.log" -w \
+      -o "-p $2 -k $DIR -c listen_addresses=127.0.0.1 $3" start >/dev/null || {
+    echo "== the $1 server did not start; its log:" >&2
+    cat "$DIR/$1.log" >&2
+    exit 1
+  }
+}
+start_server src "$SRC_PORT" "-c wal_level=logical"
+start_server dst "$DST_PORT" ""
 
 psql_src() { psql -X -q -h 127.0.0.1 -p $SRC_PORT -U postgres "$@"; }
 psql_dst() { psql -X -q -h 127.0.0.1 -p $DST_PORT -U postgres "$@"; }
