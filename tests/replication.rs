@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use kuvasz_streamer::pg::connect::Endpoint;
 use kuvasz_streamer::pg::conninfo::ConnInfo;
 use kuvasz_streamer::pg::pgoutput::{
     Decoder, OldKind, OldTuple, PgOutput, RelColumn, Relation, Tuple, TupleValue,
@@ -33,7 +34,8 @@ fn rows(values: &[&[Option<&str>]]) -> Rows {
 
 fn connect(url: &str, application_name: &str) -> ReplicationConnection {
     let info = ConnInfo::parse(url).unwrap_or_else(|e| panic!("parse {url}: {e}"));
-    ReplicationConnection::connect(&info, application_name)
+    Endpoint::new(info.clone(), application_name)
+        .replication()
         .unwrap_or_else(|e| panic!("connect {url}: {e}"))
 }
 
@@ -278,7 +280,7 @@ fn authentication(version: u32) {
 
     for (role, method) in [("kuvasz", "SCRAM"), ("kv_md5", "MD5")] {
         let info = ConnInfo::parse(&c.url_as(role, WRONG_PASSWORD, &db)).unwrap();
-        let err = match ReplicationConnection::connect(&info, "kvsz-test") {
+        let err = match Endpoint::new(info.clone(), "kvsz-test").replication() {
             Ok(_) => panic!("{method}: {role} connected with a wrong password"),
             Err(e) => e,
         };
@@ -294,7 +296,7 @@ fn authentication(version: u32) {
         let mut info =
             ConnInfo::parse(&format!("postgres://{role}@127.0.0.1:{}/{db}", c.port)).unwrap();
         info.password = None;
-        match ReplicationConnection::connect(&info, "kvsz-test") {
+        match Endpoint::new(info.clone(), "kvsz-test").replication() {
             Err(PgError::Auth(_)) => {}
             Err(e) => panic!("{method} without password: expected an Auth error, got {e:?}"),
             Ok(_) => panic!("{method}: {role} connected without a password"),

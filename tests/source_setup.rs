@@ -8,8 +8,8 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
+use kuvasz_streamer::pg::connect::Endpoint;
 use kuvasz_streamer::pg::conninfo::ConnInfo;
-use kuvasz_streamer::pg::replication::ReplicationConnection;
 use kuvasz_streamer::pg::Lsn;
 use support::daemon::Daemon;
 use support::{destination, source, unique_name, wait_for, Cluster};
@@ -360,7 +360,9 @@ fn slot_in_use(version: u32) {
     f.create_publication_and_slot("items");
     // Another consumer holds the slot active for the whole test.
     let info = ConnInfo::parse(&src.url(&f.db)).expect("parse url");
-    let mut holder = ReplicationConnection::connect(&info, "other_consumer").expect("connect");
+    let mut holder = Endpoint::new(info.clone(), "other_consumer")
+        .replication()
+        .expect("connect");
     holder
         .start_replication(&f.slot, Lsn::ZERO, &[f.slot.as_str()], 1, false, false)
         .expect("START_REPLICATION");

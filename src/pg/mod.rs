@@ -10,6 +10,7 @@ pub mod quote;
 pub mod replication;
 pub mod session;
 pub mod timestamp;
+pub mod tls;
 
 pub use lsn::Lsn;
 
@@ -27,6 +28,16 @@ pub fn describe(e: &postgres::Error) -> String {
             }
             m
         }
-        None => conninfo::redact_url(&e.to_string()),
+        // Display says only "error connecting to server" and the like; the reason
+        // (refused, timed out, a certificate check) is in the source chain.
+        None => {
+            let mut m = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                m.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            conninfo::redact_url(&m)
+        }
     }
 }

@@ -14,10 +14,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::{backend, frontend};
 
 use super::conninfo::ConnInfo;
+use super::tls::{self, ChannelBindingMode, TlsSetup};
 use super::Lsn;
 
 /// Bytes asked of the kernel per read once the buffer runs low; big enough that a busy
@@ -93,6 +96,8 @@ pub enum PgError {
     },
     /// The server sent something unexpected or the connection is out of step.
     Protocol(String),
+    /// TLS could not be set up or negotiated as the connection's `ssl*` parameters ask.
+    Tls(String),
     Timeout,
 }
 
@@ -162,6 +167,7 @@ impl fmt::Display for PgError {
                 Ok(())
             }
             PgError::Protocol(m) => write!(f, "protocol error: {m}"),
+            PgError::Tls(m) => write!(f, "TLS: {m}"),
             PgError::Timeout => write!(f, "timed out waiting for the server"),
         }
     }
@@ -198,6 +204,7 @@ fn encode_error(e: io::Error) -> PgError {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Stream {
@@ -208,6 +215,7 @@ impl Stream {
         let fd = match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.sock.as_raw_fd(),
         };
         // SAFETY: a valid socket descriptor we own, and a pointer to an int of the size
         // given, as setsockopt(2) requires.
@@ -231,6 +239,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.sock.set_read_timeout(t),
         }
     }
 
@@ -238,6 +247,15 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.sock.set_write_timeout(t),
+        }
+    }
+
+    /// SCRAM's `tls-server-end-point` data of a TLS session with a certificate.
+    fn server_end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            Stream::Tls(s) => tls::server_end_point(s.conn.peer_certificates()?.first()?),
+            _ => None,
         }
     }
 }
@@ -247,6 +265,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -256,6 +275,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -263,6 +283,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }
@@ -358,18 +379,17 @@ pub struct ReplicationConnection {
 }
 
 impl ReplicationConnection {
-    /// Opens a walsender session. Refuses `sslmode=require` and stricter until TLS
-    /// exists, rather than silently sending the stream in clear text.
-    pub fn connect(info: &ConnInfo, application_name: &str) -> Result<Self, PgError> {
-        if let Some(mode @ ("require" | "verify-ca" | "verify-full")) = info.option("sslmode") {
-            return Err(PgError::Protocol(format!(
-                "sslmode={mode} is not supported on replication connections yet"
-            )));
-        }
+    /// Opens a walsender session, over TLS as `tls` says.
+    pub fn connect(
+        info: &ConnInfo,
+        application_name: &str,
+        tls: &TlsSetup,
+    ) -> Result<Self, PgError> {
         let timeout = info.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let deadline = Instant::now() + timeout;
         let stream = open_stream(info, deadline)?;
         stream.set_write_timeout(Some(timeout)).map_err(io_error)?;
+        let stream = negotiate_tls(stream, info, tls, deadline)?;
         let mut conn = ReplicationConnection {
             stream,
             inbuf: BytesMut::new(),
@@ -387,7 +407,7 @@ impl ReplicationConnection {
             broken: false,
             closed: false,
         };
-        if let Err(e) = conn.startup(info, application_name, deadline) {
+        if let Err(e) = conn.startup(info, application_name, tls.channel_binding, deadline) {
             return Err(match e {
                 PgError::Protocol(m) if conn.params.is_empty() => PgError::Protocol(format!(
                     "{m} (is {}:{} a PostgreSQL server?)",
@@ -407,6 +427,7 @@ impl ReplicationConnection {
         &mut self,
         info: &ConnInfo,
         application_name: &str,
+        channel_binding: ChannelBindingMode,
         deadline: Instant,
     ) -> Result<(), PgError> {
         let app = if application_name.is_empty() {
@@ -435,19 +456,38 @@ impl ReplicationConnection {
         self.send()?;
 
         let mut scram: Option<ScramSha256> = None;
+        // libpq's channel_binding=require: only SCRAM bound to this TLS session will do.
+        let mut bound = false;
+        let unbound = |how: &str| {
+            PgError::Auth(format!(
+                "channel_binding=require, but the server {how}; it binds SCRAM to TLS only \
+                 (sslmode=require or stricter, password_encryption=scram-sha-256)"
+            ))
+        };
         loop {
             let msg = match self.next_backend(Some(deadline))? {
                 Backend::Msg(m) => m,
                 Backend::CopyBoth => return Err(self.desync("CopyBothResponse during startup")),
             };
             match msg {
-                backend::Message::AuthenticationOk => break,
+                backend::Message::AuthenticationOk => {
+                    if channel_binding == ChannelBindingMode::Require && !bound {
+                        return Err(unbound("authenticated without channel binding"));
+                    }
+                    break;
+                }
                 backend::Message::AuthenticationCleartextPassword => {
+                    if channel_binding == ChannelBindingMode::Require {
+                        return Err(unbound("asks for a clear-text password"));
+                    }
                     let pw = password(info)?;
                     frontend::password_message(pw, &mut self.out).map_err(encode_error)?;
                     self.send()?;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
+                    if channel_binding == ChannelBindingMode::Require {
+                        return Err(unbound("asks for an MD5 password"));
+                    }
                     let pw = password(info)?;
                     let hash = md5_hash(info.user.as_bytes(), pw, body.salt());
                     frontend::password_message(hash.as_bytes(), &mut self.out)
@@ -460,14 +500,40 @@ impl ReplicationConnection {
                         .map(|m| Ok(m.to_string()))
                         .collect()
                         .map_err(|e| PgError::Protocol(format!("bad SASL mechanism list: {e}")))?;
-                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                    if !mechanisms
+                        .iter()
+                        .any(|m| m == SCRAM_SHA_256 || m == SCRAM_SHA_256_PLUS)
+                    {
                         return Err(PgError::Auth(format!(
                             "server offers SASL mechanisms {mechanisms:?}, none supported"
                         )));
                     }
                     let pw = password(info)?;
-                    let s = ScramSha256::new(pw, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.out)
+                    let end_point = match channel_binding {
+                        ChannelBindingMode::Disable => None,
+                        _ => self.stream.server_end_point(),
+                    };
+                    let plus = mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+                    // As libpq: bind when both sides can; say "could, but you did not
+                    // offer" when only we can, so a stripped offer is detected.
+                    let (mechanism, binding) = match end_point {
+                        Some(data) if plus => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(data),
+                        ),
+                        Some(_) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        None => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    };
+                    bound = mechanism == SCRAM_SHA_256_PLUS;
+                    if channel_binding == ChannelBindingMode::Require && !bound {
+                        return Err(unbound(if plus {
+                            "certificate gives no binding data"
+                        } else {
+                            "offers no SCRAM-SHA-256-PLUS"
+                        }));
+                    }
+                    let s = ScramSha256::new(pw, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)
                         .map_err(encode_error)?;
                     scram = Some(s);
                     self.send()?;
@@ -1044,7 +1110,11 @@ impl ReplicationConnection {
     }
 
     fn write_out(&mut self) -> io::Result<()> {
-        let result = self.stream.write_all(&self.out);
+        // flush: a TLS stream may keep records back until asked (a no-op on plain sockets).
+        let result = self
+            .stream
+            .write_all(&self.out)
+            .and_then(|()| self.stream.flush());
         self.out.clear();
         result
     }
@@ -1069,6 +1139,83 @@ fn password(info: &ConnInfo) -> Result<&[u8], PgError> {
     info.password.as_deref().map(str::as_bytes).ok_or_else(|| {
         PgError::Auth("the server asks for a password but none is configured".into())
     })
+}
+
+/// Time left until `deadline`, or a timeout error.
+fn remaining(deadline: Instant) -> Result<Duration, PgError> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(PgError::Timeout)
+}
+
+/// Turns a plain TCP stream into a TLS one as `tls` asks: SSLRequest first (unless
+/// `sslnegotiation=direct`), plain text on refusal where the mode allows it, then the
+/// handshake, certificate checks included, before `deadline`.
+fn negotiate_tls(
+    stream: Stream,
+    info: &ConnInfo,
+    tls: &TlsSetup,
+    deadline: Instant,
+) -> Result<Stream, PgError> {
+    let Some(config) = tls.client_config() else {
+        return Ok(stream);
+    };
+    // PostgreSQL speaks no TLS on Unix sockets.
+    let mut tcp = match stream {
+        Stream::Tcp(tcp) => tcp,
+        other => return Ok(other),
+    };
+    let place = format!("{}:{}", info.host, info.port);
+    if !tls.direct {
+        let mut request = BytesMut::new();
+        frontend::ssl_request(&mut request);
+        tcp.set_read_timeout(Some(remaining(deadline)?))
+            .map_err(io_error)?;
+        tcp.write_all(&request).map_err(io_error)?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).map_err(io_error)?;
+        match answer[0] {
+            b'S' => {}
+            b'N' if !tls.mode.requires_tls() => return Ok(Stream::Tcp(tcp)),
+            b'N' => {
+                return Err(PgError::Tls(format!(
+                    "{place} does not accept TLS connections (sslmode={}): set ssl = on \
+                     on the server, or lower sslmode",
+                    tls.mode.as_str()
+                )))
+            }
+            other => {
+                return Err(PgError::Protocol(format!(
+                    "unexpected answer {other:#04x} to SSLRequest (is {place} a PostgreSQL \
+                     server?)"
+                )))
+            }
+        }
+    }
+    let name = rustls::pki_types::ServerName::try_from(info.host.clone()).map_err(|e| {
+        PgError::Tls(format!(
+            "host {:?} cannot be checked against a certificate: {e}",
+            info.host
+        ))
+    })?;
+    let mut conn = rustls::ClientConnection::new(config.clone(), name)
+        .map_err(|e| PgError::Tls(format!("{place}: {e}")))?;
+    while conn.is_handshaking() {
+        tcp.set_read_timeout(Some(remaining(deadline)?))
+            .map_err(io_error)?;
+        if let Err(e) = conn.complete_io(&mut tcp) {
+            return Err(if is_timeout(&e) {
+                PgError::Timeout
+            } else {
+                PgError::Tls(format!(
+                    "handshake with {place} failed (sslmode={}): {e}",
+                    tls.mode.as_str()
+                ))
+            });
+        }
+    }
+    Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))))
 }
 
 fn open_stream(info: &ConnInfo, deadline: Instant) -> Result<Stream, PgError> {

@@ -290,6 +290,15 @@ impl Cluster {
             .collect()
     }
 
+    /// Writes `name` into the data directory as the server's own file with `mode` (a
+    /// certificate, a key, pg_hba.conf). Only for clusters the test owns.
+    pub fn write_data_file(&self, name: &str, contents: &[u8], mode: u32) {
+        let path = self.data_dir.join(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        process::give_to_server_user(&path);
+    }
+
     /// Stops the server (fast shutdown). Only for clusters the test owns.
     pub fn stop(&self) {
         let mut server = self.server.lock().unwrap_or_else(|e| e.into_inner());
