@@ -403,7 +403,8 @@ fn servers_without_tls() {
 
 /// The daemon copies and streams with every session on TLS: the source as `kuvasz`
 /// (verify-full, channel binding required), the destination as `kv_cert` by client
-/// certificate; `check` passes over the same URLs.
+/// certificate; `check` passes over the same URLs. The stream carries a 13 MB
+/// transaction, so messages span many TLS records.
 #[test]
 fn daemon_streams_over_tls_only() {
     let (cluster, certs) = server();
@@ -436,7 +437,8 @@ fn daemon_streams_over_tls_only() {
         &src_db,
         "INSERT INTO items VALUES (4, 'streamed');
          UPDATE items SET v = 'updated' WHERE id = 1;
-         DELETE FROM items WHERE id = 2;",
+         DELETE FROM items WHERE id = 2;
+         INSERT INTO items SELECT g, repeat(md5(g::text), 20) FROM generate_series(10, 20009) g;",
     );
     converge(
         "items over TLS",
