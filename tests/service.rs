@@ -180,6 +180,30 @@ fn endpoints_while_a_source_is_down_and_after_it_returns() {
         assert!(metrics.lines().any(|l| l == name), "{name} in\n{metrics}");
     }
     assert!(!metrics.contains("kuvasz:kuvasz@"));
+    // README's example alert rules select series this daemon exports: the lag of every
+    // source, and the retrying state b is in now.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let selectors: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr: ")?.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        selectors,
+        [
+            "kuvasz_source_lag_seconds",
+            "kuvasz_source_state{state=\"retrying\"}"
+        ]
+    );
+    for selector in selectors {
+        let (name, matcher) = selector.split_once('{').unwrap_or((selector, "}"));
+        let matcher = matcher.trim_end_matches('}');
+        assert!(
+            metrics.lines().any(|l| l.starts_with(&format!("{name}{{"))
+                && (matcher.is_empty() || l.contains(matcher) && l.ends_with(" 1"))),
+            "README's alert selector {selector} matches nothing in\n{metrics}"
+        );
+    }
     // README's monitoring commands, on this daemon's address.
     let sh = |cmd: String| {
         let out = std::process::Command::new("bash")
@@ -907,6 +931,74 @@ fn sighup_reconciles_tables_and_sources_live() {
     assert_eq!(
         (code, body.as_str()),
         (200, "{\"ready\":true,\"reasons\":[]}\n")
+    );
+    d.stop_ok();
+}
+
+/// `kuvasz_anomalies_total` counts what applying the changes one by one would find:
+/// keys inserted and deleted within one batch are no anomaly (they were counted as
+/// deletes of missing rows when the batch reduced each key to its net effect), a delete
+/// of a row the destination lost is one, and so is an insert of a key it already has.
+#[test]
+fn anomalies_count_what_one_by_one_apply_would_find() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let (d, addr, db, db_dst) = one_table_daemon(src, dest, "anomaly");
+    d.wait_streaming(1);
+    // Everything the source wrote so far is committed on the destination and confirmed:
+    // then the metrics are final.
+    let settled = || {
+        let lsn = src.query(&db, "SELECT (pg_current_wal_insert_lsn() - '0/0')::text")[0][0]
+            .clone()
+            .expect("an LSN");
+        let lsn: u64 = lsn.parse().expect("a number");
+        wait_for(
+            "the destination to confirm",
+            Duration::from_secs(30),
+            || {
+                let (_, metrics) = get(&addr, "/metrics");
+                let confirmed: u64 = metric(
+                    &metrics,
+                    &format!("kuvasz_source_confirmed_lsn{{database=\"{db}\",sid=\"1\"}}"),
+                )?
+                .parse()
+                .ok()?;
+                (confirmed >= lsn).then_some(())
+            },
+        );
+        let (_, metrics) = get(&addr, "/metrics");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("kuvasz_anomalies_total{"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    src.execute(&db, "INSERT INTO t SELECT generate_series(1, 10)");
+    // Rows born and gone in one transaction, and in two (one batch: commit_delay 0.2 s).
+    src.execute(
+        &db,
+        "BEGIN; INSERT INTO t SELECT generate_series(100, 149);
+         DELETE FROM t WHERE id BETWEEN 100 AND 149; COMMIT;
+         INSERT INTO t SELECT generate_series(200, 229);
+         DELETE FROM t WHERE id BETWEEN 200 AND 229;",
+    );
+    assert_eq!(settled(), Vec::<String>::new(), "no anomaly yet");
+    // The destination loses rows 1 and 2 and gains row 300; the source then deletes
+    // 1 and 2 and inserts 300.
+    dest.execute(
+        &db_dst,
+        "DELETE FROM t WHERE id IN (1, 2); INSERT INTO t VALUES (300)",
+    );
+    src.execute(
+        &db,
+        "DELETE FROM t WHERE id IN (1, 2); INSERT INTO t VALUES (300)",
+    );
+    assert_eq!(
+        settled(),
+        [
+            "kuvasz_anomalies_total{table=\"public.t\",kind=\"insert_found_row\"} 1",
+            "kuvasz_anomalies_total{table=\"public.t\",kind=\"delete_missed_row\"} 2",
+        ]
     );
     d.stop_ok();
 }

@@ -59,7 +59,9 @@ pub struct Entry {
     pub change: Change,
     pub net: Net,
     /// The key's first change in this batch was an INSERT: as far as the source knows,
-    /// the row does not exist yet, so it may be copied straight into the target.
+    /// the row does not exist before the batch, so an upsert may be copied straight
+    /// into the target, and a delete that finds nothing is what applying the changes
+    /// one by one would have found too (no anomaly).
     pub fresh: bool,
     /// Fingerprint of (sid, key).
     pub key: u64,
@@ -269,9 +271,15 @@ fn merge(e: &mut Entry, c: Change) {
             );
         }
         // A whole row or a delete replaces whatever came before; a row that was inserted
-        // in this batch stays fresh through its updates.
+        // in this batch stays fresh through its updates and its delete.
         (prev, next) => {
-            e.fresh = e.fresh && prev == Net::Upsert && next == Net::Upsert && c.op != Op::Insert;
+            e.fresh = e.fresh
+                && prev == Net::Upsert
+                && match next {
+                    Net::Upsert => c.op != Op::Insert,
+                    Net::Delete => true,
+                    _ => false,
+                };
             e.net = next;
             e.change = c;
         }
@@ -402,7 +410,7 @@ mod tests {
                     true,
                     vec![Value::Text("1"), Value::Text("b")]
                 ),
-                ("2".into(), Net::Delete, false, vec![]),
+                ("2".into(), Net::Delete, true, vec![]),
                 (
                     "3".into(),
                     Net::Upsert,

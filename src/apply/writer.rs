@@ -466,7 +466,7 @@ impl Writer {
             let pick = |net| g.entries.iter().filter(move |e: &&Entry| e.net == net);
             let deletes: Vec<&Entry> = pick(Net::Delete).collect();
             if !deletes.is_empty() {
-                let n = deletes.len();
+                let n = expected_deletes(deletes.iter().copied());
                 let table = table.clone();
                 add(
                     sql::delete_literal(&g.table, &deletes),
@@ -824,11 +824,12 @@ impl Writer {
         let name = table.display();
         let deletes = entries.iter().filter(|e| e.net == Net::Delete).count();
         if deletes > 0 {
+            let expected = expected_deletes(entries.iter().filter(|e| e.net == Net::Delete));
             let stmt = self
                 .statement(sql::delete_staged(table, &stage))
                 .map_err(&fail)?;
             let deleted = self.client.execute(&stmt, &[]).map_err(&fail)? as usize;
-            log_deleted(&self.settings.status, &name, deletes, deleted);
+            log_deleted(&self.settings.status, &name, expected, deleted);
         }
         let upserts: Vec<&Entry> = entries
             .iter()
@@ -987,7 +988,14 @@ fn log_upserted(status: &Status, table: &str, fresh: usize, inserted: usize) {
     }
 }
 
-/// Logs deletes of keys that were missing.
+/// How many of these delete entries must find a row: not those of keys inserted
+/// earlier in the batch (fresh), which existed only inside it. A fresh delete that does
+/// find a row (its INSERT met an existing key) may hide one missed row of the others.
+fn expected_deletes<'a>(deletes: impl Iterator<Item = &'a Entry>) -> usize {
+    deletes.filter(|e| !e.fresh).count()
+}
+
+/// Logs deletes of keys that were missing: `deletes` rows had to be found.
 fn log_deleted(status: &Status, table: &str, deletes: usize, deleted: usize) {
     if deleted < deletes {
         let n = deletes - deleted;
