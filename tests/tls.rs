@@ -478,3 +478,24 @@ fn daemon_streams_over_tls_only() {
     assert_eq!(code, 0, "check over TLS:\n{report}");
     assert!(report.lines().any(|l| l == "all checks passed"), "{report}");
 }
+
+/// A walsender session over TLS waits for a command as long as it takes: the
+/// handshake's read timeouts (within `connect_timeout`) do not stay on the socket.
+#[test]
+fn tls_replication_session_waits_past_the_connect_timeout() {
+    let (cluster, _) = server();
+    let url = format!(
+        "postgres://kuvasz:kuvasz@127.0.0.1:{}/postgres?sslmode=require&connect_timeout=2",
+        cluster.port
+    );
+    let mut conn = endpoint(&url, "tls-slow")
+        .replication()
+        .expect("a TLS walsender session");
+    let rows = conn
+        .simple_query("SELECT pg_sleep(3), 'slept'")
+        .expect("a 3 s command on a session with connect_timeout=2");
+    assert_eq!(
+        rows,
+        vec![vec![Some(String::new()), Some("slept".to_string())]]
+    );
+}

@@ -1250,10 +1250,7 @@ fn open_stream(info: &ConnInfo, deadline: Instant) -> Result<Stream, PgError> {
         format!("{place}: no addresses"),
     ));
     for addr in addrs {
-        let rest = deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or(PgError::Timeout)?;
+        let rest = remaining(deadline)?;
         match TcpStream::connect_timeout(&addr, rest) {
             Ok(s) => {
                 s.set_nodelay(true).map_err(io_error)?;
