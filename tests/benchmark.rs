@@ -1529,6 +1529,34 @@ fn configure_destination(dest: &Cluster) {
 #[test]
 #[ignore = "benchmark: run explicitly (see README)"]
 fn phases_vs_native_logical_replication() {
+    run();
+}
+
+/// README's quick check of the benchmark itself, with the settings README gives: every
+/// phase on small backlogs, both contenders caught up and compared. It keeps the
+/// benchmark (and README's command) working; its figures mean nothing.
+#[test]
+fn quick_check_as_readme_shows() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let lines: Vec<&str> = readme.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("KVSZ_BENCH_ROWS="))
+        .expect("README's quick check");
+    assert_eq!(
+        lines[at + 1].trim(),
+        "cargo test --release --test benchmark -- --ignored --nocapture"
+    );
+    for setting in lines[at].trim_end_matches('\\').split_whitespace() {
+        let (name, value) = setting.split_once('=').expect("NAME=value");
+        // Only this test runs in this process (the full benchmark is ignored).
+        std::env::set_var(name, value);
+    }
+    run();
+}
+
+fn run() {
     let version: u32 = env_or("KVSZ_BENCH_SOURCE", 15);
     install_postgres(version);
     // Start only the source being measured: the others would take CPU while it runs.
