@@ -268,7 +268,7 @@ impl TlsSetup {
                 .map(|h| h.join(".postgresql/root.crt"))
                 .filter(|p| p.exists()),
         };
-        let verifier: Arc<dyn ServerCertVerifier> = match roots {
+        let chain = match roots {
             Some(path) => {
                 let store = root_store(&path, root_param.is_some())?;
                 let mut builder =
@@ -277,18 +277,18 @@ impl TlsSetup {
                 if !crls.is_empty() {
                     builder = builder.with_crls(crls);
                 }
-                let webpki = builder.build().map_err(|e| {
+                Some(builder.build().map_err(|e| {
                     TlsError::Rustls(rustls::Error::General(format!("root certificates: {e}")))
-                })?;
-                if mode == SslMode::VerifyFull {
-                    webpki
-                } else {
-                    Arc::new(ChainOnly(webpki))
-                }
+                })?)
             }
             None if mode >= SslMode::VerifyCa => return Err(TlsError::NoRootCertificate(mode)),
-            None => Arc::new(AnyCertificate(provider.clone())),
+            None => None,
         };
+        let verifier = Arc::new(ModeVerifier {
+            provider: provider.clone(),
+            chain,
+            check_name: mode == SslMode::VerifyFull,
+        });
 
         let versions = protocol_versions(info)?;
         let builder = ClientConfig::builder_with_provider(provider)
@@ -531,63 +531,19 @@ fn client_certificate(
     Ok(Some((certs, key)))
 }
 
-/// `require` (and weaker) without a root certificate: any server certificate is taken,
-/// as libpq does, but the handshake's signatures are still checked, so the session is
-/// encrypted to whoever holds that certificate's key.
+/// Checks the server's certificate as the mode asks. Without a root certificate
+/// (`require` and weaker), any certificate is taken, as libpq does; with one, its chain
+/// must lead there, and under `verify-full` it must name the host. The handshake's
+/// signatures are checked in every case, so the session is encrypted to whoever holds
+/// the certificate's key.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct ModeVerifier {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    check_name: bool,
 }
 
-/// `verify-ca`: the chain must lead to a trusted root, whatever name the certificate
-/// carries.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for ModeVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -596,14 +552,14 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
         // webpki checks the name last, after the chain and revocation.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
@@ -614,7 +570,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -623,11 +580,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
