@@ -1,5 +1,7 @@
-//! Crash safety: SIGKILL the daemon while a workload runs, start it again, and the
-//! destination ends equal to the source for every sid.
+//! Crash safety and clean stops: SIGKILL the daemon while a workload runs, or stop it
+//! with SIGTERM/SIGINT while it applies a backlog (a clean stop within 10 s, what was
+//! applied confirmed), start it again, and the destination ends equal to the source for
+//! every sid.
 
 mod support;
 
@@ -10,7 +12,16 @@ use std::time::Duration;
 use support::daemon::Daemon;
 use support::{destination, source, unique_name, wait_for};
 
-fn killed_during_workload(version: u32) {
+/// How the daemon is stopped between its runs.
+#[derive(Clone, Copy)]
+enum Stop {
+    Kill,
+    /// SIGTERM and SIGINT in turn, each while a 100,000-row transaction is being
+    /// applied.
+    Signals,
+}
+
+fn stopped_during_workload(version: u32, how: Stop) {
     let src = source(version);
     let dest = destination();
     let family = unique_name("crash");
@@ -69,14 +80,37 @@ fn killed_during_workload(version: u32) {
         .collect();
 
     let mut daemon = Daemon::start(&dest.url(&db_dst), &map, &[]);
-    for pause in [2500u64, 1200, 3000, 700] {
+    for (n, pause) in [2500u64, 1200, 3000, 700].into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(pause));
         assert!(
             daemon.running(),
             "daemon died on its own:\n{}",
             daemon.log()
         );
-        let dir = daemon.kill();
+        let dir = match how {
+            Stop::Kill => daemon.kill(),
+            Stop::Signals => {
+                // A backlog being applied when the signal comes.
+                src.execute(
+                    &dbs[n % 2],
+                    &format!(
+                        "INSERT INTO acct SELECT g, g, 'bulk' FROM generate_series({0}, {0} + 99999) g",
+                        1_000_000 * (n + 1)
+                    ),
+                );
+                std::thread::sleep(Duration::from_millis(300));
+                let sig = [libc::SIGTERM, libc::SIGINT][n % 2];
+                let stops = daemon.log().matches("kuvasz-streamer: stopped").count();
+                let dir = daemon.stop_by(sig, Duration::from_secs(10));
+                let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+                assert_eq!(
+                    log.matches("kuvasz-streamer: stopped").count(),
+                    stops + 1,
+                    "signal {sig}: no clean stop logged:\n{log}"
+                );
+                dir
+            }
+        };
         daemon = Daemon::spawn(dir);
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -110,10 +144,15 @@ fn killed_during_workload(version: u32) {
 
 #[test]
 fn sigkill_during_workload_pg12() {
-    killed_during_workload(12);
+    stopped_during_workload(12, Stop::Kill);
 }
 
 #[test]
 fn sigkill_during_workload_pg18() {
-    killed_during_workload(18);
+    stopped_during_workload(18, Stop::Kill);
+}
+
+#[test]
+fn sigterm_and_sigint_during_workload_pg15() {
+    stopped_during_workload(15, Stop::Signals);
 }

@@ -125,10 +125,16 @@ impl Daemon {
 
     /// SIGTERM, then waits for exit; asserts a clean stop (status 0) within 30 s.
     /// Returns the directory so the same files can start it again.
-    pub fn stop_ok(mut self) -> PathBuf {
-        self.signal(libc::SIGTERM);
+    pub fn stop_ok(self) -> PathBuf {
+        self.stop_by(libc::SIGTERM, Duration::from_secs(30))
+    }
+
+    /// Sends `sig` (SIGTERM or SIGINT) and asserts a clean stop (status 0) within
+    /// `within`. Returns the directory so the same files can start it again.
+    pub fn stop_by(mut self, sig: i32, within: Duration) -> PathBuf {
+        self.signal(sig);
         let mut child = self.child.take().expect("running");
-        let until = Instant::now() + Duration::from_secs(30);
+        let until = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 assert!(
@@ -141,7 +147,7 @@ impl Daemon {
             if Instant::now() > until {
                 let _ = child.kill();
                 panic!(
-                    "daemon did not stop within 30 s of SIGTERM; log:\n{}",
+                    "daemon did not stop within {within:?} of signal {sig}; log:\n{}",
                     self.log()
                 );
             }
