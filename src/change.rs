@@ -65,6 +65,14 @@ pub struct TargetTable {
     /// History (SCD2) mode: every change adds or closes a version (`kvsz_start`,
     /// `kvsz_end`, `kvsz_deleted`) instead of changing the row.
     pub history: bool,
+    /// Some key column's equality on the destination is looser than its text (citext,
+    /// numeric, a nondeterministic collation…): changes whose key texts differ may touch
+    /// one row, so no fingerprint of the text can keep them apart. Such a target gets all
+    /// its changes on one writer, applied in source order, like a `serial` one.
+    pub loose_key: bool,
+    /// Some key column is of a composite type: it cannot be compared with an untyped
+    /// literal, so its changes always go through the typed stages.
+    pub composite_key: bool,
 }
 
 impl TargetTable {
@@ -84,6 +92,8 @@ impl TargetTable {
             && self.serial == other.serial
             && self.full_identity == other.full_identity
             && self.history == other.history
+            && self.loose_key == other.loose_key
+            && self.composite_key == other.composite_key
             && self.sid.is_some() == other.sid.is_some()
     }
 }
@@ -339,6 +349,21 @@ impl Change {
     /// FNV-1a over the key values, continuing from `seed`: stable across runs and Rust
     /// versions (routing must be deterministic), cheap on the hot path.
     pub fn key_hash(&self, seed: u64) -> u64 {
+        self.hash_key_values(seed, |n| self.key_value(n))
+    }
+
+    /// [`Change::key_hash`] of the key in `values` (the new key of a moved row).
+    pub fn new_key_hash(&self, seed: u64) -> u64 {
+        self.hash_key_values(seed, |n| {
+            self.table.key.get(n).and_then(|&i| self.values.get(i))
+        })
+    }
+
+    fn hash_key_values<'a>(
+        &'a self,
+        seed: u64,
+        key_value: impl Fn(usize) -> Option<Value<'a>>,
+    ) -> u64 {
         let mut h = seed;
         let mut eat = |bytes: &[u8]| {
             for b in bytes {
@@ -347,7 +372,7 @@ impl Change {
             }
         };
         let mut n = 0;
-        while let Some(v) = self.key_value(n) {
+        while let Some(v) = key_value(n) {
             n += 1;
             match v {
                 Value::Text(s) => {
@@ -443,6 +468,8 @@ pub(crate) mod fixtures {
             serial: false,
             full_identity: false,
             history: false,
+            loose_key: false,
+            composite_key: false,
         })
     }
 

@@ -140,7 +140,8 @@ pub struct Group {
 impl Group {
     fn new(table: Arc<TargetTable>) -> Group {
         // A history target keeps every change: each one is a version.
-        let ordered = table.serial || table.full_identity || table.history;
+        // A loose key cannot be reduced by its text: 'Abc' and 'abc' may be one row.
+        let ordered = table.serial || table.full_identity || table.history || table.loose_key;
         Group {
             table,
             ordered,

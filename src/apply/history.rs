@@ -418,6 +418,8 @@ mod tests {
     fn history(sid: Option<&str>) -> Arc<TargetTable> {
         Arc::new(TargetTable {
             history: true,
+            loose_key: false,
+            composite_key: false,
             sid: sid.map(Sid::new),
             ..(*table()).clone()
         })

@@ -38,8 +38,11 @@ pub fn writer_for(c: &Change, key: u64, writers: usize) -> usize {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     // Tables whose key is the whole row route by table only (DESIGN: no stable key), and
-    // so do targets where rows of different keys can conflict (`TargetTable::serial`).
-    if !c.table.serial && !c.table.key.is_empty() && c.table.key.len() < c.table.columns.len() {
+    // so do targets where rows of different keys can conflict (`TargetTable::serial`)
+    // and those whose keys the text cannot tell apart (`TargetTable::loose_key`: the
+    // halves of a key change from 'Abc' to 'abc' in citext touch one row).
+    let t = &c.table;
+    if !t.serial && !t.loose_key && !t.key.is_empty() && t.key.len() < t.columns.len() {
         h = (h ^ key).wrapping_mul(0x0100_0000_01b3);
         h ^= h >> 29;
     }
@@ -271,16 +274,21 @@ mod tests {
         assert_eq!(w(&mk(1, "x"), 1), 0);
     }
 
+    /// Targets whose rows of different keys can conflict (other unique constraints) or
+    /// whose keys the text cannot tell apart (citext 'Abc' = 'abc').
     #[test]
-    fn a_target_with_other_unique_constraints_keeps_one_writer() {
-        let mut serial = (*table()).clone();
-        serial.serial = true;
-        let t = std::sync::Arc::new(serial);
-        let first = insert(&t, "0", Value::Text("x"));
-        let w0 = writer_for(&first, key_fingerprint(&first), 4);
-        for i in 1..100 {
-            let c = insert(&t, &i.to_string(), Value::Text("x"));
-            assert_eq!(writer_for(&c, key_fingerprint(&c), 4), w0, "key {i}");
+    fn serial_and_loose_key_targets_keep_one_writer() {
+        for loose in [false, true] {
+            let mut one = (*table()).clone();
+            one.serial = !loose;
+            one.loose_key = loose;
+            let t = std::sync::Arc::new(one);
+            let first = insert(&t, "Abc", Value::Text("x"));
+            let w0 = writer_for(&first, key_fingerprint(&first), 4);
+            for i in 1..100 {
+                let c = insert(&t, &i.to_string(), Value::Text("x"));
+                assert_eq!(writer_for(&c, key_fingerprint(&c), 4), w0, "key {i}");
+            }
         }
     }
 }

@@ -447,10 +447,13 @@ fn push_value_literal(s: &mut String, v: Value) {
 
 /// Whether a small batch's group can be applied with literals in one simple query (a
 /// single round trip for the whole transaction): a net group of a target with a unique
-/// key index, holding whole rows, deletes and patches only.
+/// key index whose columns an untyped literal can be compared with, holding whole rows,
+/// deletes and patches only.
 pub fn literal_ok(table: &TargetTable, entries: &[Entry]) -> bool {
     table.arbiter
         && !table.serial
+        && !table.loose_key
+        && !table.composite_key
         && !table.full_identity
         && entries
             .iter()
@@ -593,6 +596,8 @@ mod tests {
             serial: false,
             full_identity: false,
             history: false,
+            loose_key: false,
+            composite_key: false,
         })
     }
 
@@ -777,6 +782,20 @@ mod tests {
             ..(*t).clone()
         });
         assert!(!literal_ok(&full, &g.entries));
+        // A composite key compared with an untyped literal is an error, and keys equal
+        // on the destination may differ as text: both go through the typed stages.
+        for t in [
+            TargetTable {
+                composite_key: true,
+                ..(*t).clone()
+            },
+            TargetTable {
+                loose_key: true,
+                ..(*t).clone()
+            },
+        ] {
+            assert!(!literal_ok(&t, &g.entries));
+        }
     }
 
     #[test]

@@ -15,7 +15,49 @@ pub struct Column {
     pub type_name: String,
     /// Part of the replica identity (source) or of the primary key (target).
     pub is_key: bool,
+    /// Values this server takes for equal always have the same text: true for integers,
+    /// text of a deterministic collation, uuid, timestamps, enums… and arrays, ranges,
+    /// composites and domains of those; false for citext, numeric (1.0 = 1.00), floats
+    /// (0 = -0), intervals, jsonb and nondeterministic collations. Keys of such columns
+    /// cannot be told apart by their text alone.
+    pub text_equality: bool,
+    /// The type is composite, or a domain over one: its `=` is `record`'s, which an
+    /// untyped literal cannot be compared with ("input of anonymous composite types is
+    /// not implemented").
+    pub composite: bool,
 }
+
+/// Whether `a` (a `pg_attribute` row) has [`Column::text_equality`]: its type is walked
+/// through domains, arrays, composites and ranges down to base types, each of which
+/// must be one whose equality is its text, under a deterministic collation. `char(n)`
+/// pads to its length and so qualifies; unbounded `bpchar` ignores trailing blanks and
+/// does not.
+const TEXT_EQUALITY: &str = "(WITH RECURSIVE parts(typ, coll, typmod, depth) AS ( \
+       SELECT a.atttypid, a.attcollation, a.atttypmod, 0 \
+     UNION ALL \
+       SELECT x.typ, x.coll, x.typmod, p.depth + 1 \
+         FROM parts p JOIN pg_type t ON t.oid = p.typ \
+         CROSS JOIN LATERAL ( \
+            SELECT t.typbasetype, p.coll, t.typtypmod WHERE t.typtype = 'd' \
+            UNION ALL SELECT t.typelem, p.coll, p.typmod \
+                       WHERE t.typtype = 'b' AND t.typelem <> 0 AND t.typlen = -1 \
+            UNION ALL SELECT ca.atttypid, ca.attcollation, ca.atttypmod FROM pg_attribute ca \
+                       WHERE t.typtype = 'c' AND ca.attrelid = t.typrelid AND ca.attnum > 0 \
+                         AND NOT ca.attisdropped \
+            UNION ALL SELECT r.rngsubtype, r.rngcollation, -1 FROM pg_range r \
+                       WHERE t.typtype = 'r' AND r.rngtypid = t.oid \
+         ) AS x(typ, coll, typmod) \
+        WHERE p.depth < 8) \
+     SELECT coalesce(bool_and( \
+              CASE WHEN t.typtype IN ('d', 'c', 'r') \
+                     OR (t.typtype = 'b' AND t.typelem <> 0 AND t.typlen = -1) THEN p.depth < 8 \
+                   WHEN t.typtype = 'e' THEN true \
+                   WHEN p.typ = 1042 THEN p.typmod > 0 \
+                   ELSE p.typ IN (16, 17, 18, 19, 20, 21, 23, 25, 26, 650, 774, 829, 869, 1043, \
+                                  1082, 1083, 1114, 1184, 1560, 1562, 2950) END \
+              AND NOT EXISTS (SELECT 1 FROM pg_collation c \
+                               WHERE c.oid = p.coll AND NOT c.collisdeterministic)), false) \
+       FROM parts p JOIN pg_type t ON t.oid = p.typ)";
 
 /// A table and what replication needs to know of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,15 +104,23 @@ pub fn table_info(
     // Key columns: the primary key (default identity), the replica identity index, or
     // none for FULL (every column is then part of the identity).
     let cols = client.query(
-        "SELECT a.attname::text, \
-                format_type(a.atttypid, a.atttypmod), \
-                EXISTS (SELECT 1 FROM pg_index i \
-                    WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey::int2[]) \
-                      AND CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END) \
-           FROM pg_attribute a \
-          WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-            AND a.attgenerated = '' \
-          ORDER BY a.attnum",
+        &format!(
+            "SELECT a.attname::text, \
+                    format_type(a.atttypid, a.atttypmod), \
+                    EXISTS (SELECT 1 FROM pg_index i \
+                        WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey::int2[]) \
+                          AND CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END), \
+                    {TEXT_EQUALITY}, \
+                    EXISTS (WITH RECURSIVE d(typ) AS ( \
+                              SELECT a.atttypid \
+                              UNION ALL SELECT t.typbasetype FROM d JOIN pg_type t ON t.oid = d.typ \
+                               WHERE t.typtype = 'd') \
+                            SELECT 1 FROM d JOIN pg_type t ON t.oid = d.typ WHERE t.typtype = 'c') \
+               FROM pg_attribute a \
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+                AND a.attgenerated = '' \
+              ORDER BY a.attnum"
+        ),
         &[&oid, &ident],
     )?;
     let columns = cols
@@ -79,6 +129,8 @@ pub fn table_info(
             name: r.get(0),
             type_name: r.get(1),
             is_key: r.get(2),
+            text_equality: r.get(3),
+            composite: r.get(4),
         })
         .collect();
     Ok(Some(TableInfo {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::change::{Change, Op, Position, Row, Sid, SourceId, TargetColumn, TargetTable, Value};
 use crate::expr::{Cell, ExprError, Kind, Outcome, TableExprs};
 use crate::pg::catalog::{Column, UniqueIndex};
-use crate::pg::pgoutput::{OldTuple, RelColumn, Tuple, TupleValue};
+use crate::pg::pgoutput::{OldKind, OldTuple, RelColumn, Tuple, TupleValue};
 
 /// Why a source relation cannot be written to its target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,8 @@ pub fn map_relation(
     let mut columns = Vec::new();
     let mut source_index = Vec::new();
     let mut key = Vec::new();
+    let mut loose_key = false;
+    let mut composite_key = false;
     for (i, sc) in source.iter().enumerate() {
         if (has_sid && sc.name == "sid") || (history && HISTORY_COLUMNS.contains(&sc.name.as_str()))
         {
@@ -130,6 +132,8 @@ pub fn map_relation(
             Some(tc) => {
                 if sc.is_key {
                     key.push(columns.len());
+                    loose_key |= !tc.text_equality;
+                    composite_key |= tc.composite;
                 }
                 columns.push(TargetColumn {
                     name: tc.name.clone(),
@@ -208,6 +212,8 @@ pub fn map_relation(
             serial,
             full_identity,
             history,
+            loose_key,
+            composite_key,
         }),
         source_index,
         source_width: source.len(),
@@ -310,7 +316,9 @@ impl RelationMap {
 
     /// An UPDATE. When it moves the row to a new key and carries the whole row, it
     /// becomes a DELETE of the old key and an INSERT of the new row: two independent keys,
-    /// each routed to its own writer, so per-key order holds on both.
+    /// each routed to its own writer, so per-key order holds on both (a target whose keys
+    /// the text cannot tell apart has one writer for all its keys). Otherwise it stays
+    /// one move, applied alone.
     pub fn update(
         &self,
         source: SourceId,
@@ -320,6 +328,7 @@ impl RelationMap {
         commit_time: i64,
     ) -> Result<(Change, Option<Change>), MappingError> {
         self.check(&new)?;
+        let new = complete_from_old(new, old.as_ref());
         let values = self.row(&new);
         let old_key = match old {
             Some(o) => {
@@ -335,9 +344,13 @@ impl RelationMap {
             }
             None => None,
         };
-        let complete = !values.has_unchanged();
+        // A history target whose keys the text cannot tell apart keeps a key change
+        // whole: its two halves may be one row ('Abc' → 'abc' in citext), whose version
+        // must be closed and reopened at one stamp, in one batch.
+        let whole_move = self.table.loose_key && self.table.history;
+        let split = !values.has_unchanged() && !whole_move;
         match old_key {
-            Some(k) if complete => {
+            Some(k) if split => {
                 let mut del = self.change(source, Op::Delete, pos, commit_time);
                 del.old_key = Some(k);
                 let mut ins = self.change(source, Op::Insert, pos, commit_time);
@@ -369,6 +382,21 @@ impl RelationMap {
     pub fn truncate(&self, source: SourceId, pos: Position, commit_time: i64) -> Change {
         self.change(source, Op::Truncate, pos, commit_time)
     }
+}
+
+/// `new` with the values it left unsent (unchanged TOAST) taken from the whole old row
+/// when the source sent one (REPLICA IDENTITY FULL, whose old row the server detoasts):
+/// the change then carries a whole row, like any other.
+fn complete_from_old<'a>(mut new: Tuple<'a>, old: Option<&OldTuple<'a>>) -> Tuple<'a> {
+    let Some(old) = old.filter(|o| o.kind == OldKind::Full) else {
+        return new;
+    };
+    for (v, o) in new.0.iter_mut().zip(&old.tuple.0) {
+        if *v == TupleValue::Unchanged && *o != TupleValue::Unchanged {
+            *v = o.clone();
+        }
+    }
+    new
 }
 
 /// A map entry's expressions bound to one source relation's columns.
@@ -418,13 +446,14 @@ impl RowExprs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::pgoutput::OldKind;
 
     fn col(name: &str, key: bool) -> Column {
         Column {
             name: name.into(),
             type_name: "text".into(),
             is_key: key,
+            text_equality: true,
+            composite: false,
         }
     }
 
@@ -585,6 +614,35 @@ mod tests {
         assert!(out.1.is_none());
         assert_eq!(out.0.op, Op::Update);
         assert_eq!(out.0.old_key, None);
+    }
+
+    #[test]
+    fn a_whole_old_row_completes_the_unsent_values() {
+        let src = [col("id", true), col("v", false), col("big", false)];
+        let m = id_v_map(&src);
+        let old = OldTuple {
+            kind: OldKind::Full,
+            tuple: t(&[Some("1"), Some("a"), Some("toasted")]),
+        };
+        let mut new = t(&[Some("1"), Some("b"), None]);
+        new.0[2] = TupleValue::Unchanged;
+        let (c, second) = m
+            .update(0, Some(old), new.clone(), Position::default(), 0)
+            .unwrap();
+        assert!(second.is_none());
+        assert_eq!(c.op, Op::Update);
+        assert_eq!(
+            c.values,
+            Row::from_texts(&[Some("1"), Some("b"), Some("toasted")]),
+            "a whole row: no move in place, no barrier"
+        );
+        // A key-only old row has nothing to give.
+        let old = OldTuple {
+            kind: OldKind::Key,
+            tuple: t(&[Some("1"), None, None]),
+        };
+        let (c, _) = m.update(0, Some(old), new, Position::default(), 0).unwrap();
+        assert!(c.values.has_unchanged());
     }
 
     #[test]

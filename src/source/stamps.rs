@@ -42,6 +42,21 @@ impl Stamps {
         time + i64::from(offset)
     }
 
+    /// The stamp of a change that touches two keys of `table`: a row moved from `old` to
+    /// `new` in place. It closes `old`'s version and opens `new`'s, so it must come after
+    /// every earlier change of either key (a key moved A → B → A in one transaction
+    /// opens A again after closing it).
+    pub fn moved(&mut self, time: i64, table: u64, old: u64, new: u64) -> i64 {
+        let t = self.tables.entry(table).or_default();
+        let from_old = self.keys.get(&(table, old)).copied().unwrap_or(0);
+        let from_new = self.keys.get(&(table, new)).copied().unwrap_or(0);
+        let offset = from_old.max(from_new).max(t.floor);
+        t.next = t.next.max(offset + 1);
+        self.keys.insert((table, old), offset + 1);
+        self.keys.insert((table, new), offset + 1);
+        time + i64::from(offset)
+    }
+
     /// The stamp of a TRUNCATE of `table`.
     pub fn truncate(&mut self, time: i64, table: u64) -> i64 {
         let t = self.tables.entry(table).or_default();
@@ -67,6 +82,21 @@ mod tests {
         assert_eq!(s.change(100, 1, 7), 102);
         s.begin();
         assert_eq!(s.change(200, 1, 7), 200, "a new transaction starts over");
+    }
+
+    #[test]
+    fn a_moved_row_comes_after_the_changes_of_both_keys() {
+        let mut s = Stamps::default();
+        s.begin();
+        // A → B, then B → A, then A changed again.
+        assert_eq!(s.moved(10, 1, 7, 8), 10);
+        assert_eq!(
+            s.moved(10, 1, 8, 7),
+            11,
+            "after the first move's version of 8"
+        );
+        assert_eq!(s.change(10, 1, 7), 12);
+        assert_eq!(s.change(10, 1, 8), 12, "8's version was closed at 11");
     }
 
     #[test]

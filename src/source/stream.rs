@@ -10,7 +10,7 @@ use log::{debug, info, warn};
 use postgres::Client;
 
 use crate::apply::route::{key_fingerprint, PoolClosed, Routed, Router, Wait};
-use crate::change::{Change, Op, Position};
+use crate::change::{Change, Op, Position, FNV_SEED};
 use crate::config::{Mode, TableMap};
 use crate::expr::{ExprError, TableExprs};
 use crate::pg::catalog::{self, Column};
@@ -454,8 +454,10 @@ impl Streamer<'_> {
                     }
                     if first.op == Op::Update && second.is_none() && first.old_key.is_some() {
                         // A row moved to a new key that cannot be rebuilt from the change
-                        // (unchanged TOAST): updated in place, so it must not overtake or
-                        // be overtaken by the changes of either key on another writer.
+                        // (unchanged TOAST), or a history key change between keys the
+                        // destination may take for one: updated in place, so it must not
+                        // overtake or be overtaken by the changes of either key on another
+                        // writer.
                         self.flush_all()?;
                         self.apply_alone(first)?;
                         return Ok(());
@@ -635,9 +637,13 @@ impl Streamer<'_> {
     /// A history target's change takes its version stamp (see [`Stamps`]).
     fn stamped(&mut self, mut c: Change, history: Option<u64>) -> Change {
         if let Some(table) = history {
-            c.commit_time = self
-                .stamps
-                .change(self.txn_time, table, key_fingerprint(&c));
+            let old = key_fingerprint(&c);
+            c.commit_time = if c.op == Op::Update && c.old_key.is_some() {
+                let new = c.new_key_hash(FNV_SEED);
+                self.stamps.moved(self.txn_time, table, old, new)
+            } else {
+                self.stamps.change(self.txn_time, table, old)
+            };
         }
         c
     }
@@ -848,6 +854,9 @@ impl Streamer<'_> {
                 name: c.name.clone(),
                 type_name: String::new(),
                 is_key: c.is_key || route.insert_only,
+                // The source's side of a key is never compared by text.
+                text_equality: true,
+                composite: false,
             })
             .collect();
         let unique =
