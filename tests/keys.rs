@@ -281,3 +281,59 @@ every_major! { keys_of_any_type:
     keys_of_any_type_pg12 => 12,
     keys_of_any_type_pg18 => 18,
 }
+
+/// REPLICA IDENTITY FULL, whose key is the whole row: an UPDATE that leaves a TOASTed
+/// value unchanged is an ordinary update (the server sends the whole old row), and a
+/// `set` column computed from a column the target lacks follows every UPDATE, of
+/// duplicate rows too.
+fn full_identity_follows_toast_and_set(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("fi"), unique_name("fid"), unique_name("fi"));
+    src.create_database(&db);
+    src.execute(
+        &db,
+        "SET ROLE kuvasz; CREATE TABLE f (a int, b text, hidden int, big text); \
+         ALTER TABLE f REPLICA IDENTITY FULL; ALTER TABLE f ALTER big SET STORAGE EXTERNAL; \
+         INSERT INTO f SELECT a, 'x', 10, (SELECT string_agg(md5(g::text || a), '') \
+           FROM generate_series(1, 80) g) FROM (VALUES (1), (1), (2)) v(a)",
+    );
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE f (a int, b text, big text, label text)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"s\" }} ]\n\
+         [source.tables]\nf = {{ set = {{ label = \"'h' + string(hidden)\" }} }}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 4"]);
+    daemon.wait_streaming(1);
+    src.execute(
+        &db,
+        "UPDATE f SET hidden = 11 WHERE a = 2; \
+         UPDATE f SET hidden = 12 WHERE ctid = (SELECT ctid FROM f WHERE a = 1 LIMIT 1); \
+         UPDATE f SET b = 'y' WHERE a = 2; \
+         INSERT INTO f SELECT 3, b, 13, big FROM f WHERE a = 2; \
+         UPDATE f SET hidden = 14, b = 'z' WHERE a = 3",
+    );
+    wait_confirmed(src, &db, &format!("kuvasz_{family}_s"));
+    let rows = |c: &Cluster, d: &str, label: &str| {
+        c.query(
+            d,
+            &format!(
+                "SELECT a::text, b, md5(big), {label} FROM f ORDER BY a, b COLLATE \"C\", 3, 4"
+            ),
+        )
+    };
+    let expected = rows(src, &db, "'h' || hidden");
+    assert_eq!(expected.len(), 4);
+    assert_eq!(rows(dest, &ddb, "label"), expected);
+    daemon.stop_ok();
+}
+
+every_major! { full_identity_follows_toast_and_set:
+    full_identity_follows_toast_and_set_pg12 => 12,
+    full_identity_follows_toast_and_set_pg18 => 18,
+}

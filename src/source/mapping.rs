@@ -340,7 +340,12 @@ impl RelationMap {
                     .iter()
                     .enumerate()
                     .all(|(n, &i)| values.at(i) == k.at(n));
-                (!same).then_some(k)
+                // A whole-row identity with computed columns: the row's key may stay
+                // while a column the target lacks, and so a computed value, changed.
+                // Only replacing that copy of the row (delete one, insert the new)
+                // carries it.
+                let recomputed = self.table.full_identity && !self.computed.is_empty();
+                (!same || recomputed).then_some(k)
             }
             None => None,
         };
