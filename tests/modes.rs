@@ -278,9 +278,14 @@ impl Versions {
                     self.open(id, v, at);
                 }
                 H::Rekey(old, new) => {
+                    // The new key opens where the old one closed (or after the new
+                    // key's own changes in this transaction).
                     let v = self.value(old);
                     let a = stamp(old, &mut next, &mut clock);
-                    let b = stamp(new, &mut next, &mut clock);
+                    let n = next.entry(new).or_insert(0);
+                    let b = (*n + t).max(a);
+                    *n = b - t + 1;
+                    clock.1 = clock.1.max(b - t + 1);
                     self.close(old, a, true);
                     self.open(new, &v, b);
                 }
@@ -613,6 +618,80 @@ every_major! { history_details:
     history_details_pg16 => 16,
     history_details_pg17 => 17,
     history_details_pg18 => 18,
+}
+
+/// history of a partitioned table: an UPDATE that moves a row to another partition
+/// reaches the stream as a DELETE and an INSERT, and is recorded as the key change it is
+/// (the new version continues from the commit, not from 1900); a DELETE and an INSERT
+/// into the same partition stay a deleted row and a new one.
+fn history_cross_partition(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("hp"), unique_name("hpd"), unique_name("hp"));
+    src.create_database(&db);
+    src.execute(
+        &db,
+        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); \
+         CREATE TABLE t_a PARTITION OF t FOR VALUES FROM (0) TO (100); \
+         CREATE TABLE t_b PARTITION OF t FOR VALUES FROM (100) TO (200); \
+         CREATE TABLE marks (k int); INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+    );
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE t (sid text, id int, v text, kvsz_start timestamptz, \
+         kvsz_end timestamptz, kvsz_deleted boolean)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"s\" }} ]\n\
+         [source.tables]\nt = {{ type = \"history\" }}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 4"]);
+    daemon.wait_streaming(1);
+    // Commits `sql` and returns its commit timestamp (µs since 1970).
+    let mut k = 0;
+    let mut commit = |sql: &str| {
+        k += 1;
+        src.execute(
+            &db,
+            &format!("BEGIN; {sql}; INSERT INTO marks VALUES ({k}); COMMIT"),
+        );
+        let t = src.query(
+            &db,
+            &format!(
+                "SELECT round(extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint \
+                 FROM marks WHERE k = {k}"
+            ),
+        );
+        t[0][0].as_deref().unwrap_or("").parse::<i64>().unwrap()
+    };
+    let t1 = commit("UPDATE t SET id = 150 WHERE id = 1");
+    let t2 =
+        commit("UPDATE t SET v = 'b1' WHERE id = 2; UPDATE t SET id = 102, v = 'b2' WHERE id = 2");
+    let t3 = commit("DELETE FROM t WHERE id = 150; INSERT INTO t VALUES (160, 'x')");
+    let v = |id: i32, v: &str, start: i64, end: i64, deleted: bool| {
+        vec![Some(format!("{id}:{v}:{start}:{end}:{deleted}"))]
+    };
+    let expected = vec![
+        v(1, "a", FIRST, t1, true),
+        v(2, "b", FIRST, t2, false),
+        v(2, "b1", t2, t2 + 1, true),
+        v(102, "b2", t2 + 1, OPEN, false),
+        v(150, "a", t1, t3, true),
+        v(160, "x", FIRST, OPEN, false),
+    ];
+    converge(
+        "versions",
+        || expected.clone(),
+        || dest.query(&ddb, &VERSIONS_SQL.replace("$t", "t")),
+    );
+    daemon.stop_ok();
+}
+
+every_major! { history_cross_partition:
+    history_cross_partition_pg12 => 12,
+    history_cross_partition_pg18 => 18,
 }
 
 /// filter and set (CEL) in each mode, in the copy and the stream: the target holds

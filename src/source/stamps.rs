@@ -57,6 +57,19 @@ impl Stamps {
         time + i64::from(offset)
     }
 
+    /// The stamp of the new half of a row that moved by a DELETE stamped `from` and then
+    /// an INSERT of `key` (a cross-partition UPDATE): the new version opens where the
+    /// old one closed, unless `key` already changed later in the transaction.
+    pub fn continued(&mut self, time: i64, table: u64, key: u64, from: i64) -> i64 {
+        let t = self.tables.entry(table).or_default();
+        let k = self.keys.entry((table, key)).or_insert(0);
+        let from = u32::try_from(from - time).unwrap_or(0);
+        let offset = (*k).max(t.floor).max(from);
+        *k = offset + 1;
+        t.next = t.next.max(offset + 1);
+        time + i64::from(offset)
+    }
+
     /// The stamp of a TRUNCATE of `table`.
     pub fn truncate(&mut self, time: i64, table: u64) -> i64 {
         let t = self.tables.entry(table).or_default();
@@ -97,6 +110,20 @@ mod tests {
         );
         assert_eq!(s.change(10, 1, 7), 12);
         assert_eq!(s.change(10, 1, 8), 12, "8's version was closed at 11");
+    }
+
+    #[test]
+    fn a_row_moved_by_delete_and_insert_continues_at_the_delete() {
+        let mut s = Stamps::default();
+        s.begin();
+        assert_eq!(s.change(10, 1, 7), 10);
+        let deleted = s.change(10, 1, 7);
+        assert_eq!(deleted, 11);
+        assert_eq!(s.continued(10, 1, 8, deleted), 11, "opens where 7 closed");
+        assert_eq!(s.change(10, 1, 8), 12);
+        s.change(10, 1, 9);
+        s.change(10, 1, 9);
+        assert_eq!(s.continued(10, 1, 9, 10), 12, "after 9's own changes");
     }
 
     #[test]

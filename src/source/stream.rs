@@ -107,6 +107,11 @@ struct Streamer<'a> {
     seq: u32,
     /// Version stamps of history targets in the current transaction.
     stamps: Stamps,
+    /// The last change was a DELETE from this source relation of this history target:
+    /// an INSERT into another relation of that target right after it is the second half
+    /// of a cross-partition UPDATE (PostgreSQL writes one as a DELETE and an INSERT).
+    /// (target, relation, the DELETE's stamp)
+    history_delete: Option<(u64, u32, i64)>,
     /// Highest WAL position received.
     received: Lsn,
     /// Everything before this position has been routed.
@@ -178,6 +183,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         txn_time: 0,
         seq: 0,
         stamps: Stamps::default(),
+        history_delete: None,
         received: start,
         routed: start,
         marked: start,
@@ -387,6 +393,7 @@ impl Streamer<'_> {
             PgOutput::Relation(rel) => self.relation(rel)?,
             PgOutput::Insert { rel, new } => {
                 let pos = self.pos();
+                let after_delete = self.history_delete.take();
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
                     let outcome = m.exprs.as_ref().map(|x| x.eval(&new, None));
@@ -405,12 +412,25 @@ impl Streamer<'_> {
                         Some(Ok(o)) => c.values = m.map.with_computed(&c.values, &o.computed),
                     }
                     m.counters.routed(Op::Insert);
-                    let c = self.stamped(c, history);
+                    let c = match (history, after_delete) {
+                        (Some(t), Some((deleted_from, other, at)))
+                            if t == deleted_from && other != rel =>
+                        {
+                            // A row that moved partitions: its new version continues its
+                            // history where the DELETE closed it, as a key change's does,
+                            // instead of being valid since 1900 like a new row's.
+                            c.op = Op::Update;
+                            c.commit_time = at;
+                            self.continued(c, history)
+                        }
+                        _ => self.stamped(c, history),
+                    };
                     self.route(c)?;
                 }
             }
             PgOutput::Update { rel, old, new } => {
                 let pos = self.pos();
+                self.history_delete = None;
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
                     let append = m.mode == Mode::Append;
@@ -449,8 +469,9 @@ impl Streamer<'_> {
                     if let (Some(c), Some(_)) = (second.as_mut(), history) {
                         // The new key of a history row continues its history from T: an
                         // update of a key without versions, not an INSERT (whose first
-                        // version is valid from 1900).
+                        // version is valid from 1900), opening where the old key closed.
                         c.op = Op::Update;
+                        c.commit_time = first.commit_time;
                     }
                     if first.op == Op::Update && second.is_none() && first.old_key.is_some() {
                         // A row moved to a new key that cannot be rebuilt from the change
@@ -466,13 +487,14 @@ impl Streamer<'_> {
                     if let Some(mut c) = second {
                         // The insert half of a key move has a position of its own.
                         c.pos = self.pos();
-                        let c = self.stamped(c, history);
+                        let c = self.continued(c, history);
                         self.route(c)?;
                     }
                 }
             }
             PgOutput::Delete { rel, old } => {
                 let pos = self.pos();
+                self.history_delete = None;
                 if let Some(m) = self.mapped(rel)? {
                     if m.mode == Mode::Append {
                         return Ok(());
@@ -484,10 +506,13 @@ impl Streamer<'_> {
                         .map_err(|e| self.mapping_error(rel, e))?;
                     m.counters.routed(Op::Delete);
                     let c = self.stamped(c, history);
+                    let at = c.commit_time;
                     self.route(c)?;
+                    self.history_delete = history.map(|t| (t, rel, at));
                 }
             }
             PgOutput::Truncate { rels, .. } => {
+                self.history_delete = None;
                 // Targets fed by several source tables (partitions) are emptied only when
                 // this TRUNCATE covers all of them: their rows cannot be told apart.
                 let mut covered: HashMap<(String, String), usize> = HashMap::new();
@@ -632,6 +657,7 @@ impl Streamer<'_> {
         self.txn_time = commit_time;
         self.seq = 0;
         self.stamps.begin();
+        self.history_delete = None;
     }
 
     /// A history target's change takes its version stamp (see [`Stamps`]).
@@ -644,6 +670,18 @@ impl Streamer<'_> {
             } else {
                 self.stamps.change(self.txn_time, table, old)
             };
+        }
+        c
+    }
+
+    /// The stamp of the new half of a key change whose old half was stamped
+    /// `c.commit_time`: where the old version closed, or after the new key's own changes.
+    fn continued(&mut self, mut c: Change, history: Option<u64>) -> Change {
+        if let Some(table) = history {
+            let key = key_fingerprint(&c);
+            c.commit_time = self
+                .stamps
+                .continued(self.txn_time, table, key, c.commit_time);
         }
         c
     }
