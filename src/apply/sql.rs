@@ -286,13 +286,20 @@ fn push_insert_select(s: &mut String, table: &TargetTable, stage: &Stage, alias:
     s.push_str(" IS NULL");
 }
 
+/// Whether an upsert that finds the row by its key writes column `c`: every column but
+/// the key's, and a loose key's too, whose equal value may be spelt otherwise (an append
+/// target kept 'key9', the source inserts 'KEY9': the row takes the new spelling).
+fn updated_on_match(table: &TargetTable, c: usize) -> bool {
+    table.loose_key || !table.key.contains(&c)
+}
+
 /// Insert-or-update of the staged whole rows. With a unique index on the key, one
 /// statement that returns one row, one column: how many were inserted (the others
 /// existed and were updated), for the anomaly counts. Without, two statements (run as one
 /// simple query) whose last command tag is that count.
 pub fn upsert_staged(table: &TargetTable, stage: &Stage) -> String {
     let non_key: Vec<usize> = (0..table.columns.len())
-        .filter(|c| !table.key.contains(c))
+        .filter(|&c| updated_on_match(table, c))
         .collect();
     let mut s = String::with_capacity(512);
     if table.arbiter {
@@ -337,7 +344,7 @@ fn push_on_conflict(s: &mut String, table: &TargetTable) {
     s.push_str(" ON CONFLICT (");
     push_cols(s, table, &table.key, "", true);
     s.push(')');
-    let mut non_key = (0..table.columns.len()).filter(|c| !table.key.contains(c));
+    let mut non_key = (0..table.columns.len()).filter(|&c| updated_on_match(table, c));
     match non_key.next() {
         None => s.push_str(" DO NOTHING"),
         Some(first) => {
@@ -431,6 +438,25 @@ pub fn move_staged(table: &TargetTable, stage: &Stage, mask: &str) -> String {
     s.push_str(&stage.rows);
     s.push_str(" AS s");
     push_staged_key_rows(&mut s, table, stage, ", ");
+    s
+}
+
+/// Deletes the row that already holds the key a staged move goes to (an append target
+/// keeps rows the source deleted; a clone target may hold a stray one), unless it is the
+/// moved row itself (a loose key spelt anew): the move then takes the key, as the source's
+/// UPDATE did, instead of failing on the key's unique index.
+pub fn clear_move_target(table: &TargetTable, stage: &Stage) -> String {
+    let mut s = format!(
+        "DELETE FROM {} AS t USING {} AS s WHERE ",
+        target(table),
+        stage.rows
+    );
+    push_key_match(&mut s, table, "t", "s");
+    s.push_str(" AND NOT EXISTS (SELECT 1 FROM ");
+    s.push_str(&stage.keys);
+    s.push_str(" AS k WHERE ");
+    push_key_match(&mut s, table, "t", "k");
+    s.push(')');
     s
 }
 
@@ -681,6 +707,14 @@ mod tests {
             ..(*t).clone()
         });
         assert!(upsert_staged(&key_only, &S()).contains("ON CONFLICT (\"id\", \"sid\") DO NOTHING"));
+        // A loose key takes the new row's spelling ('KEY9' for a kept 'key9').
+        let loose = Arc::new(TargetTable {
+            loose_key: true,
+            ..(*t).clone()
+        });
+        assert!(upsert_staged(&loose, &S()).contains(
+            "DO UPDATE SET \"id\" = EXCLUDED.\"id\", \"na\"\"me\" = EXCLUDED.\"na\"\"me\" "
+        ));
     }
 
     #[test]

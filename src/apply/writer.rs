@@ -878,6 +878,10 @@ impl Writer {
         for m in masks {
             let (kind, mask) = m.split_at(1);
             let stmt = if kind == "m" {
+                if !table.full_identity {
+                    let clear = sql::clear_move_target(table, &stage);
+                    self.client.execute(clear.as_str(), &[]).map_err(&fail)?;
+                }
                 Some(sql::move_staged(table, &stage, mask))
             } else {
                 sql::patch_staged(table, &stage, mask)

@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod differential;
 mod process;
 
 use std::fmt::Write as _;
