@@ -2,7 +2,8 @@
 //!
 //! Data flow, one module each: [`config`] → [`source`] (replication, decoding, initial
 //! sync) → [`apply`] (routing, batching, SQL, commit) → progress back to the source.
-//! [`daemon`] supervises the threads; [`sequences`] is the switchover's last step.
+//! [`daemon`] supervises the threads; [`sequences`] is the switchover's last step;
+//! [`verify`] and [`resync`] let operators check a target and have it copied again.
 
 pub mod apply;
 pub mod change;
@@ -14,6 +15,8 @@ pub mod http;
 pub mod log_context;
 pub mod memory;
 pub mod pg;
+pub mod resync;
 pub mod sequences;
 pub mod source;
 pub mod status;
+pub mod verify;

@@ -16,6 +16,7 @@ use kuvasz_streamer::pg::conninfo::{redact_url, ConnInfo};
 use kuvasz_streamer::sequences::Outcome;
 use kuvasz_streamer::source::SourceSpec;
 use kuvasz_streamer::status::{json_string, SourceStatus, Status};
+use kuvasz_streamer::verify::Options;
 use log::{error, info, warn};
 
 fn main() -> ExitCode {
@@ -39,6 +40,93 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Check(args) => check(&args),
         Command::Sequences { args, margin } => sequences(&args, margin),
+        Command::Verify { args, table, sid } => verify(&args, Options { table, sid }),
+        Command::Resync { args, table, sid } => resync(&args, &table, sid.as_deref()),
+    }
+}
+
+/// Loads files for a command: exit status 2 (printed) when they are wrong.
+fn load_or_exit(args: &Args) -> Result<Loaded, ExitCode> {
+    load(args).map_err(|e| {
+        eprintln!("kuvasz-streamer: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// `verify`: exit 0 when every compared target equals its source, 1 when not (or when
+/// something could not be compared).
+fn verify(args: &Args, options: Options) -> ExitCode {
+    let loaded = match load_or_exit(args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let dest = Endpoint::new(loaded.dest.clone(), &loaded.config.server.name);
+    match kuvasz_streamer::verify::verify(
+        &loaded.sources,
+        &dest,
+        &loaded.config.database.schema,
+        &loaded.config.app.default_schema,
+        &options,
+    ) {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            if report.equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            println!("verify: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `resync`: marks the table; exit 1 when a slot had never copied it.
+fn resync(args: &Args, table: &str, sid: Option<&str>) -> ExitCode {
+    let loaded = match load_or_exit(args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let dest = Endpoint::new(loaded.dest.clone(), &loaded.config.server.name);
+    let marked = match kuvasz_streamer::resync::resync(
+        &loaded.sources,
+        &dest,
+        &loaded.config.database.schema,
+        &loaded.config.app.default_schema,
+        table,
+        sid,
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("resync: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ok = true;
+    for m in &marked {
+        if m.rows == 0 {
+            ok = false;
+            println!(
+                "source {}: {} was never copied for this slot: nothing to resync \
+                 (the daemon copies it when it first sets the source up)",
+                m.source, m.target
+            );
+        } else {
+            println!(
+                "source {}: {} marked to be copied again; the running daemon sets the \
+                 source up again and copies it within seconds (or at its next start)",
+                m.source, m.target
+            );
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -18,6 +18,19 @@ pub enum Command {
         args: Args,
         margin: i64,
     },
+    /// Compare sources and targets (counts, then keyed hashes down to the differing
+    /// keys), optionally of one table or one sid.
+    Verify {
+        args: Args,
+        table: Option<String>,
+        sid: Option<String>,
+    },
+    /// Have the running daemon copy `table` again (of every sid, or of `sid`).
+    Resync {
+        args: Args,
+        table: String,
+        sid: Option<String>,
+    },
     Version,
     Help,
 }
@@ -33,12 +46,15 @@ pub struct Args {
 }
 
 /// Parses argv without the program name:
-/// `[check | sequences [--margin N]] [--conf FILE] [--section.param=value | --section.param value]...`,
+/// `[check | sequences [--margin N] | verify [--table T] [--sid S] | resync TABLE [--sid S]]
+/// [--conf FILE] [--section.param=value | --section.param value]...`,
 /// or `--version`/`-V`, `--help`/`-h`.
 pub fn parse_cli(args: impl IntoIterator<Item = String>) -> Result<Command, ConfigError> {
     let mut it = args.into_iter();
     let mut command: Option<&str> = None;
     let mut margin: Option<i64> = None;
+    let mut table: Option<String> = None;
+    let mut sid: Option<String> = None;
     let mut parsed = Args::default();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -46,6 +62,32 @@ pub fn parse_cli(args: impl IntoIterator<Item = String>) -> Result<Command, Conf
             "--version" | "-V" => return Ok(Command::Version),
             "check" if command.is_none() => command = Some("check"),
             "sequences" if command.is_none() => command = Some("sequences"),
+            "verify" if command.is_none() => command = Some("verify"),
+            "resync" if command.is_none() => command = Some("resync"),
+            _ if command == Some("resync") && table.is_none() && !arg.starts_with("--") => {
+                table = Some(arg);
+            }
+            _ if matches!(command, Some("verify" | "resync"))
+                && (option_is(&arg, "sid")
+                    || (command == Some("verify") && option_is(&arg, "table"))) =>
+            {
+                let name = if option_is(&arg, "sid") {
+                    "sid"
+                } else {
+                    "table"
+                };
+                let value = match arg.split_once('=') {
+                    Some((_, v)) => v.to_string(),
+                    None => next_value(&mut it, name)?,
+                };
+                if value.is_empty() {
+                    return Err(usage_error(format!("--{name} needs a value")));
+                }
+                let slot = if name == "sid" { &mut sid } else { &mut table };
+                if slot.replace(value).is_some() {
+                    return Err(usage_error(format!("--{name} given twice")));
+                }
+            }
             _ if command == Some("sequences")
                 && (arg == "--margin" || arg.starts_with("--margin=")) =>
             {
@@ -95,12 +137,31 @@ pub fn parse_cli(args: impl IntoIterator<Item = String>) -> Result<Command, Conf
     }
     Ok(match command {
         Some("check") => Command::Check(parsed),
+        Some("verify") => Command::Verify {
+            args: parsed,
+            table,
+            sid,
+        },
+        Some("resync") => Command::Resync {
+            args: parsed,
+            table: table.ok_or_else(|| {
+                usage_error("resync needs the table to copy again: resync TABLE [--sid S]".into())
+            })?,
+            sid,
+        },
         Some(_) => Command::Sequences {
             args: parsed,
             margin: margin.unwrap_or(0),
         },
         None => Command::Run(parsed),
     })
+}
+
+/// Whether `arg` is `--name` or `--name=…`.
+fn option_is(arg: &str, name: &str) -> bool {
+    arg.strip_prefix("--")
+        .and_then(|a| a.strip_prefix(name))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
 }
 
 /// `section.param`: two non-empty words of letters, digits and `_`.
@@ -138,6 +199,8 @@ Usage:
   kuvasz-streamer [--conf FILE] [--SECTION.PARAM=VALUE ...]
   kuvasz-streamer check [--conf FILE] [--SECTION.PARAM=VALUE ...]
   kuvasz-streamer sequences [--margin N] [--conf FILE] [--SECTION.PARAM=VALUE ...]
+  kuvasz-streamer verify [--table T] [--sid S] [--conf FILE] [--SECTION.PARAM=VALUE ...]
+  kuvasz-streamer resync TABLE [--sid S] [--conf FILE] [--SECTION.PARAM=VALUE ...]
   kuvasz-streamer --version | --help
 
   Without a command the daemon runs in the foreground and logs to stderr.
@@ -149,6 +212,14 @@ Usage:
   by a mapped table's column to the highest value of all source URLs, plus N
   (default 0), never lowering it: the last step of a switchover, after writes
   stopped and the lag reached 0.
+  verify compares every mapped source table (or --table T, a map key) with its
+  target, per sid (or --sid S): row counts, then hashes of rows grouped by key,
+  narrowed down to the keys that differ, which it lists (missing, extra,
+  different). A key that differs is looked at again once the slot has confirmed
+  what the source had written, so only differences that persist are reported.
+  resync has the running daemon copy table T (a map key) again, for every sid
+  or --sid S: it marks the table in kvsz_sync_state, and the daemon's source
+  sets up again within seconds and copies it.
 
 Options:
   --conf FILE             configuration file; default: the first that exists of
@@ -176,7 +247,7 @@ Keys (default):
   app.on_error        a row the destination rejects: stop or deadletter (stop)
 
 Exit status: 0 on success, 2 on a configuration or command-line error, 1 when
-check finds a problem.
+check finds a problem or verify a difference.
 ";
 
 #[cfg(test)]
@@ -245,6 +316,46 @@ mod tests {
             Ok(Command::Check(_))
         ));
         assert!(parse(&["check", "check"]).is_err());
+    }
+
+    #[test]
+    fn verify_and_resync_take_a_table_and_a_sid() {
+        assert_eq!(
+            parse(&["verify", "--table", "public.t", "--sid=a", "--conf", "c.toml"]).unwrap(),
+            Command::Verify {
+                args: Args {
+                    conf: Some("c.toml".into()),
+                    overrides: vec![]
+                },
+                table: Some("public.t".into()),
+                sid: Some("a".into()),
+            }
+        );
+        assert!(matches!(
+            parse(&["verify"]),
+            Ok(Command::Verify {
+                table: None,
+                sid: None,
+                ..
+            })
+        ));
+        assert_eq!(
+            parse(&["resync", "t1", "--sid", "b"]).unwrap(),
+            Command::Resync {
+                args: Args::default(),
+                table: "t1".into(),
+                sid: Some("b".into()),
+            }
+        );
+        assert!(parse(&["resync"]).is_err(), "the table is required");
+        assert!(parse(&["resync", "t1", "t2"]).is_err());
+        assert!(parse(&["resync", "t1", "--table", "t2"]).is_err());
+        assert!(parse(&["verify", "--sid"]).is_err());
+        assert!(parse(&["verify", "--sid", "a", "--sid", "b"]).is_err());
+        assert!(
+            parse(&["--sid", "a"]).is_err(),
+            "only for verify and resync"
+        );
     }
 
     #[test]

@@ -49,6 +49,32 @@ pub struct TableMap {
     pub set: Vec<(String, String)>,
 }
 
+impl TableMap {
+    /// A digest of the entry's `filter` and `set` (FNV-1a: stable across runs and
+    /// versions), None without either: what the sync state records so that a changed
+    /// expression copies the table again.
+    pub fn expressions_digest(&self) -> Option<u64> {
+        if self.filter.is_none() && self.set.is_empty() {
+            return None;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |text: &str| {
+            for b in text.bytes().chain([0]) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(self.filter.as_deref().unwrap_or(""));
+        let mut set: Vec<&(String, String)> = self.set.iter().collect();
+        set.sort();
+        for (column, expr) in set {
+            eat(column);
+            eat(expr);
+        }
+        Some(h)
+    }
+}
+
 /// How a target follows its source (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Mode {

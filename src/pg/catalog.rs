@@ -76,6 +76,40 @@ pub struct TableInfo {
     pub columns: Vec<Column>,
 }
 
+/// Whether table `c` (a `pg_class` row) can publish UPDATE and DELETE: see
+/// [`TableInfo::has_identity`].
+const HAS_IDENTITY: &str = "CASE c.relreplident \
+      WHEN 'f' THEN true \
+      WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+      WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
+      ELSE false END";
+
+/// A table's (schema, name).
+pub type QualifiedName = (String, String);
+
+/// [`TableInfo::has_identity`] of each of `tables` that exists, in one query.
+pub fn identities(
+    client: &mut Client,
+    tables: &[QualifiedName],
+) -> Result<Vec<(QualifiedName, bool)>, postgres::Error> {
+    let schemas: Vec<&str> = tables.iter().map(|t| t.0.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.1.as_str()).collect();
+    let rows = client.query(
+        &format!(
+            "SELECT n.nspname::text, c.relname::text, {HAS_IDENTITY} \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+               JOIN unnest($1::text[], $2::text[]) AS w(s, t) \
+                 ON n.nspname = w.s AND c.relname = w.t \
+              WHERE c.relkind IN ('r', 'p')"
+        ),
+        &[&schemas, &names],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
 /// Looks a table up; `Ok(None)` when it does not exist.
 pub fn table_info(
     client: &mut Client,
@@ -83,14 +117,11 @@ pub fn table_info(
     name: &str,
 ) -> Result<Option<TableInfo>, postgres::Error> {
     let rows = client.query(
-        "SELECT c.oid, c.relkind::text, c.relreplident::text, \
-                CASE c.relreplident \
-                  WHEN 'f' THEN true \
-                  WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
-                  WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
-                  ELSE false END \
-           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+        &format!(
+            "SELECT c.oid, c.relkind::text, c.relreplident::text, {HAS_IDENTITY} \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')"
+        ),
         &[&schema, &name],
     )?;
     let Some(row) = rows.first() else {

@@ -81,10 +81,19 @@ impl Resolved {
     fn key(&self) -> String {
         format!("{}.{}", self.source.schema, self.source.name)
     }
-    /// Its target as recorded in `kvsz_sync_state`: a changed target (or
-    /// `database.schema`) is a table to copy again.
+    /// Its target (`schema.table`).
     fn target(&self) -> String {
         format!("{}.{}", self.plan.target_schema, self.plan.target_table)
+    }
+    /// Its target as recorded in `kvsz_sync_state`, with a digest of the entry's
+    /// `filter` and `set` when it has them: a changed target, `database.schema`, filter
+    /// or set is a table to copy again, so the target holds exactly the source rows that
+    /// pass the current filter, with the current computed values (SPEC §3).
+    fn recorded(&self) -> String {
+        match self.map.expressions_digest() {
+            Some(d) => format!("{} [filter/set {d:016x}]", self.target()),
+            None => self.target(),
+        }
     }
 }
 
@@ -94,6 +103,11 @@ struct SyncState {
     state: String,
     lsn: Option<Lsn>,
 }
+
+/// `kvsz_sync_state.state` of a table `kuvasz-streamer resync` asked to copy again:
+/// not done, so the next set-up of its source copies it (a running source notices it
+/// within seconds and sets up again).
+pub const RESYNC_STATE: &str = "resync";
 
 /// `kvsz_sync_state.source_table` of the row recording where the `_ins` publication
 /// became safe to stream (`lsn`): no source table is named without a schema.
@@ -670,7 +684,7 @@ fn record_states(
         ));
     }
     for r in tables {
-        batch.push_str(&state_sql(spec, env, &r.key(), &r.target(), state, None));
+        batch.push_str(&state_sql(spec, env, &r.key(), &r.recorded(), state, None));
         batch.push(';');
     }
     batch.push_str("COMMIT");
@@ -889,7 +903,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             let done = |r: &Resolved| {
                 states.get(&r.key()).is_some_and(|s| {
                     s.state == "done"
-                        && (s.target == r.target()
+                        && (s.target == r.recorded()
                             // Recorded by an earlier version, without the schema.
                             || (s.target == r.plan.target_table && !s.target.contains('.')))
                 })
@@ -1157,7 +1171,7 @@ fn copy_one_target(
     let started = std::time::Instant::now();
     let done: String = group
         .iter()
-        .map(|r| state_sql(spec, env, &r.key(), &r.target(), "done", Some(at)))
+        .map(|r| state_sql(spec, env, &r.key(), &r.recorded(), "done", Some(at)))
         .collect::<Vec<_>>()
         .join("; ");
     let plans: Vec<&CopyPlan> = group.iter().map(|r| &r.plan).collect();

@@ -15,15 +15,18 @@ use crate::config::{Mode, TableMap};
 use crate::expr::{ExprError, TableExprs};
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
+use crate::pg::quote::{literal, qualified};
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::Lsn;
 use crate::status::TableCounters;
 
 use super::mapping::{map_relation, RelationMap, RowExprs};
-use super::setup::{connect_dest, connect_source, tables_changed, Route, StartPoint, TableName};
+use super::setup::{
+    connect_dest, connect_source, tables_changed, Route, StartPoint, TableName, RESYNC_STATE,
+};
 use super::spool::{SpoolError, Spools};
 use super::stamps::Stamps;
-use super::{SourceEnv, SourceError, SourceSpec};
+use super::{SourceEnv, SourceError, SourceSpec, SYNC_STATE_TABLE};
 
 /// How often routed progress is announced to the writers.
 const MARK_EVERY: Duration = Duration::from_millis(100);
@@ -64,6 +67,17 @@ fn target_id(schema: &str, name: &str) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+/// See [`Stream::last_delete`].
+struct LastDelete {
+    /// Its target ([`target_id`]) and source relation.
+    target: u64,
+    rel: u32,
+    /// Its stamp (history): the moved row's new version opens there.
+    stamp: i64,
+    /// An append target's DELETE, which is not applied unless it is half of a move.
+    held: Option<Change>,
 }
 
 /// How often targets lacking some source columns are looked at again, so a column the
@@ -107,11 +121,10 @@ struct Streamer<'a> {
     seq: u32,
     /// Version stamps of history targets in the current transaction.
     stamps: Stamps,
-    /// The last change was a DELETE from this source relation of this history target:
-    /// an INSERT into another relation of that target right after it is the second half
-    /// of a cross-partition UPDATE (PostgreSQL writes one as a DELETE and an INSERT).
-    /// (target, relation, the DELETE's stamp)
-    history_delete: Option<(u64, u32, i64)>,
+    /// The last change was a DELETE from a target fed by several source relations
+    /// (partitions): an INSERT into another of them right after it is the second half of
+    /// a cross-partition UPDATE (PostgreSQL writes one as a DELETE and an INSERT).
+    last_delete: Option<LastDelete>,
     /// Highest WAL position received.
     received: Lsn,
     /// Everything before this position has been routed.
@@ -183,7 +196,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         txn_time: 0,
         seq: 0,
         stamps: Stamps::default(),
-        history_delete: None,
+        last_delete: None,
         received: start,
         routed: start,
         marked: start,
@@ -290,6 +303,8 @@ impl Streamer<'_> {
                 self.last_recheck = Instant::now();
                 self.recheck_targets()?;
                 self.recheck_tables()?;
+                self.recheck_identities()?;
+                self.recheck_resync()?;
             }
         }
     }
@@ -393,7 +408,7 @@ impl Streamer<'_> {
             PgOutput::Relation(rel) => self.relation(rel)?,
             PgOutput::Insert { rel, new } => {
                 let pos = self.pos();
-                let after_delete = self.history_delete.take();
+                let after_delete = self.last_delete.take();
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
                     let outcome = m.exprs.as_ref().map(|x| x.eval(&new, None));
@@ -412,16 +427,24 @@ impl Streamer<'_> {
                         Some(Ok(o)) => c.values = m.map.with_computed(&c.values, &o.computed),
                     }
                     m.counters.routed(Op::Insert);
-                    let c = match (history, after_delete) {
-                        (Some(t), Some((deleted_from, other, at)))
-                            if t == deleted_from && other != rel =>
-                        {
+                    let target = target_id(&m.map.table.schema, &m.map.table.name);
+                    let moved = after_delete.filter(|d| d.target == target && d.rel != rel);
+                    let c = match moved {
+                        Some(d) if history.is_some() => {
                             // A row that moved partitions: its new version continues its
                             // history where the DELETE closed it, as a key change's does,
                             // instead of being valid since 1900 like a new row's.
                             c.op = Op::Update;
-                            c.commit_time = at;
+                            c.commit_time = d.stamp;
                             self.continued(c, history)
+                        }
+                        Some(LastDelete {
+                            held: Some(delete), ..
+                        }) => {
+                            // An append target's row moves, as on a key change: the old
+                            // key goes.
+                            self.route(delete)?;
+                            c
                         }
                         _ => self.stamped(c, history),
                     };
@@ -430,7 +453,7 @@ impl Streamer<'_> {
             }
             PgOutput::Update { rel, old, new } => {
                 let pos = self.pos();
-                self.history_delete = None;
+                self.last_delete = None;
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
                     let append = m.mode == Mode::Append;
@@ -494,9 +517,13 @@ impl Streamer<'_> {
             }
             PgOutput::Delete { rel, old } => {
                 let pos = self.pos();
-                self.history_delete = None;
+                self.last_delete = None;
                 if let Some(m) = self.mapped(rel)? {
-                    if m.mode == Mode::Append {
+                    let append = m.mode == Mode::Append;
+                    // Only a DELETE that may be half of a move is worth remembering.
+                    let target =
+                        (m.siblings > 1).then(|| target_id(&m.map.table.schema, &m.map.table.name));
+                    if append && target.is_none() {
                         return Ok(());
                     }
                     let history = m.history;
@@ -504,15 +531,27 @@ impl Streamer<'_> {
                         .map
                         .delete(self.spec.id, old, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
-                    m.counters.routed(Op::Delete);
+                    if !append {
+                        m.counters.routed(Op::Delete);
+                    }
                     let c = self.stamped(c, history);
-                    let at = c.commit_time;
-                    self.route(c)?;
-                    self.history_delete = history.map(|t| (t, rel, at));
+                    let stamp = c.commit_time;
+                    let held = if append {
+                        Some(c)
+                    } else {
+                        self.route(c)?;
+                        None
+                    };
+                    self.last_delete = target.map(|target| LastDelete {
+                        target,
+                        rel,
+                        stamp,
+                        held,
+                    });
                 }
             }
             PgOutput::Truncate { rels, .. } => {
-                self.history_delete = None;
+                self.last_delete = None;
                 // Targets fed by several source tables (partitions) are emptied only when
                 // this TRUNCATE covers all of them: their rows cannot be told apart.
                 let mut covered: HashMap<(String, String), usize> = HashMap::new();
@@ -657,7 +696,7 @@ impl Streamer<'_> {
         self.txn_time = commit_time;
         self.seq = 0;
         self.stamps.begin();
-        self.history_delete = None;
+        self.last_delete = None;
     }
 
     /// A history target's change takes its version stamp (see [`Stamps`]).
@@ -794,6 +833,66 @@ impl Streamer<'_> {
         if tables_changed(self.spec, src, &self.dynamic)? {
             info!(
                 "source {}: the partitions or tables a map entry stands for changed: setting up again",
+                self.label()
+            );
+            self.restart_now = true;
+        }
+        Ok(())
+    }
+
+    /// A table that gained a replica identity (a primary key added) is still published
+    /// for INSERT and TRUNCATE only, and one that lost it would make the source refuse
+    /// its UPDATEs: set up again, which moves it to the right publication and copies it.
+    fn recheck_identities(&mut self) -> Result<(), SourceError> {
+        if self.src.is_none() {
+            self.src = Some(connect_source(self.spec, self.env)?);
+        }
+        let Some(src) = self.src.as_mut() else {
+            return Ok(());
+        };
+        let names: Vec<TableName> = self.routes.keys().cloned().collect();
+        let now = catalog::identities(src, &names).map_err(|error| SourceError::Sql {
+            source: self.spec.label(),
+            context: "look up replica identities".to_string(),
+            error,
+        })?;
+        for ((schema, table), has_identity) in now {
+            let Some(route) = self.routes.get(&(schema.clone(), table.clone())) else {
+                continue;
+            };
+            if has_identity == route.insert_only {
+                info!(
+                    "source {}: {schema}.{table} {} a replica identity: setting up again",
+                    self.label(),
+                    if has_identity { "gained" } else { "lost" }
+                );
+                self.restart_now = true;
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// `kuvasz-streamer resync` asked for a table of this slot to be copied again (its
+    /// sync state says so): set up again, which copies it.
+    fn recheck_resync(&mut self) -> Result<(), SourceError> {
+        let sql = format!(
+            "SELECT source_table FROM {} WHERE slot_name = $1 AND state = {}",
+            qualified(&self.env.dest_schema, SYNC_STATE_TABLE),
+            literal(RESYNC_STATE)
+        );
+        let rows = self
+            .dest
+            .query(&sql, &[&self.spec.slot])
+            .map_err(|error| SourceError::Sql {
+                source: self.spec.label(),
+                context: "read resync requests".to_string(),
+                error,
+            })?;
+        if let Some(row) = rows.first() {
+            let table: String = row.get(0);
+            info!(
+                "source {}: {table} is to be copied again (kuvasz-streamer resync): setting up again",
                 self.label()
             );
             self.restart_now = true;
