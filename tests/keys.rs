@@ -6,10 +6,8 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::daemon::Daemon;
-use support::{destination, source, unique_name, wait_for, Cluster, Rows};
+use support::{destination, source, unique_name, wait_confirmed, Cluster, Rows};
 
 /// Types and extensions both sides need.
 const TYPES: &str = "CREATE TYPE pair AS (a int, b text); \
@@ -124,29 +122,6 @@ fn contents(c: &Cluster, db: &str, table: &str, filter: &str) -> Rows {
         db,
         &format!("SELECT k::text, v, md5(big) FROM {table}{filter} ORDER BY k::text COLLATE \"C\""),
     )
-}
-
-/// Waits until the slot has confirmed everything the source wrote so far: the
-/// destination then holds every change. (The insert position: with
-/// `synchronous_commit = off` the write position may still be before the last commit.)
-fn wait_confirmed(src: &Cluster, db: &str, slot: &str) {
-    let lsn = src.query(db, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
-        .clone()
-        .expect("lsn");
-    wait_for(
-        &format!("slot {slot} to confirm {lsn}"),
-        Duration::from_secs(120),
-        || {
-            let r = src.query(
-                db,
-                &format!(
-                    "SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots \
-                     WHERE slot_name = '{slot}'"
-                ),
-            );
-            (r.first().and_then(|r| r[0].as_deref()) == Some("t")).then_some(())
-        },
-    );
 }
 
 /// Every key type changes keys while four writers apply: as plain updates of whole

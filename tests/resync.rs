@@ -5,26 +5,9 @@
 mod support;
 
 use std::fs;
-use std::process::{Command, Stdio};
 
 use support::daemon::Daemon;
 use support::{converge, destination, source, unique_name, Cluster, Rows};
-
-/// `kuvasz-streamer <args…> --conf <daemon's config>`: exit code and standard output.
-fn cli(daemon_dir: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kuvasz-streamer"))
-        .args(args)
-        .arg("--conf")
-        .arg(daemon_dir.join("kuvasz-streamer.toml"))
-        .current_dir(daemon_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kuvasz-streamer");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
 
 fn map(family: &str, urls: &[(String, &str)], tables: &str) -> String {
     let urls: Vec<String> = urls
@@ -159,7 +142,7 @@ fn resync_copies_a_table_again() {
         "DELETE FROM t WHERE id < 5; UPDATE t SET n = -1 WHERE id = 10; \
          INSERT INTO t VALUES ('a', 99, 99, 'stray'), ('b', 99, 99, 'stray')",
     );
-    let (code, out) = cli(&d.dir, &["resync", "t", "--sid", "a"]);
+    let ((code, out), _) = Daemon::command(&d.dir, &["resync", "t", "--sid", "a"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out,
@@ -179,12 +162,12 @@ fn resync_copies_a_table_again() {
         ),
         vec![vec![Some("17".to_string()), Some("1".to_string())]]
     );
-    let (code, out) = cli(&d.dir, &["resync", "nosuch"]);
+    let ((code, out), _) = Daemon::command(&d.dir, &["resync", "nosuch"]);
     assert_eq!(
         (code, out.as_str()),
         (1, "resync: table \"nosuch\" is not in the map\n")
     );
-    let (code, out) = cli(&d.dir, &["resync", "t", "--sid", "c"]);
+    let ((code, out), _) = Daemon::command(&d.dir, &["resync", "t", "--sid", "c"]);
     assert_eq!(
         (code, out.as_str()),
         (1, "resync: no source URL of the map has sid \"c\"\n")

@@ -6,14 +6,13 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::daemon::Daemon;
-use support::{destination, source, unique_name, wait_for, Cluster};
+use support::{destination, source, unique_name, wait_confirmed, Cluster};
 
 /// The table whose name and keys need quoting everywhere.
 const ODD: &str = "Odd \"Tab\" é";
@@ -29,46 +28,17 @@ fn lit(text: &str) -> String {
 }
 
 /// `kuvasz-streamer verify <args>` on the files of daemon directory `dir`: exit code
-/// and standard output.
+/// and standard output (it writes nothing to standard error).
 fn verify(dir: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kuvasz-streamer"))
-        .arg("verify")
-        .arg("--conf")
-        .arg(dir.join("kuvasz-streamer.toml"))
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run verify");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let all: Vec<&str> = std::iter::once("verify")
+        .chain(args.iter().copied())
+        .collect();
+    let (out, stderr) = Daemon::command(dir, &all);
     assert!(
         stderr.is_empty(),
         "verify {args:?} wrote to stderr: {stderr}"
     );
-    (out.status.code().unwrap_or(-1), stdout)
-}
-
-/// Waits until `slot` has confirmed everything the source wrote so far: the destination
-/// then holds every change.
-fn wait_confirmed(src: &Cluster, db: &str, slot: &str) {
-    let lsn = src.query(db, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
-        .clone()
-        .expect("lsn");
-    wait_for(
-        &format!("slot {slot} to confirm {lsn}"),
-        Duration::from_secs(120),
-        || {
-            let r = src.query(
-                db,
-                &format!(
-                    "SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots \
-                     WHERE slot_name = '{slot}'"
-                ),
-            );
-            (r.first().and_then(|r| r[0].as_deref()) == Some("t")).then_some(())
-        },
-    );
+    out
 }
 
 fn source_ddl() -> String {

@@ -86,17 +86,26 @@ impl Daemon {
     /// `kuvasz-streamer check` on the files of daemon directory `dir`: exit code and
     /// standard output.
     pub fn check(dir: &std::path::Path) -> (i32, String) {
+        Self::command(dir, &["check"]).0
+    }
+
+    /// `kuvasz-streamer <args…> --conf <dir>/kuvasz-streamer.toml`: (exit code, standard
+    /// output) and standard error.
+    pub fn command(dir: &std::path::Path, args: &[&str]) -> ((i32, String), String) {
         let out = Command::new(env!("CARGO_BIN_EXE_kuvasz-streamer"))
-            .arg("check")
+            .args(args)
             .arg("--conf")
             .arg(dir.join("kuvasz-streamer.toml"))
             .current_dir(dir)
             .stdin(Stdio::null())
             .output()
-            .expect("run check");
+            .expect("run kuvasz-streamer");
         (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
 

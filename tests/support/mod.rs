@@ -546,6 +546,30 @@ pub fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// Waits until `slot` on `src` has confirmed everything the source wrote so far: the
+/// destination then holds every change routed before. (The insert position: with
+/// `synchronous_commit = off` the write position may still be before the last commit.)
+pub fn wait_confirmed(src: &Cluster, db: &str, slot: &str) {
+    let lsn = src.query(db, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+        .clone()
+        .expect("lsn");
+    wait_for(
+        &format!("slot {slot} to confirm {lsn}"),
+        Duration::from_secs(120),
+        || {
+            let r = src.query(
+                db,
+                &format!(
+                    "SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots \
+                     WHERE slot_name = {}",
+                    literal(slot)
+                ),
+            );
+            (r.first().and_then(|r| r[0].as_deref()) == Some("t")).then_some(())
+        },
+    );
+}
+
 /// Rows of a query, every value in PostgreSQL's text form.
 pub type Rows = Vec<Vec<Option<String>>>;
 
