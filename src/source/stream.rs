@@ -74,10 +74,8 @@ struct LastDelete {
     /// Its target ([`target_id`]) and source relation.
     target: u64,
     rel: u32,
-    /// Its stamp (history): the moved row's new version opens there.
+    /// Its stamp: the moved row's new version opens there.
     stamp: i64,
-    /// An append target's DELETE, which is not applied unless it is half of a move.
-    held: Option<Change>,
 }
 
 /// How often targets lacking some source columns are looked at again, so a column the
@@ -121,9 +119,13 @@ struct Streamer<'a> {
     seq: u32,
     /// Version stamps of history targets in the current transaction.
     stamps: Stamps,
-    /// The last change was a DELETE from a target fed by several source relations
-    /// (partitions): an INSERT into another of them right after it is the second half of
-    /// a cross-partition UPDATE (PostgreSQL writes one as a DELETE and an INSERT).
+    /// The last change was a DELETE from a history target fed by several source
+    /// relations (partitions): an INSERT into another of them right after it is taken
+    /// for the second half of a cross-partition UPDATE (PostgreSQL writes one as a DELETE
+    /// and an INSERT), whose new version continues the history from the DELETE's stamp.
+    /// A row deleted and an unrelated one inserted into another partition right after
+    /// it, in one transaction, look the same: that row's version then starts at T, not
+    /// at 1900-01-01.
     last_delete: Option<LastDelete>,
     /// Highest WAL position received.
     received: Lsn,
@@ -438,14 +440,6 @@ impl Streamer<'_> {
                             c.commit_time = d.stamp;
                             self.continued(c, history)
                         }
-                        Some(LastDelete {
-                            held: Some(delete), ..
-                        }) => {
-                            // An append target's row moves, as on a key change: the old
-                            // key goes.
-                            self.route(delete)?;
-                            c
-                        }
                         _ => self.stamped(c, history),
                     };
                     self.route(c)?;
@@ -519,35 +513,26 @@ impl Streamer<'_> {
                 let pos = self.pos();
                 self.last_delete = None;
                 if let Some(m) = self.mapped(rel)? {
-                    let append = m.mode == Mode::Append;
-                    // Only a DELETE that may be half of a move is worth remembering.
-                    let target =
-                        (m.siblings > 1).then(|| target_id(&m.map.table.schema, &m.map.table.name));
-                    if append && target.is_none() {
+                    // An append target keeps what the source deletes, even the old key
+                    // of a row that moved partitions: PostgreSQL sends that UPDATE as a
+                    // DELETE and an INSERT, which cannot be told from a row deleted and
+                    // another inserted, and keeping a row loses nothing.
+                    if m.mode == Mode::Append {
                         return Ok(());
                     }
+                    // Only a history DELETE that may be half of a move is remembered.
+                    let target = (m.history.is_some() && m.siblings > 1)
+                        .then(|| target_id(&m.map.table.schema, &m.map.table.name));
                     let history = m.history;
                     let c = m
                         .map
                         .delete(self.spec.id, old, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
-                    if !append {
-                        m.counters.routed(Op::Delete);
-                    }
+                    m.counters.routed(Op::Delete);
                     let c = self.stamped(c, history);
                     let stamp = c.commit_time;
-                    let held = if append {
-                        Some(c)
-                    } else {
-                        self.route(c)?;
-                        None
-                    };
-                    self.last_delete = target.map(|target| LastDelete {
-                        target,
-                        rel,
-                        stamp,
-                        held,
-                    });
+                    self.route(c)?;
+                    self.last_delete = target.map(|target| LastDelete { target, rel, stamp });
                 }
             }
             PgOutput::Truncate { rels, .. } => {

@@ -1134,6 +1134,8 @@ fn run_session(src: &Cluster, db: &str, session: &Session) -> SessionLog {
 #[derive(Clone, Debug)]
 struct Change {
     seq: i64,
+    /// The seq of its transaction's next audited change, of any table.
+    next_seq: Option<i64>,
     txid: i64,
     /// Commit timestamp of its transaction, µs since 1970.
     ts: i64,
@@ -1170,7 +1172,9 @@ fn audit(client: &mut Client, t: &Table) -> Result<Vec<Change>, String> {
     let sql = format!(
         "SELECT a.seq::text, a.txid::text, round(extract(epoch FROM \
          pg_xact_commit_timestamp((a.txid % 4294967296)::text::xid)) * 1000000)::bigint::text, \
-         a.op || coalesce(a.stmt, ''), {}, {} FROM kvsz_audit a \
+         a.op || coalesce(a.stmt, ''), {}, {}, a.next_seq::text \
+         FROM (SELECT *, lead(seq) OVER (PARTITION BY txid ORDER BY seq) AS next_seq \
+                 FROM kvsz_audit) a \
          LEFT JOIN LATERAL jsonb_populate_record(NULL::{name}, a.old) o ON true \
          LEFT JOIN LATERAL jsonb_populate_record(NULL::{name}, a.new) w ON true \
          WHERE a.tbl = {}",
@@ -1196,6 +1200,7 @@ fn audit(client: &mut Client, t: &Table) -> Result<Vec<Change>, String> {
             let new = matches!(op, 'I' | 'U').then(|| r[4 + n..4 + 2 * n].to_vec());
             Change {
                 seq: num(0),
+                next_seq: r[4 + 2 * n].as_deref().and_then(|v| v.parse().ok()),
                 txid: num(1),
                 ts: num(2),
                 op,
@@ -1207,12 +1212,35 @@ fn audit(client: &mut Client, t: &Table) -> Result<Vec<Change>, String> {
     out.sort_by_key(|c| (c.ts, c.txid, c.seq));
     // A row an UPDATE moved to another partition is a DELETE (audited with statement
     // UPDATE) followed by its INSERT: one UPDATE that changes the key, as the source
-    // committed it (SPEC §4: it "ends right").
+    // committed it (SPEC §4: it "ends right"). Except in an append target: the stream
+    // carries a DELETE and an INSERT, which the daemon cannot tell from a row deleted
+    // and another inserted, and an append target keeps what the source deletes, so
+    // the old key's row stays (README, "Partitions").
     let mut merged: Vec<Change> = Vec::with_capacity(out.len());
     let mut i = 0;
     while i < out.len() {
         let c = &out[i];
-        if c.op == 'M' {
+        if c.op == 'M' && t.mode == Mode::Append {
+            merged.push(Change {
+                op: 'D',
+                ..c.clone()
+            });
+            i += 1;
+        } else if c.op == 'D'
+            && t.mode == Mode::History
+            && deleted_then_inserted_elsewhere(t, c, out.get(i + 1))
+        {
+            // The daemon cannot tell a row deleted and another inserted into another
+            // partition right after it from a row that moved partitions: the new row's
+            // version continues from the DELETE, as a moved row's (README, "Partitions").
+            let next = &out[i + 1];
+            merged.push(Change {
+                op: 'U',
+                new: next.new.clone(),
+                ..c.clone()
+            });
+            i += 2;
+        } else if c.op == 'M' {
             let next = out
                 .get(i + 1)
                 .filter(|n| n.op == 'I' && n.txid == c.txid)
@@ -1229,6 +1257,23 @@ fn audit(client: &mut Client, t: &Table) -> Result<Vec<Change>, String> {
         }
     }
     Ok(merged)
+}
+
+/// Whether `next` is the INSERT of its transaction's very next change, into another
+/// partition of partitioned table `t` than the one `deleted` left.
+fn deleted_then_inserted_elsewhere(t: &Table, deleted: &Change, next: Option<&Change>) -> bool {
+    let Some(next) = next else {
+        return false;
+    };
+    let Some(p) = t.cols().iter().position(|c| *c == "p") else {
+        return false;
+    };
+    let part = |row: &Option<Row>| row.as_ref().and_then(|r| r[p].clone());
+    t.key == KeyKind::Partitioned
+        && next.op == 'I'
+        && next.txid == deleted.txid
+        && deleted.next_seq == Some(next.seq)
+        && part(&deleted.old) != part(&next.new)
 }
 
 /// The source table's rows as `changes` leave it (a multiset).
