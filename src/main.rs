@@ -118,7 +118,7 @@ fn resync(args: &Args, table: &str, sid: Option<&str>) -> ExitCode {
         } else {
             println!(
                 "source {}: {} marked to be copied again; the running daemon sets the \
-                 source up again and copies it within seconds (or at its next start)",
+                 source up again and copies it within 15 seconds (or at its next start)",
                 m.source, m.target
             );
         }

@@ -1,6 +1,6 @@
 //! `kuvasz-streamer resync TABLE [--sid S]`: has the running daemon copy a table again,
 //! for when `verify` found a difference. It only marks the table's rows of each slot in
-//! `kvsz_sync_state` (state `resync`): the daemon's source thread notices within seconds
+//! `kvsz_sync_state` (state `resync`): the daemon's source thread notices within 15 seconds
 //! and sets up again, which copies every source table feeding that target, for that sid,
 //! from a fresh snapshot (a clone target's rows of the sid are replaced, an append target
 //! is merged, a history target records the differences). A daemon that is not running

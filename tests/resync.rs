@@ -148,7 +148,7 @@ fn resync_copies_a_table_again() {
         out,
         format!(
             "source {family}/a: public.t marked to be copied again; the running daemon sets \
-             the source up again and copies it within seconds (or at its next start)\n"
+             the source up again and copies it within 15 seconds (or at its next start)\n"
         )
     );
     converge("sid a copied again", || source_rows(&a), rows_a);

@@ -219,7 +219,7 @@ Usage:
   what the source had written, so only differences that persist are reported.
   resync has the running daemon copy table T (a map key) again, for every sid
   or --sid S: it marks the table in kvsz_sync_state, and the daemon's source
-  sets up again within seconds and copies it.
+  sets up again within 15 seconds and copies it.
 
 Options:
   --conf FILE             configuration file; default: the first that exists of

@@ -106,7 +106,7 @@ struct SyncState {
 
 /// `kvsz_sync_state.state` of a table `kuvasz-streamer resync` asked to copy again:
 /// not done, so the next set-up of its source copies it (a running source notices it
-/// within seconds and sets up again).
+/// within 15 seconds and sets up again).
 pub const RESYNC_STATE: &str = "resync";
 
 /// `kvsz_sync_state.source_table` of the row recording where the `_ins` publication

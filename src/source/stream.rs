@@ -82,6 +82,11 @@ struct LastDelete {
 /// operator adds to the target is used without a restart.
 const TARGET_RECHECK: Duration = Duration::from_secs(5);
 
+/// How often a stream looks for tables whose replica identity changed and for
+/// `resync` requests: two queries that hold the stream for a moment, so less often than
+/// [`TARGET_RECHECK`] (what they find is not urgent; the latency of every change is).
+const SHAPE_RECHECK: Duration = Duration::from_secs(15);
+
 /// How a stream ended without an error.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -138,6 +143,8 @@ struct Streamer<'a> {
     last_mark: Instant,
     last_status: Instant,
     last_recheck: Instant,
+    /// See [`SHAPE_RECHECK`].
+    last_shape_check: Instant,
 }
 
 pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<Ended, SourceError> {
@@ -206,6 +213,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         last_mark: Instant::now(),
         last_status: Instant::now(),
         last_recheck: Instant::now(),
+        last_shape_check: Instant::now(),
     };
     s.run()
 }
@@ -305,6 +313,9 @@ impl Streamer<'_> {
                 self.last_recheck = Instant::now();
                 self.recheck_targets()?;
                 self.recheck_tables()?;
+            }
+            if !self.in_txn && self.last_shape_check.elapsed() >= SHAPE_RECHECK {
+                self.last_shape_check = Instant::now();
                 self.recheck_identities()?;
                 self.recheck_resync()?;
             }
