@@ -125,6 +125,8 @@ pub struct SourceFacts {
     /// Mapped tables the role does not own and that are not yet published: adding them
     /// to the publication would fail.
     pub not_owned: Vec<String>,
+    /// `server_encoding` of the database.
+    pub encoding: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -165,6 +167,7 @@ pub fn judge_source(f: &SourceFacts, slot_name: &str, app_name: &str) -> Vec<Lin
             sql_name(&f.user)
         ))
     });
+    out.push(encoding_line(&f.encoding));
     let slot_exists = f.slot.is_some();
     out.push(if slot_exists || f.used_slots < f.max_slots {
         Line::Ok(format!(
@@ -260,6 +263,22 @@ pub fn judge_source(f: &SourceFacts, slot_name: &str, app_name: &str) -> Vec<Lin
     out
 }
 
+/// Every encoding but SQL_ASCII is converted to UTF-8 by the source; SQL_ASCII declares
+/// none, so its bytes are taken as UTF-8, and a value that is not is a rejected row.
+fn encoding_line(encoding: &str) -> Line {
+    if encoding == "SQL_ASCII" {
+        Line::Warning(
+            "encoding SQL_ASCII: values are taken as UTF-8; a row holding bytes that are not \
+             valid UTF-8 is a rejected row (app.on_error), reported with its column"
+                .to_string(),
+        )
+    } else {
+        Line::Ok(format!(
+            "encoding {encoding}: converted to UTF-8 by the source"
+        ))
+    }
+}
+
 /// `server_version_num`, which decides the catalog columns to read.
 fn server_version(client: &mut Client) -> Result<i32, postgres::Error> {
     Ok(client
@@ -280,6 +299,9 @@ pub fn probe_source(
         "SELECT current_setting('wal_level')"
     };
     let wal_level: String = src.query_one(level_sql, &[])?.get(0);
+    let encoding: String = src
+        .query_one("SELECT current_setting('server_encoding')", &[])?
+        .get(0);
     let r = src.query_one(
         "SELECT current_user::text, rolsuper, rolreplication, current_database()::text, \
                 current_setting('max_replication_slots')::bigint, \
@@ -346,6 +368,7 @@ pub fn probe_source(
         may_create_publication: r.get(9),
         slot,
         not_owned,
+        encoding,
     })
 }
 
@@ -558,6 +581,7 @@ mod tests {
             used_senders: 1,
             publication_owner: Some("kv".into()),
             may_create_publication: true,
+            encoding: "UTF8".into(),
             ..SourceFacts::default()
         }
     }
@@ -605,6 +629,25 @@ mod tests {
             ..healthy()
         };
         assert!(problems(&judge_source(&f19, "s", "kv"))[0].starts_with("effective_wal_level is"));
+    }
+
+    #[test]
+    fn a_sql_ascii_source_is_a_warning() {
+        let lines = judge_source(
+            &SourceFacts {
+                encoding: "SQL_ASCII".into(),
+                ..healthy()
+            },
+            "s",
+            "kv",
+        );
+        assert!(problems(&lines).is_empty());
+        assert!(lines.iter().any(
+            |l| matches!(l, Line::Warning(w) if w.starts_with("encoding SQL_ASCII: values are taken as UTF-8"))
+        ));
+        assert!(judge_source(&healthy(), "s", "kv").contains(&Line::Ok(
+            "encoding UTF8: converted to UTF-8 by the source".into()
+        )));
     }
 
     #[test]

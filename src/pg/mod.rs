@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod connect;
 pub mod conninfo;
+pub mod encoding;
 pub mod lsn;
 pub mod pgoutput;
 pub mod quote;

@@ -123,6 +123,9 @@ pub enum TupleValue<'a> {
     Text(&'a str),
     /// 'b': the type's binary send format (only with the `binary` option).
     Binary(&'a [u8]),
+    /// 't' whose bytes are not UTF-8 (a SQL_ASCII source): kept, so that its row can be
+    /// reported as rejected rather than the whole message failing.
+    NotUtf8(&'a [u8]),
 }
 
 /// One value per column of the relation, in the Relation message's column order.
@@ -154,7 +157,9 @@ pub enum DecodeError {
         at: usize,
     },
     UnknownTag(u8),
-    /// A string or text value is not UTF-8 (the server encoding should be UTF8).
+    /// A name (relation, column, type) is not UTF-8: a SQL_ASCII database whose
+    /// catalog holds other bytes. (A value that is not UTF-8 is kept: see
+    /// [`TupleValue::NotUtf8`].)
     BadUtf8 {
         tag: u8,
     },
@@ -636,10 +641,6 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn str(&self, bytes: &'a [u8]) -> Result<&'a str, DecodeError> {
-        std::str::from_utf8(bytes).map_err(|_| DecodeError::BadUtf8 { tag: self.tag })
-    }
-
     fn utf8(&self, bytes: &[u8]) -> Result<String, DecodeError> {
         std::str::from_utf8(bytes)
             .map(str::to_owned)
@@ -705,7 +706,10 @@ impl<'a> Reader<'a> {
                 b't' => {
                     let len = self.count_i32()?;
                     let bytes = self.take(len)?;
-                    TupleValue::Text(self.str(bytes)?)
+                    match std::str::from_utf8(bytes) {
+                        Ok(s) => TupleValue::Text(s),
+                        Err(_) => TupleValue::NotUtf8(bytes),
+                    }
                 }
                 b'b' => {
                     let len = self.count_i32()?;
@@ -1215,10 +1219,13 @@ mod tests {
                 at: 9,
             })
         );
-        // Text value 0xFF.
+        // Text value 0xFF: kept, for its row to be rejected.
         assert_eq!(
             d.decode(&hex("490000400e4e00017400000001ff")),
-            Err(DecodeError::BadUtf8 { tag: b'I' })
+            Ok(PgOutput::Insert {
+                rel: 0x400e,
+                new: Tuple(vec![TupleValue::NotUtf8(&[0xff])]),
+            })
         );
         assert_eq!(
             d.decode(&hex("490000400e4e000178")),

@@ -420,6 +420,12 @@ impl ReplicationConnection {
             .set_write_timeout(Some(WRITE_TIMEOUT))
             .map_err(io_error)?;
         conn.set_read_timeout(None).map_err(io_error)?;
+        // A SQL_ASCII database has no encoding to convert from: asked for UTF8, the
+        // server only checks its bytes and fails the whole stream at the first value
+        // that is not UTF-8. Sent as they are, such a value is one rejected row.
+        if conn.parameter("server_encoding") == Some("SQL_ASCII") {
+            conn.simple_query("SET client_encoding = 'SQL_ASCII'")?;
+        }
         Ok(conn)
     }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::change::{Change, Op, Position, Row, Sid, SourceId, TargetColumn, TargetTable, Value};
 use crate::expr::{Cell, ExprError, Kind, Outcome, TableExprs};
 use crate::pg::catalog::{Column, UniqueIndex};
+use crate::pg::encoding::NotUtf8;
 use crate::pg::pgoutput::{OldKind, OldTuple, RelColumn, Tuple, TupleValue};
 
 /// Why a source relation cannot be written to its target.
@@ -244,9 +245,14 @@ impl RelationMap {
 
     /// The values of tuple columns `columns`, in that order, as a row.
     fn pick(&self, t: &Tuple, columns: impl Iterator<Item = usize> + Clone) -> Row {
-        // We never ask for binary values; if some came anyway, hex is bytea's text form.
-        let binary = t.0.iter().any(|v| matches!(v, TupleValue::Binary(_)));
-        let hex: Vec<Option<String>> = if !binary {
+        // Values that are not text as sent get an owned text: binary ones (we never ask
+        // for them; if some came anyway, hex is bytea's text form) and bytes that are not
+        // UTF-8, whose row is then rejected (see [`RelationMap::undecodable`]) and shown
+        // with U+FFFD in their place.
+        let owned =
+            t.0.iter()
+                .any(|v| matches!(v, TupleValue::Binary(_) | TupleValue::NotUtf8(_)));
+        let texts: Vec<Option<String>> = if !owned {
             Vec::new()
         } else {
             t.0.iter()
@@ -257,6 +263,7 @@ impl RelationMap {
                             s
                         }))
                     }
+                    TupleValue::NotUtf8(b) => Some(String::from_utf8_lossy(b).into_owned()),
                     _ => None,
                 })
                 .collect()
@@ -268,12 +275,30 @@ impl RelationMap {
                 None | Some(TupleValue::Null) => Value::Null,
                 Some(TupleValue::Unchanged) => Value::Unchanged,
                 Some(TupleValue::Text(s)) => Value::Text(s),
-                Some(TupleValue::Binary(_)) => hex
+                Some(TupleValue::Binary(_) | TupleValue::NotUtf8(_)) => texts
                     .get(i)
                     .and_then(|h| h.as_deref())
                     .map_or(Value::Null, Value::Text),
             }
         }))
+    }
+
+    /// The first value among the target's columns of `tuples` whose bytes are not
+    /// UTF-8: the change cannot be written and is a rejected row. (A column the target
+    /// does not take may hold any bytes.)
+    pub fn undecodable(&self, tuples: &[Option<&Tuple>]) -> Option<NotUtf8> {
+        tuples.iter().flatten().find_map(|t| {
+            self.source_index
+                .iter()
+                .enumerate()
+                .find_map(|(n, &i)| match t.0.get(i) {
+                    Some(TupleValue::NotUtf8(b)) => {
+                        let column = self.table.columns.get(n).map_or("?", |c| c.name.as_str());
+                        NotUtf8::check(column, b)
+                    }
+                    _ => None,
+                })
+        })
     }
 
     /// `row` with the `set` columns' values (in [`RelationMap::computed`] order).

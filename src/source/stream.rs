@@ -12,7 +12,7 @@ use postgres::Client;
 use crate::apply::route::{key_fingerprint, PoolClosed, Routed, Router, Wait};
 use crate::change::{Change, Op, Position, FNV_SEED};
 use crate::config::{Mode, TableMap};
-use crate::expr::{ExprError, TableExprs};
+use crate::expr::TableExprs;
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
 use crate::pg::quote::{literal, qualified};
@@ -424,14 +424,18 @@ impl Streamer<'_> {
                 let after_delete = self.last_delete.take();
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
+                    let undecodable = m.map.undecodable(&[Some(&new)]);
                     let outcome = m.exprs.as_ref().map(|x| x.eval(&new, None));
                     let mut c = m
                         .map
                         .insert(self.spec.id, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    if let Some(e) = undecodable {
+                        return self.reject(c, e.to_string());
+                    }
                     match outcome {
                         None => {}
-                        Some(Err(e)) => return self.reject(c, e),
+                        Some(Err(e)) => return self.reject(c, e.to_string()),
                         // Not for this target: never inserted.
                         Some(Ok(o)) if !o.pass => {
                             m.counters.filtered.fetch_add(1, Ordering::Relaxed);
@@ -462,6 +466,9 @@ impl Streamer<'_> {
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
                     let append = m.mode == Mode::Append;
+                    let undecodable = m
+                        .map
+                        .undecodable(&[Some(&new), old.as_ref().map(|o| &o.tuple)]);
                     let outcome = m
                         .exprs
                         .as_ref()
@@ -470,9 +477,13 @@ impl Streamer<'_> {
                         .map
                         .update(self.spec.id, old, new, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    if let Some(e) = undecodable {
+                        // Reported as one change: the half with the new row, if split.
+                        return self.reject(second.unwrap_or(first), e.to_string());
+                    }
                     match outcome {
                         None => {}
-                        Some(Err(e)) => return self.reject(first, e),
+                        Some(Err(e)) => return self.reject(first, e.to_string()),
                         // The new row fails the filter: it leaves a clone or history
                         // target (SPEC §3), an append target ignores the update.
                         Some(Ok(o)) if !o.pass => {
@@ -535,10 +546,14 @@ impl Streamer<'_> {
                     let target = (m.history.is_some() && m.siblings > 1)
                         .then(|| target_id(&m.map.table.schema, &m.map.table.name));
                     let history = m.history;
+                    let undecodable = m.map.undecodable(&[Some(&old.tuple)]);
                     let c = m
                         .map
                         .delete(self.spec.id, old, pos, self.txn_time)
                         .map_err(|e| self.mapping_error(rel, e))?;
+                    if let Some(e) = undecodable {
+                        return self.reject(c, e.to_string());
+                    }
                     m.counters.routed(Op::Delete);
                     let c = self.stamped(c, history);
                     let stamp = c.commit_time;
@@ -739,9 +754,10 @@ impl Streamer<'_> {
         p
     }
 
-    /// Hands a change whose expression failed to its key's writer as a rejected row.
-    fn reject(&mut self, c: Change, e: ExprError) -> Result<(), SourceError> {
-        match self.env.router.try_reject(c, e.to_string()) {
+    /// Hands a change that cannot be written (its expression failed, its bytes are not
+    /// UTF-8) to its key's writer as a rejected row.
+    fn reject(&mut self, c: Change, why: String) -> Result<(), SourceError> {
+        match self.env.router.try_reject(c, why) {
             Routed::Queued => Ok(()),
             Routed::Full(pending) => self.blocking(move |r, idle| r.finish_route(pending, idle)),
             Routed::Closed => Err(self.closed()(PoolClosed)),

@@ -13,6 +13,7 @@ use crate::change::Sid;
 use crate::config::Mode;
 use crate::expr::{Cell, Kind, TableExprs};
 use crate::pg::describe;
+use crate::pg::encoding::NotUtf8;
 use crate::pg::quote::{ident, jsonb_object, literal, push_copy_field, qualified};
 use crate::pg::Lsn;
 use crate::status::TableCounters;
@@ -65,16 +66,23 @@ pub struct Deadletter {
 impl CopyPlan {
     /// `ONLY`: an inheritance parent's children are tables of their own.
     pub fn copy_out_sql(&self) -> String {
-        let cols: Vec<String> = if self.exprs.is_some() {
-            self.source_columns.iter().map(|(c, _)| ident(c)).collect()
-        } else {
-            self.columns.iter().map(|c| ident(c)).collect()
-        };
+        let cols: Vec<String> = self.copy_out_columns().map(ident).collect();
         format!(
             "COPY (SELECT {} FROM ONLY {}) TO STDOUT",
             cols.join(", "),
             qualified(&self.source_schema, &self.source_table)
         )
+    }
+
+    /// The source columns the COPY reads, in its order: all of them when expressions
+    /// read the row, else the shared ones.
+    fn copy_out_columns(&self) -> impl Iterator<Item = &str> {
+        let all = self.exprs.is_some();
+        let source = self.source_columns.iter().map(|(c, _)| c.as_str());
+        let shared = self.columns.iter().map(String::as_str);
+        source
+            .filter(move |_| all)
+            .chain(shared.filter(move |_| !all))
     }
 
     /// The target's columns a copied row fills, `sid` last, then a history target's
@@ -357,7 +365,15 @@ impl std::fmt::Display for CopyError {
         match self {
             CopyError::Source(e) => write!(f, "source: {}", describe(e)),
             CopyError::Destination(e) => write!(f, "destination: {}", describe(e)),
-            CopyError::Io(e) => write!(f, "{e}"),
+            // A COPY the destination refused surfaces as an I/O error of the writer, whose
+            // Display says only "db error": the server's message is inside.
+            CopyError::Io(e) => match e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<postgres::Error>())
+            {
+                Some(pg) => write!(f, "{}", describe(pg)),
+                None => write!(f, "{e}"),
+            },
             CopyError::Stopped => f.write_str("stopped before the copy finished"),
             CopyError::Rejected(m) => write!(f, "a row was rejected: {m}"),
         }
@@ -383,6 +399,20 @@ pub fn copy_group(
             .map_err(CopyError::Destination)?;
     }
     let mut counts = Vec::with_capacity(plans.len());
+    // Every other encoding is converted to UTF-8 by the source itself. A SQL_ASCII one
+    // has nothing to convert from, and asked for UTF8 it fails the whole COPY at the
+    // first value that is not: its bytes are taken as they are and checked here.
+    let check_utf8 = src
+        .query_one(
+            "SELECT current_setting('server_encoding') = 'SQL_ASCII'",
+            &[],
+        )
+        .map_err(CopyError::Source)?
+        .get::<_, bool>(0);
+    if check_utf8 {
+        src.batch_execute("SET LOCAL client_encoding = 'SQL_ASCII'")
+            .map_err(CopyError::Source)?;
+    }
     let history = plans.first().filter(|p| p.mode == Mode::History);
     // A history target is merged once, from the rows of all its source tables: a key
     // one of them lacks may be in another.
@@ -424,6 +454,7 @@ pub fn copy_group(
             &mut tx,
             plan,
             &into,
+            check_utf8,
             limiter,
             stop,
             &mut rejected,
@@ -454,13 +485,15 @@ pub fn copy_group(
 
 /// COPY out of the source into `into` on the destination, the sid appended to each row;
 /// with expressions, rows parsed, filtered and computed, and those whose expression
-/// failed left out and returned in `rejected` (their values as JSON, the error).
+/// failed left out and returned in `rejected` (their values as JSON, the error); with
+/// `check_utf8` (a SQL_ASCII source), rows whose bytes are not UTF-8 too.
 #[allow(clippy::too_many_arguments)]
 fn pipe(
     src: &mut Client,
     tx: &mut postgres::Transaction<'_>,
     plan: &CopyPlan,
     into: &str,
+    check_utf8: bool,
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
     rejected: &mut Vec<(String, String)>,
@@ -476,6 +509,8 @@ fn pipe(
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::with_capacity(320 * 1024);
     let mut rowwise = plan.exprs.as_ref().map(|e| RowWise::new(plan, e));
+    let mut utf8 = check_utf8.then(|| Utf8Lines::new(plan));
+    let mut valid = Vec::new();
     loop {
         if stop() {
             // Dropping the writer unfinished aborts the COPY; the transaction rolls back.
@@ -486,9 +521,17 @@ fn pipe(
             break;
         }
         out.clear();
+        let chunk = match utf8.as_mut() {
+            Some(u) => {
+                valid.clear();
+                u.feed(&buf[..n], &mut valid, rejected);
+                &valid[..]
+            }
+            None => &buf[..n],
+        };
         let r = match rowwise.as_mut() {
-            Some(rw) => rw.feed(&buf[..n], field.as_deref(), &mut out, rejected),
-            None => append_field(&buf[..n], field.as_deref(), &mut out),
+            Some(rw) => rw.feed(chunk, field.as_deref(), &mut out, rejected),
+            None => append_field(chunk, field.as_deref(), &mut out),
         };
         rows += r;
         bytes += n as u64;
@@ -500,6 +543,69 @@ fn pipe(
     }
     writer.finish().map_err(CopyError::Destination)?;
     Ok((rows, bytes))
+}
+
+/// The complete COPY lines of a stream of chunks whose bytes are UTF-8; a line that is
+/// not is left out and returned as rejected, with the column that holds the bytes.
+struct Utf8Lines {
+    columns: Vec<String>,
+    /// The end of the previous chunk, after its last complete line.
+    partial: Vec<u8>,
+}
+
+impl Utf8Lines {
+    fn new(plan: &CopyPlan) -> Utf8Lines {
+        Utf8Lines {
+            columns: plan.copy_out_columns().map(String::from).collect(),
+            partial: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>, rejected: &mut Vec<(String, String)>) {
+        let mut data = std::mem::take(&mut self.partial);
+        data.extend_from_slice(chunk);
+        let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if std::str::from_utf8(&data[..end]).is_ok() {
+            out.extend_from_slice(&data[..end]);
+        } else {
+            for line in data[..end].split_inclusive(|&b| b == b'\n') {
+                match self.invalid(&line[..line.len() - 1]) {
+                    None => out.extend_from_slice(line),
+                    Some(r) => rejected.push(r),
+                }
+            }
+        }
+        data.drain(..end);
+        self.partial = data;
+    }
+
+    /// A line whose bytes are not UTF-8: its values as JSON (U+FFFD for the bytes) and
+    /// the error naming the column.
+    fn invalid(&self, line: &[u8]) -> Option<(String, String)> {
+        std::str::from_utf8(line).err()?;
+        let fields: Vec<Option<Vec<u8>>> =
+            line.split(|&b| b == b'\t').map(unescape_bytes).collect();
+        let error = self
+            .columns
+            .iter()
+            .zip(&fields)
+            .find_map(|(c, f)| f.as_deref().and_then(|b| NotUtf8::check(c, b)))
+            .map_or_else(|| "not valid UTF-8".to_string(), |e| e.to_string());
+        let texts: Vec<Option<String>> = fields
+            .iter()
+            .map(|f| {
+                f.as_deref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+            })
+            .collect();
+        let json = jsonb_object(
+            self.columns
+                .iter()
+                .zip(&texts)
+                .map(|(c, t)| (c.as_str(), t.as_deref())),
+        );
+        Some((json, error))
+    }
 }
 
 /// A copy's rows one by one through the entry's expressions.
@@ -625,6 +731,14 @@ fn unescape(field: &[u8]) -> Option<String> {
     if !field.contains(&b'\\') {
         return Some(String::from_utf8_lossy(field).into_owned());
     }
+    unescape_bytes(field).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// A COPY text field's bytes (None: `\N`, NULL).
+fn unescape_bytes(field: &[u8]) -> Option<Vec<u8>> {
+    if field == b"\\N" {
+        return None;
+    }
     let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
     while i < field.len() {
@@ -666,7 +780,7 @@ fn unescape(field: &[u8]) -> Option<String> {
             other => out.push(other),
         }
     }
-    Some(String::from_utf8_lossy(&out).into_owned())
+    Some(out)
 }
 
 /// A copied row as a `jsonb` expression (column name → text value) for the dead letter.
