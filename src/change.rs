@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::mode::Mode;
 use crate::pg::Lsn;
 
 /// Index of a source URL among all URLs of the running map. Cheap to copy into every
@@ -62,9 +63,10 @@ pub struct TargetTable {
     /// The source has REPLICA IDENTITY FULL: the "key" is the whole old row, whose values
     /// may be NULL, so rows are matched with IS NOT DISTINCT FROM.
     pub full_identity: bool,
-    /// History (SCD2) mode: every change adds or closes a version (`kvsz_start`,
-    /// `kvsz_end`, `kvsz_deleted`) instead of changing the row.
-    pub history: bool,
+    /// What the target does with each change (see [`crate::mode`]): with versions, every
+    /// change adds or closes one (`kvsz_start`, `kvsz_end`, `kvsz_deleted`) instead of
+    /// changing the row.
+    pub mode: Mode,
     /// Some key column's equality on the destination is looser than its text (citext,
     /// numeric, a nondeterministic collation…): changes whose key texts differ may touch
     /// one row, so no fingerprint of the text can keep them apart. Such a target gets all
@@ -81,6 +83,11 @@ impl TargetTable {
         format!("{}.{}", self.schema, self.name)
     }
 
+    /// Whether its rows are versions of the source's rows (history).
+    pub fn versions(&self) -> bool {
+        self.mode.versions()
+    }
+
     /// Whether both describe the same table with the same columns and key, whatever
     /// their sid: then one set-based statement can carry the rows of both.
     pub fn same_layout(&self, other: &TargetTable) -> bool {
@@ -91,7 +98,7 @@ impl TargetTable {
             && self.arbiter == other.arbiter
             && self.serial == other.serial
             && self.full_identity == other.full_identity
-            && self.history == other.history
+            && self.mode == other.mode
             && self.loose_key == other.loose_key
             && self.composite_key == other.composite_key
             && self.sid.is_some() == other.sid.is_some()
@@ -467,7 +474,7 @@ pub(crate) mod fixtures {
             arbiter: false,
             serial: false,
             full_identity: false,
-            history: false,
+            mode: Mode::Clone,
             loose_key: false,
             composite_key: false,
         })

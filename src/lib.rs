@@ -2,6 +2,7 @@
 //!
 //! Data flow, one module each: [`config`] → [`source`] (replication, decoding, initial
 //! sync) → [`apply`] (routing, batching, SQL, commit) → progress back to the source.
+//! [`mode`] says what clone, append and history targets do with each operation.
 //! [`daemon`] supervises the threads; [`sequences`] is the switchover's last step;
 //! [`verify`] and [`resync`] let operators check a target and have it copied again.
 
@@ -14,6 +15,7 @@ pub mod expr;
 pub mod http;
 pub mod log_context;
 pub mod memory;
+pub mod mode;
 pub mod pg;
 pub mod resync;
 pub mod sequences;

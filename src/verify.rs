@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, GenericClient, IsolationLevel};
 
-use crate::config::{Mode, TableMap};
+use crate::config::TableMap;
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::connect::Endpoint;
 use crate::pg::describe;
@@ -569,7 +569,7 @@ fn plan_columns(
         )));
     };
     let on_target = |c: &str| target.columns.iter().any(|t| t.name == c);
-    let history = entry.mode == Mode::History;
+    let history = entry.mode.versions();
     if history && !(on_target("kvsz_end") && on_target("kvsz_deleted")) {
         return Ok(Err("history target lacks kvsz_end or kvsz_deleted".into()));
     }
@@ -599,7 +599,7 @@ fn plan_columns(
         columns: compared,
         key,
         source: String::new(),
-        extras_allowed: entry.mode == Mode::Append || (!has_sid && spec.family_size > 1),
+        extras_allowed: entry.mode.rules().keeps_removed() || (!has_sid && spec.family_size > 1),
     }))
 }
 

@@ -4,13 +4,18 @@
 //! `KVSZ_DIFF_SEED=<seed>` reruns one case, `KVSZ_DIFF_SECONDS=<n>` (with
 //! `KVSZ_DIFF_FROM=<first seed>`) explores new seeds for that long, known-open features
 //! included unless `KVSZ_DIFF_ALL=0`; `KVSZ_DIFF_ALL=1` turns them on elsewhere.
+//!
+//! A failing seed is shrunk: its sessions are dropped or cut to shorter prefixes of
+//! their transactions while it still fails, and the smallest failing workload is
+//! reported with its own rerun command (`KVSZ_DIFF_KEEP=<transactions per session>`).
+//! `KVSZ_DIFF_SHRINK=0` turns that off.
 
 mod support;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::differential::{rerun_command, run_case, Features, Outcome};
+use support::differential::{rerun_command, run_case, Features, Keep, Outcome};
 
 /// Seeds CI runs, known-open features off: about 3 minutes in --release on two cores
 /// (90 cases of 1-7 s, plus starting the seven source clusters).
@@ -40,11 +45,14 @@ fn all_features(default: bool) -> bool {
     }
 }
 
+/// Runs of a failing seed the shrinker may spend.
+const SHRINK_RUNS: usize = 16;
+
 /// Runs one seed; a panic inside (a cluster or the daemon not starting) becomes a
 /// failure that still names the seed.
-fn run(seed: u64, features: Features) -> Outcome {
+fn run(seed: u64, features: Features, keep: &Keep) -> Outcome {
     let started = Instant::now();
-    match panic::catch_unwind(AssertUnwindSafe(|| run_case(seed, features))) {
+    match panic::catch_unwind(AssertUnwindSafe(|| run_case(seed, features, keep))) {
         Ok(outcome) => outcome,
         Err(e) => {
             let why = e
@@ -62,8 +70,9 @@ fn run(seed: u64, features: Features) -> Outcome {
                 first_given_up: None,
                 failure: Some(format!(
                     "DIFFERENTIAL FAILURE: seed {seed} panicked: {why}\nrerun: {}",
-                    rerun_command(seed, features.all)
+                    rerun_command(seed, features.all, keep)
                 )),
+                sessions: Vec::new(),
             }
         }
     }
@@ -84,21 +93,92 @@ fn print(o: &Outcome) {
     }
 }
 
+/// The smallest workload of failing `seed` that still fails, found greedily within
+/// [`SHRINK_RUNS`] runs: each session dropped, then each cut to half its transactions,
+/// for as long as that still fails. None when no smaller workload failed (the failure
+/// may need the whole interleaving).
+fn shrink(seed: u64, features: Features, sessions: &[usize]) -> Option<(Keep, String)> {
+    let mut keep = sessions.to_vec();
+    let mut best = None;
+    let mut runs = 0;
+    let attempt = |k: &[usize], runs: &mut usize| -> Option<String> {
+        *runs += 1;
+        let o = run(seed, features, &Keep(k.to_vec()));
+        eprintln!(
+            "  shrink {seed}: transactions per session {k:?}: {}",
+            if o.failure.is_some() {
+                "still fails"
+            } else {
+                "passes"
+            }
+        );
+        o.failure
+    };
+    let candidates = |keep: &[usize]| -> Vec<Vec<usize>> {
+        let mut out = Vec::new();
+        for i in 0..keep.len() {
+            if keep[i] > 0 && keep.iter().filter(|&&n| n > 0).count() > 1 {
+                let mut k = keep.to_vec();
+                k[i] = 0;
+                out.push(k);
+            }
+        }
+        for i in 0..keep.len() {
+            if keep[i] > 1 {
+                let mut k = keep.to_vec();
+                k[i] /= 2;
+                out.push(k);
+            }
+        }
+        out
+    };
+    'outer: while runs < SHRINK_RUNS {
+        for k in candidates(&keep) {
+            if runs >= SHRINK_RUNS {
+                break 'outer;
+            }
+            if let Some(report) = attempt(&k, &mut runs) {
+                keep = k;
+                best = Some(report);
+                continue 'outer;
+            }
+        }
+        break;
+    }
+    best.map(|report| (Keep(keep), report))
+}
+
+fn shrinking() -> bool {
+    !matches!(
+        std::env::var("KVSZ_DIFF_SHRINK").as_deref().map(str::trim),
+        Ok("0") | Ok("false") | Ok("no")
+    )
+}
+
 /// Runs `seeds` (or seeds from the first for `budget`), prints each and a summary, and
 /// fails with every failure's report.
 fn run_all(seeds: impl Iterator<Item = u64>, budget: Option<Duration>, features: Features) {
+    let keep = Keep::from_env();
     let started = Instant::now();
     let (mut n, mut txns, mut failures) = (0, 0, Vec::new());
     for seed in seeds {
         if budget.is_some_and(|b| started.elapsed() >= b) {
             break;
         }
-        let o = run(seed, features);
+        let o = run(seed, features, &keep);
         print(&o);
         n += 1;
         txns += o.committed;
         if let Some(f) = o.failure {
             eprintln!("{f}");
+            if shrinking() && keep.0.is_empty() {
+                if let Some((k, report)) = shrink(seed, features, &o.sessions) {
+                    eprintln!(
+                        "SHRUNK seed {seed} to transactions per session {k} (of {:?}):\n{report}",
+                        o.sessions
+                    );
+                }
+            }
             failures.push((seed, f));
         }
     }
@@ -115,7 +195,11 @@ fn run_all(seeds: impl Iterator<Item = u64>, budget: Option<Duration>, features:
         failures.is_empty(),
         "{} of {n} seeds diverged: {failed:?} (reports above); rerun one with\n{}",
         failures.len(),
-        rerun_command(failed.first().copied().unwrap_or_default(), features.all)
+        rerun_command(
+            failed.first().copied().unwrap_or_default(),
+            features.all,
+            &keep
+        )
     );
 }
 

@@ -141,7 +141,7 @@ impl Group {
     fn new(table: Arc<TargetTable>) -> Group {
         // A history target keeps every change: each one is a version.
         // A loose key cannot be reduced by its text: 'Abc' and 'abc' may be one row.
-        let ordered = table.serial || table.full_identity || table.history || table.loose_key;
+        let ordered = table.serial || table.full_identity || table.versions() || table.loose_key;
         Group {
             table,
             ordered,
@@ -205,7 +205,7 @@ impl Group {
     /// of inserts into a whole-row-identity table may repeat its "key").
     pub fn segments(&self) -> Vec<&[Entry]> {
         // A history group is chained by key in memory (see history.rs): one segment.
-        if !self.ordered || self.table.history {
+        if !self.ordered || self.table.versions() {
             return vec![&self.entries[..]];
         }
         let mut out = Vec::new();

@@ -335,6 +335,20 @@ pub fn mark_keys(table: &TargetTable, stage: &Stage) -> String {
     s
 }
 
+/// A moved key's closing (staged as a deletion) closes its version as updated when the
+/// new key is the old one on the destination: a loose key respelt ('Abc' → 'abc' in
+/// citext) is one row that changed, not one that ceased to exist (SPEC §4: key equality
+/// is the destination's).
+pub fn keep_respelt(table: &TargetTable, stage: &Stage) -> String {
+    let mut s = format!(
+        "UPDATE {} AS k SET kvsz_deleted = false WHERE EXISTS (SELECT 1 FROM {} AS s WHERE ",
+        stage.keys, stage.rows
+    );
+    push_key_match(&mut s, table, "s", "k");
+    s.push(')');
+    s
+}
+
 /// Closes each staged key's open version at its first closing not skipped.
 pub fn close(table: &TargetTable, stage: &Stage) -> String {
     let mut s = format!(
@@ -417,7 +431,7 @@ mod tests {
 
     fn history(sid: Option<&str>) -> Arc<TargetTable> {
         Arc::new(TargetTable {
-            history: true,
+            mode: crate::mode::Mode::History,
             loose_key: false,
             composite_key: false,
             sid: sid.map(Sid::new),

@@ -621,7 +621,7 @@ mod tests {
             arbiter: false,
             serial: false,
             full_identity: false,
-            history: false,
+            mode: crate::mode::Mode::Clone,
             loose_key: false,
             composite_key: false,
         })

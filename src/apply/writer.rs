@@ -628,7 +628,7 @@ impl Writer {
         for g in &batch.groups {
             if self.stage_of(&g.table).is_none() {
                 let stage = Stage::new(self.stages.len());
-                let ddl = if g.table.history {
+                let ddl = if g.table.versions() {
                     history::create_stage(&g.table, &stage)
                 } else {
                     sql::create_stage(&g.table, &stage)
@@ -740,6 +740,9 @@ impl Writer {
         let mut closed = 0;
         if keys > 0 {
             run(self, history::mark_keys(table, stage))?;
+            if plan.moved && table.loose_key {
+                run(self, history::keep_respelt(table, stage))?;
+            }
             closed = run(self, history::close(table, stage))?;
         }
         let added = if rows > 0 {
@@ -774,13 +777,13 @@ impl Writer {
         let fail = self.fail();
         if first.net == Net::Truncate {
             for e in entries {
-                let stmt = if table.history {
+                let stmt = if table.versions() {
                     history::truncate(e)
                 } else {
                     sql::truncate(e)
                 };
                 let n = self.client.execute(stmt.as_str(), &[]).map_err(&fail)?;
-                if table.history {
+                if table.versions() {
                     info!("{}: TRUNCATE closed {n} version(s)", table.display());
                 }
             }
@@ -799,7 +802,7 @@ impl Writer {
                 .map_err(&fail)?;
         }
         self.dirty[id] = true;
-        if table.history {
+        if table.versions() {
             return self.apply_history(table, &stage, entries);
         }
         let direct_ok = !careful && (table.arbiter || table.full_identity);

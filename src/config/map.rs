@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
+pub use crate::mode::Mode;
+
 use super::error::{ConfigError, Origin};
 use super::tree::{self, Key, Node, Value};
 
@@ -72,27 +74,6 @@ impl TableMap {
             eat(expr);
         }
         Some(h)
-    }
-}
-
-/// How a target follows its source (SPEC §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Mode {
-    #[default]
-    Clone,
-    /// Inserts and updates only; DELETE and TRUNCATE are ignored.
-    Append,
-    /// SCD type 2 versions.
-    History,
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Clone => "clone",
-            Mode::Append => "append",
-            Mode::History => "history",
-        })
     }
 }
 
@@ -457,15 +438,12 @@ impl Parser<'_> {
             match key.name.as_str() {
                 "type" => {
                     let s = self.string(value, &here)?;
-                    t.mode = match s.to_ascii_lowercase().as_str() {
-                        "clone" => Mode::Clone,
-                        "append" => Mode::Append,
-                        "history" => Mode::History,
-                        _ => {
-                            return Err(self.err(
-                                &here,
-                                format!("expected clone, append or history, found {s:?}"),
-                            ))
+                    t.mode = match Mode::parse(&s) {
+                        Some(m) => m,
+                        None => {
+                            return Err(
+                                self.err(&here, format!("expected {}, found {s:?}", Mode::names()))
+                            )
                         }
                     };
                 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::change::{Change, Op, Position, Row, Sid, SourceId, TargetColumn, TargetTable, Value};
 use crate::expr::{Cell, ExprError, Kind, Outcome, TableExprs};
+use crate::mode::Mode;
 use crate::pg::catalog::{Column, UniqueIndex};
 use crate::pg::encoding::NotUtf8;
 use crate::pg::pgoutput::{OldKind, OldTuple, RelColumn, Tuple, TupleValue};
@@ -103,12 +104,12 @@ pub fn map_relation(
     target: &[Column],
     unique_indexes: &[UniqueIndex],
     full_identity: bool,
-    history: bool,
+    mode: Mode,
     set: &[&str],
     sid: &Sid,
 ) -> Result<RelationMap, MappingError> {
     let has_sid = target.iter().any(|c| c.name == "sid");
-    if history {
+    if mode.versions() {
         if full_identity {
             return Err(MappingError::HistoryNeedsKey);
         }
@@ -125,7 +126,8 @@ pub fn map_relation(
     let mut loose_key = false;
     let mut composite_key = false;
     for (i, sc) in source.iter().enumerate() {
-        if (has_sid && sc.name == "sid") || (history && HISTORY_COLUMNS.contains(&sc.name.as_str()))
+        if (has_sid && sc.name == "sid")
+            || (mode.versions() && HISTORY_COLUMNS.contains(&sc.name.as_str()))
         {
             continue;
         }
@@ -212,7 +214,7 @@ pub fn map_relation(
             arbiter,
             serial,
             full_identity,
-            history,
+            mode,
             loose_key,
             composite_key,
         }),
@@ -377,7 +379,7 @@ impl RelationMap {
         // A history target whose keys the text cannot tell apart keeps a key change
         // whole: its two halves may be one row ('Abc' → 'abc' in citext), whose version
         // must be closed and reopened at one stamp, in one batch.
-        let whole_move = self.table.loose_key && self.table.history;
+        let whole_move = self.table.loose_key && self.table.versions();
         let split = !values.has_unchanged() && !whole_move;
         match old_key {
             Some(k) if split => {
@@ -519,7 +521,7 @@ mod tests {
             &dst,
             &[UniqueIndex::on(&["sid", "id"])],
             false,
-            false,
+            Mode::Clone,
             &[],
             &Sid::new("s1"),
         )
@@ -548,7 +550,18 @@ mod tests {
         let src = [col("id", true), col("v", false)];
         let dst = [col("v", false)];
         assert_eq!(
-            map_relation(&src, "s", "t", &dst, &[], false, false, &[], &Sid::new("a")).unwrap_err(),
+            map_relation(
+                &src,
+                "s",
+                "t",
+                &dst,
+                &[],
+                false,
+                Mode::Clone,
+                &[],
+                &Sid::new("a")
+            )
+            .unwrap_err(),
             MappingError::KeyColumnMissing {
                 column: "id".into()
             }
@@ -562,7 +575,7 @@ mod tests {
                 &src,
                 &[],
                 false,
-                false,
+                Mode::Clone,
                 &[],
                 &Sid::new("a")
             )
@@ -580,7 +593,7 @@ mod tests {
             src,
             &[UniqueIndex::on(&["v"])],
             false,
-            false,
+            Mode::Clone,
             &[],
             &Sid::new("a"),
         )

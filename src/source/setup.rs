@@ -12,7 +12,7 @@ use log::{info, warn};
 use postgres::Client;
 
 use crate::apply::writer::RejectPolicy;
-use crate::config::{Mode, TableMap};
+use crate::config::TableMap;
 use crate::expr::{Kind, TableExprs};
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
@@ -398,7 +398,7 @@ fn resolve_one(
     let has_sid = target.columns.iter().any(|c| c.name == "sid");
     let shared = !has_sid && spec.family_size > 1;
     let on_target = |c: &str| target.columns.iter().any(|tc| tc.name == c);
-    let history = t.mode == Mode::History;
+    let history = t.mode.versions();
     let ours = |c: &str| (has_sid && c == "sid") || (history && HISTORY_COLUMNS.contains(&c));
     let columns: Vec<String> = info
         .columns

@@ -13,6 +13,7 @@ use crate::apply::route::{key_fingerprint, PoolClosed, Routed, Router, Wait};
 use crate::change::{Change, Op, Position, FNV_SEED};
 use crate::config::{Mode, TableMap};
 use crate::expr::TableExprs;
+use crate::mode::Effect;
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
 use crate::pg::quote::{literal, qualified};
@@ -465,7 +466,7 @@ impl Streamer<'_> {
                 self.last_delete = None;
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
-                    let append = m.mode == Mode::Append;
+                    let leaves_filter = m.mode.rules().leaves_filter;
                     let undecodable = m
                         .map
                         .undecodable(&[Some(&new), old.as_ref().map(|o| &o.tuple)]);
@@ -484,11 +485,11 @@ impl Streamer<'_> {
                     match outcome {
                         None => {}
                         Some(Err(e)) => return self.reject(first, e.to_string()),
-                        // The new row fails the filter: it leaves a clone or history
-                        // target (SPEC §3), an append target ignores the update.
+                        // The new row fails the filter: it leaves the target, or the
+                        // target ignores the update (see [`crate::mode`]).
                         Some(Ok(o)) if !o.pass => {
                             m.counters.filtered.fetch_add(1, Ordering::Relaxed);
-                            if append {
+                            if leaves_filter == Effect::Ignore {
                                 return Ok(());
                             }
                             first = first.into_delete();
@@ -535,11 +536,11 @@ impl Streamer<'_> {
                 let pos = self.pos();
                 self.last_delete = None;
                 if let Some(m) = self.mapped(rel)? {
-                    // An append target keeps what the source deletes, even the old key
-                    // of a row that moved partitions: PostgreSQL sends that UPDATE as a
-                    // DELETE and an INSERT, which cannot be told from a row deleted and
+                    // A target that keeps what the source deletes keeps even the old
+                    // key of a row that moved partitions: PostgreSQL sends that UPDATE as
+                    // a DELETE and an INSERT, which cannot be told from a row deleted and
                     // another inserted, and keeping a row loses nothing.
-                    if m.mode == Mode::Append {
+                    if m.mode.rules().delete == Effect::Ignore {
                         return Ok(());
                     }
                     // Only a history DELETE that may be half of a move is remembered.
@@ -578,8 +579,8 @@ impl Streamer<'_> {
                 for rel in rels {
                     let pos = self.pos();
                     let Some(m) = self.mapped(rel)? else { continue };
-                    if m.mode == Mode::Append {
-                        debug!("{}: TRUNCATE ignored (append mode)", m.source_name);
+                    if m.mode.rules().truncate == Effect::Ignore {
+                        debug!("{}: TRUNCATE ignored ({} mode)", m.source_name, m.mode);
                         continue;
                     }
                     let target = (m.map.table.schema.clone(), m.map.table.name.clone());
@@ -1023,7 +1024,7 @@ impl Streamer<'_> {
             &target.columns,
             &unique,
             whole_row,
-            t.mode == Mode::History,
+            t.mode,
             &t.set.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
             &self.spec.sid,
         )
@@ -1067,7 +1068,7 @@ impl Streamer<'_> {
             Some(Mapped {
                 map,
                 mode: t.mode,
-                history: (t.mode == Mode::History).then(|| target_id(&schema, &t.target)),
+                history: t.mode.versions().then(|| target_id(&schema, &t.target)),
                 exprs,
                 source_name,
                 copied_at: route.copied_at,

@@ -89,7 +89,7 @@ impl CopyPlan {
     /// version columns.
     fn target_columns(&self) -> Vec<String> {
         let mut cols = self.row_columns();
-        if self.mode == Mode::History {
+        if self.mode.versions() {
             cols.extend(["kvsz_start", "kvsz_end", "kvsz_deleted"].map(String::from));
         }
         cols
@@ -113,7 +113,7 @@ impl CopyPlan {
     /// version valid from 1900-01-01 (COPY text fields).
     fn suffix(&self) -> Option<Vec<u8>> {
         let mut out = self.sid.as_ref().map(|s| copy_escape(s.as_str()));
-        if self.mode == Mode::History {
+        if self.mode.versions() {
             let v = out.get_or_insert_with(Vec::new);
             if !v.is_empty() || self.sid.is_some() {
                 v.push(b'\t');
@@ -141,7 +141,7 @@ impl CopyPlan {
     /// Whether a copy replaces the target's rows of this sid: a clone target's, unless
     /// other URLs' rows share it without `sid`.
     fn clears(&self) -> bool {
-        self.mode == Mode::Clone && !self.shared
+        self.mode.rules().copy_replaces && !self.shared
     }
 
     /// Whether the target holds rows of this sid (all rows without `sid`).
@@ -413,7 +413,7 @@ pub fn copy_group(
         src.batch_execute("SET LOCAL client_encoding = 'SQL_ASCII'")
             .map_err(CopyError::Source)?;
     }
-    let history = plans.first().filter(|p| p.mode == Mode::History);
+    let history = plans.first().filter(|p| p.mode.versions());
     // A history target is merged once, from the rows of all its source tables: a key
     // one of them lacks may be in another.
     let history_merge = match history {

@@ -12,7 +12,7 @@
 //! target of each mode (SPEC §3, §4).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ pub const KNOWN_OPEN: &[Feature] = &[
     Feature::FilterUnchangedToast,
     Feature::HistoryHotKeys,
     Feature::HistoryFilterReinsert,
-    Feature::HistoryLooseKeyChange,
+    Feature::HistoryLooseReinsert,
 ];
 
 /// Generator features that can be switched off (see [`KNOWN_OPEN`]).
@@ -38,10 +38,15 @@ pub enum Feature {
     CompositeKeyChange,
     /// Key changes of citext keys, case-only ones included (the same key on the target).
     CitextKeyChange,
-    /// The same in history targets: a case-only key change closes the version as
-    /// deleted instead of updated, and the per-table stamps of such a target spread a
-    /// big transaction's versions past T + 1 ms (seed 54).
+    /// The same in history targets (a case-only key change closed the version as
+    /// deleted instead of updated, seed 54).
     HistoryLooseKeyChange,
+    /// History, citext: a key deleted and inserted again in another spelling in one
+    /// transaction. Stamps are per key text, so both halves are stamped T and the INSERT
+    /// is taken for a replay of what the destination has (`mark_rows`) and skipped;
+    /// stamping by the destination's equality needs no timestamp-based replay guess
+    /// (#20). Without it, a reinsert keeps the deleted key's spelling in history targets.
+    HistoryLooseReinsert,
     /// Updates leaving a TOASTed column unchanged on a table with a filter (without it,
     /// every UPDATE of such a table rewrites the column).
     FilterUnchangedToast,
@@ -988,7 +993,9 @@ impl Gen<'_> {
     /// How a new row spells citext key `k`: any case when key changes of citext keys
     /// are on (a re-inserted key may change its spelling), else always the same.
     fn spelling(&mut self, t: &Table, k: u64) -> u64 {
-        if t.key_changes {
+        if t.key_changes
+            && (t.mode != Mode::History || self.features.on(Feature::HistoryLooseReinsert))
+        {
             self.rng.below(3)
         } else {
             k
@@ -1726,6 +1733,43 @@ fn history_mismatch(e: &[Version], a: &[(Row, i64, i64, bool)]) -> Option<String
     None
 }
 
+/// How much of a case's workload runs: session i runs its first `0[i]` transactions
+/// (all when the list is shorter). The shrinker narrows a failing case down with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keep(pub Vec<usize>);
+
+impl Keep {
+    /// `KVSZ_DIFF_KEEP`: comma-separated counts, one per session.
+    pub fn from_env() -> Keep {
+        let Ok(v) = std::env::var("KVSZ_DIFF_KEEP") else {
+            return Keep::default();
+        };
+        Keep(
+            v.split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| {
+                    p.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("KVSZ_DIFF_KEEP={v:?}: {p:?} is not a count"))
+                })
+                .collect(),
+        )
+    }
+
+    fn apply(&self, case: &mut Case) {
+        for (session, &n) in case.sessions.iter_mut().zip(&self.0) {
+            session.txns.truncate(n);
+        }
+    }
+}
+
+impl fmt::Display for Keep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(usize::to_string).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 /// What one case did.
 pub struct Outcome {
     pub seed: u64,
@@ -1739,10 +1783,12 @@ pub struct Outcome {
     pub first_given_up: Option<String>,
     /// The report, when the target did not match its oracle.
     pub failure: Option<String>,
+    /// How many transactions each session had to run (after [`Keep`]).
+    pub sessions: Vec<usize>,
 }
 
-/// The command that runs `seed` again.
-pub fn rerun_command(seed: u64, all: bool) -> String {
+/// The command that runs `seed` again (only `keep` of its workload, when not empty).
+pub fn rerun_command(seed: u64, all: bool, keep: &Keep) -> String {
     let mut env = String::new();
     if let Ok(v) = std::env::var("KVSZ_TEST_PG_VERSIONS") {
         if !v.trim().is_empty() {
@@ -1752,6 +1798,9 @@ pub fn rerun_command(seed: u64, all: bool) -> String {
     if all {
         env.push_str("KVSZ_DIFF_ALL=1 ");
     }
+    if !keep.0.is_empty() {
+        let _ = write!(env, "KVSZ_DIFF_KEEP={keep} ");
+    }
     format!("{env}KVSZ_DIFF_SEED={seed} cargo test --release --test differential differential_seed -- --nocapture")
 }
 
@@ -1760,9 +1809,10 @@ const CATCH_UP: Duration = Duration::from_secs(120);
 
 /// Runs one seed end to end: schema, initial rows, daemon, concurrent workload, wait for
 /// the slots to confirm it, compare every target with the oracle.
-pub fn run_case(seed: u64, features: Features) -> Outcome {
+pub fn run_case(seed: u64, features: Features, keep: &Keep) -> Outcome {
     let started = Instant::now();
-    let case = Case::generate(seed, features);
+    let mut case = Case::generate(seed, features);
+    keep.apply(&mut case);
     let src = source(case.version);
     let dest = destination();
     let family = unique_name(&format!("df{}", seed % 1000));
@@ -2075,7 +2125,7 @@ pub fn run_case(seed: u64, features: Features) -> Outcome {
         for l in &lines[lines.len().saturating_sub(60)..] {
             let _ = writeln!(r, "{l}");
         }
-        let _ = writeln!(r, "\nrerun: {}", rerun_command(seed, features.all));
+        let _ = writeln!(r, "\nrerun: {}", rerun_command(seed, features.all, keep));
         if let Some(secs) = std::env::var("KVSZ_DIFF_PAUSE")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -2101,5 +2151,6 @@ pub fn run_case(seed: u64, features: Features) -> Outcome {
             .iter()
             .find_map(|l| l.given_up.first().map(|g| g.1.clone())),
         failure,
+        sessions: case.sessions.iter().map(|s| s.txns.len()).collect(),
     }
 }
