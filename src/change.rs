@@ -322,6 +322,36 @@ pub struct Position {
     pub seq: u32,
 }
 
+impl Position {
+    /// The position right after this one in its transaction.
+    pub fn next(self) -> Position {
+        Position {
+            commit_lsn: self.commit_lsn,
+            seq: self.seq.saturating_add(1),
+        }
+    }
+}
+
+/// A key's text as destination equality may see it: lower case, and a number without
+/// the trailing zeros of its fraction (`1.50` and `1.5`).
+fn fold_key_text(s: &str) -> String {
+    let lower = s.to_lowercase();
+    let numeric = !lower.is_empty()
+        && lower.contains('.')
+        && lower
+            .trim_start_matches(['-', '+'])
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.');
+    if numeric {
+        lower
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    } else {
+        lower
+    }
+}
+
 /// FNV-1a offset basis: the seed of [`Change::key_hash`].
 pub const FNV_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 
@@ -366,8 +396,39 @@ impl Change {
         })
     }
 
+    /// The key a history stamp is counted by ([`crate::source::stamps`]), of the new key
+    /// in `values` with `new`. Keys equal on the destination must share it: for a loose
+    /// key (citext, numeric…) the text is folded (lower case, numbers without trailing
+    /// zeros). Keys that merely look alike share it too, which only spaces their stamps.
+    pub fn stamp_key(&self, new: bool) -> u64 {
+        match (self.table.loose_key, new) {
+            (false, false) => self.key_hash(FNV_SEED),
+            (false, true) => self.new_key_hash(FNV_SEED),
+            (true, false) => self.hash_folded(|n| self.key_value(n)),
+            (true, true) => {
+                self.hash_folded(|n| self.table.key.get(n).and_then(|&i| self.values.get(i)))
+            }
+        }
+    }
+
+    fn hash_folded<'a>(&'a self, key_value: impl Fn(usize) -> Option<Value<'a>>) -> u64 {
+        let folded: Vec<Option<String>> = (0..)
+            .map_while(key_value)
+            .map(|v| match v {
+                Value::Text(s) => Some(fold_key_text(s)),
+                Value::Null | Value::Unchanged => None,
+            })
+            .collect();
+        self.hash_key_values(FNV_SEED, |n| {
+            folded.get(n).map(|v| match v {
+                Some(s) => Value::Text(s.as_str()),
+                None => Value::Null,
+            })
+        })
+    }
+
     fn hash_key_values<'a>(
-        &'a self,
+        &self,
         seed: u64,
         key_value: impl Fn(usize) -> Option<Value<'a>>,
     ) -> u64 {
@@ -586,5 +647,14 @@ mod tests {
         assert_eq!(r.len(), 41);
         let back: Vec<Value> = r.iter().collect();
         assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn loose_keys_are_stamped_by_their_folded_text() {
+        assert_eq!(fold_key_text("Key7"), "key7");
+        assert_eq!(fold_key_text("1.500"), "1.5");
+        assert_eq!(fold_key_text("-2.0"), "-2");
+        assert_eq!(fold_key_text("10"), "10");
+        assert_eq!(fold_key_text("v1.0"), "v1.0");
     }
 }

@@ -14,8 +14,7 @@ use log::{error, info, warn};
 use crate::apply::writer::RejectPolicy;
 use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
 use crate::pg::describe;
-use crate::pg::quote::qualified;
-use crate::source::{self, SourceEnv, SourceSpec, StopFlag, SYNC_STATE_TABLE};
+use crate::source::{self, SourceEnv, SourceSpec, StopFlag};
 use crate::status::{ErrorClass, State, Status};
 
 /// Settings the supervisor needs, taken from the service configuration.
@@ -121,20 +120,7 @@ fn prepare_destination(s: &DaemonSettings) -> Result<(), String> {
             describe(&e)
         )
     })?;
-    let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {0} (slot_name text NOT NULL, source_table text NOT NULL, \
-         target_table text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
-         lsn pg_lsn, PRIMARY KEY (slot_name, source_table)); \
-         ALTER TABLE {0} ADD COLUMN IF NOT EXISTS lsn pg_lsn",
-        qualified(&s.dest_schema, SYNC_STATE_TABLE)
-    );
-    if s.on_error == RejectPolicy::Deadletter {
-        sql.push_str(&format!(
-            "; CREATE TABLE IF NOT EXISTS {} (sid text, source text, source_table text, lsn pg_lsn, \
-             op text, row jsonb, error text, at timestamptz NOT NULL DEFAULT now())",
-            qualified(&s.dest_schema, "kvsz_deadletter")
-        ));
-    }
+    let sql = crate::store::create_sql(&s.dest_schema, s.on_error == RejectPolicy::Deadletter);
     client.batch_execute(&sql).map_err(|e| {
         format!(
             "create the daemon's tables on the destination: {}",
@@ -315,6 +301,7 @@ fn generation(
             on_error: settings.on_error,
             progress: progress.clone(),
             inflight: inflight.clone(),
+            pool_size: n,
             status: settings.status.clone(),
             rejections: rejections_tx.clone(),
         };

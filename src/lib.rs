@@ -21,4 +21,5 @@ pub mod resync;
 pub mod sequences;
 pub mod source;
 pub mod status;
+pub mod store;
 pub mod verify;

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use crate::change::{Change, Op, Row, TargetTable, Value, FNV_SEED};
+use crate::change::{Change, Op, Position, Row, SourceId, TargetTable, Value, FNV_SEED};
 
 /// Most changes one batch takes before it is applied and committed: bounds the redo of a
 /// batch the destination refused and the memory it holds.
@@ -52,7 +52,7 @@ pub enum Net {
 }
 
 /// One key's net change.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Entry {
     /// The last change of the key, its values merged with the earlier ones: it names the
     /// source, position and operation when the destination refuses the entry.
@@ -65,6 +65,9 @@ pub struct Entry {
     pub fresh: bool,
     /// Fingerprint of (sid, key).
     pub key: u64,
+    /// Positions of the first and the last change merged into it.
+    pub first: Position,
+    pub last: Position,
     /// Next entry with the same fingerprint (a collision), for exact lookups.
     next: Option<u32>,
 }
@@ -188,6 +191,8 @@ impl Group {
     /// A new entry at the end; returns its bytes.
     fn append(&mut self, change: Change, net: Net, fresh: bool, key: u64) -> isize {
         let e = Entry {
+            first: change.pos,
+            last: change.pos,
             change,
             net,
             fresh,
@@ -249,6 +254,7 @@ fn first_net(c: &Change) -> (Net, bool) {
 
 /// Folds a later change of the same key into its entry.
 fn merge(e: &mut Entry, c: Change) {
+    e.last = e.last.max(c.pos);
     let (net, _) = first_net(&c);
     match (e.net, net) {
         // A partial update on top of a known row or patch: the present values win, the
@@ -297,6 +303,8 @@ pub struct Batch {
     pub changes: usize,
     /// Bytes of row data held.
     pub bytes: usize,
+    /// Per source, the position after its last change taken (see [`crate::store`]).
+    pub next: Vec<(SourceId, Position)>,
 }
 
 impl Batch {
@@ -337,9 +345,44 @@ impl Batch {
                 g
             }
         };
+        let next = c.pos.next();
+        match self.next.iter_mut().find(|(s, _)| *s == c.source) {
+            Some((_, p)) => *p = (*p).max(next),
+            None => self.next.push((c.source, next)),
+        }
         let grown = self.groups[g].push(c, key);
         self.bytes = self.bytes.saturating_add_signed(grown);
         self.changes += 1;
+    }
+
+    /// Where each held source's changes must be left for its replay, given the change
+    /// at which each was held: at that change, or earlier when an entry merges changes
+    /// from both sides of it (an entry is applied whole or not at all).
+    pub fn cuts(&self, held: &[(SourceId, Position)]) -> Vec<(SourceId, Position)> {
+        let mut cuts: Vec<(SourceId, Position)> = Vec::new();
+        for &(source, at) in held {
+            match cuts.iter_mut().find(|(s, _)| *s == source) {
+                Some((_, c)) => *c = (*c).min(at),
+                None => cuts.push((source, at)),
+            }
+        }
+        for (source, cut) in &mut cuts {
+            loop {
+                let lower = self
+                    .groups
+                    .iter()
+                    .flat_map(|g| &g.entries)
+                    .filter(|e| e.change.source == *source && e.last >= *cut)
+                    .map(|e| e.first)
+                    .min()
+                    .unwrap_or(*cut);
+                if lower >= *cut {
+                    break;
+                }
+                *cut = lower;
+            }
+        }
+        cuts
     }
 
     pub fn clear(&mut self) {
@@ -347,6 +390,7 @@ impl Batch {
         self.by_table.clear();
         self.changes = 0;
         self.bytes = 0;
+        self.next.clear();
     }
 }
 

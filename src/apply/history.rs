@@ -9,17 +9,16 @@
 //! 1900-01-01 when the key has no version at all). What the chain cannot know — the
 //! key's version on the destination — is settled by four statements over two staging
 //! tables: rows (new versions) and keys (closings of versions the batch did not open).
+//! Each change comes exactly once (a replay skips what was applied, by position: see
+//! [`crate::store`]), so nothing here guesses from stamps whether it was applied.
 //!
 //! 1. `fill`: a version whose unchanged TOAST values the source did not send takes them
 //!    from the key's open version.
-//! 2. `mark`: each staged row or closing is compared with the key's latest version on the
-//!    destination. Changes are applied at least once: after a restart the destination may
-//!    already hold what a stamp brings, and then the key's history reaches that stamp
-//!    (its latest version starts there or later, or was closed there or later). Those are
-//!    skipped, so a replay adds no version twice. An INSERT of a key that has an open
-//!    version is skipped too (the same insert, replayed).
-//! 3. `close`: the key's open version ends at the first closing not skipped.
-//! 4. `insert`: the versions not skipped are added.
+//! 2. `mark`: a key's first INSERT of the batch starts at its stamp when the key has
+//!    versions on the destination, and from 1900-01-01 when it has none.
+//! 3. `close`: the key's open version ends at the batch's first closing of it (an INSERT
+//!    of a key whose version is open closes it too: it updates the key, as in clone).
+//! 4. `insert`: the versions are added.
 
 use std::borrow::Cow;
 
@@ -47,8 +46,8 @@ pub struct Version<'a> {
     pub at: i64,
     /// Closed by a later change of the batch: when, and whether by a DELETE.
     pub end: Option<(i64, bool)>,
-    /// Made by an INSERT that is the key's first change in the batch: valid from
-    /// 1900-01-01 when the key has no version at all, skipped when it has an open one.
+    /// Made by an INSERT before any other version of its key in the batch: valid from
+    /// 1900-01-01 when the key has no version at all on the destination.
     pub first: bool,
 }
 
@@ -78,6 +77,8 @@ struct Chain<'a> {
     key: &'a Change,
     /// Its version opened in this batch and not closed yet.
     open: Option<usize>,
+    /// Some version of it was opened in this batch.
+    opened: bool,
 }
 
 /// Chains `entries` (one per change, in source order) into versions and closings.
@@ -106,18 +107,23 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
             continue;
         }
         let list = chains.entry(e.key).or_default();
-        let (n, first) = match list.iter().position(|ch| same_key(ch.key, c)) {
-            Some(n) => (n, false),
+        let n = match list.iter().position(|ch| same_key(ch.key, c)) {
+            Some(n) => n,
             None => {
-                list.push(Chain { key: c, open: None });
-                (list.len() - 1, true)
+                list.push(Chain {
+                    key: c,
+                    open: None,
+                    opened: false,
+                });
+                list.len() - 1
             }
         };
         let open = list[n].open.take();
-        // Every UPDATE and DELETE is also a closing of the destination's open version:
-        // only the first one the destination has not reached applies (`close`), which
-        // is the key's first one unless a replay finds part of the chain applied.
-        if c.op != Op::Insert || open.is_some() {
+        let first = !list[n].opened;
+        // Every change may close the destination's open version of its key: the key's
+        // first closing in the batch does (`close`). An INSERT after a version the batch
+        // opened and closed has nothing left to close.
+        if c.op != Op::Insert || open.is_some() || first {
             p.closes.push(Close {
                 change: c,
                 at,
@@ -151,6 +157,7 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
                 };
                 p.fills |= values.has_unchanged();
                 list[n].open = Some(p.versions.len());
+                list[n].opened = true;
                 p.versions.push(Version {
                     change: c,
                     values,
@@ -173,7 +180,7 @@ pub fn create_stage(table: &TargetTable, stage: &Stage) -> String {
     s.push_str(stage.rows.trim_start_matches("pg_temp."));
     s.push_str(
         " ON COMMIT DELETE ROWS AS SELECT NULL::text AS kvsz_mask, NULL::boolean AS kvsz_first, \
-         NULL::boolean AS kvsz_skip, t.kvsz_start AS kvsz_at, ",
+         t.kvsz_start AS kvsz_at, ",
     );
     push_cols(&mut s, table, &all_cols(table), "t.", true);
     s.push_str(", t.kvsz_start, t.kvsz_end, t.kvsz_deleted FROM ONLY ");
@@ -182,7 +189,7 @@ pub fn create_stage(table: &TargetTable, stage: &Stage) -> String {
     s.push_str(stage.keys.trim_start_matches("pg_temp."));
     s.push_str(" ON COMMIT DELETE ROWS AS SELECT ");
     push_cols(&mut s, table, &table.key, "t.", true);
-    s.push_str(", t.kvsz_start AS kvsz_at, t.kvsz_deleted, NULL::boolean AS kvsz_skip FROM ONLY ");
+    s.push_str(", t.kvsz_start AS kvsz_at, t.kvsz_deleted FROM ONLY ");
     s.push_str(&t);
     s.push_str(" AS t WITH NO DATA");
     s
@@ -285,52 +292,16 @@ pub fn fill(table: &TargetTable, stage: &Stage, moved: bool) -> String {
     s
 }
 
-/// `FROM (the latest version of the staged key s on the destination) AS l WHERE `.
-fn push_latest(s: &mut String, table: &TargetTable) {
-    s.push_str("FROM (SELECT t.kvsz_start, t.kvsz_end FROM ");
-    s.push_str(&target(table));
-    s.push_str(" AS t WHERE ");
-    push_key_match(s, table, "t", "s");
-    s.push_str(" ORDER BY t.kvsz_start DESC LIMIT 1) AS l WHERE ");
-}
-
-/// The key's history already reaches the staged stamp (see the module's `mark`): its
-/// latest version `l` starts there or later, or was closed there or later.
-fn push_reached(s: &mut String) {
-    s.push_str("l.kvsz_start >= s.kvsz_at OR (l.kvsz_end >= s.kvsz_at AND l.kvsz_end < ");
-    push_literal(s, OPEN_FROM);
-    s.push(')');
-}
-
-/// Marks the staged versions the destination already has (and first INSERTs of a key
-/// with an open version), and gives a first INSERT of a key with versions its own
-/// stamp as start. Only rows whose key has versions are looked at twice, and only
-/// those to skip or first INSERTs are written: in a batch without replay, none.
+/// Gives a key's first INSERT of the batch its own stamp as start when the key has
+/// versions on the destination (`insert` starts the others at 1900-01-01).
 pub fn mark_rows(table: &TargetTable, stage: &Stage) -> String {
     let mut s = format!(
-        "UPDATE {} AS s SET kvsz_start = s.kvsz_at, kvsz_skip = EXISTS (SELECT 1 ",
-        stage.rows
+        "UPDATE {} AS s SET kvsz_start = s.kvsz_at WHERE s.kvsz_first AND EXISTS (SELECT 1 FROM {} \
+         AS t WHERE ",
+        stage.rows,
+        target(table)
     );
-    push_latest(&mut s, table);
-    push_reached(&mut s);
-    s.push_str(" OR (s.kvsz_first AND l.kvsz_end >= ");
-    push_literal(&mut s, OPEN_FROM);
-    s.push_str(")) WHERE EXISTS (SELECT 1 ");
-    push_latest(&mut s, table);
-    s.push_str("s.kvsz_first OR ");
-    push_reached(&mut s);
-    s.push(')');
-    s
-}
-
-/// Marks the staged closings the destination already reached.
-pub fn mark_keys(table: &TargetTable, stage: &Stage) -> String {
-    let mut s = format!(
-        "UPDATE {} AS s SET kvsz_skip = true WHERE EXISTS (SELECT 1 ",
-        stage.keys
-    );
-    push_latest(&mut s, table);
-    push_reached(&mut s);
+    push_key_match(&mut s, table, "t", "s");
     s.push(')');
     s
 }
@@ -349,7 +320,7 @@ pub fn keep_respelt(table: &TargetTable, stage: &Stage) -> String {
     s
 }
 
-/// Closes each staged key's open version at its first closing not skipped.
+/// Closes each staged key's open version at its first closing.
 pub fn close(table: &TargetTable, stage: &Stage) -> String {
     let mut s = format!(
         "UPDATE {} AS t SET kvsz_end = c.kvsz_at, kvsz_deleted = c.kvsz_deleted FROM \
@@ -361,7 +332,7 @@ pub fn close(table: &TargetTable, stage: &Stage) -> String {
     push_cols(&mut s, table, &table.key, "", true);
     s.push_str(", kvsz_at, kvsz_deleted FROM ");
     s.push_str(&stage.keys);
-    s.push_str(" WHERE kvsz_skip IS NOT TRUE ORDER BY ");
+    s.push_str(" ORDER BY ");
     push_cols(&mut s, table, &table.key, "", true);
     s.push_str(", kvsz_at) AS c WHERE ");
     push_key_match(&mut s, table, "t", "c");
@@ -371,7 +342,7 @@ pub fn close(table: &TargetTable, stage: &Stage) -> String {
     s
 }
 
-/// Adds the staged versions not skipped (and not left without their unchanged values).
+/// Adds the staged versions (but those left without their unchanged values).
 pub fn insert(table: &TargetTable, stage: &Stage) -> String {
     let cols = all_cols(table);
     let mut s = format!("INSERT INTO {} (", target(table));
@@ -383,12 +354,11 @@ pub fn insert(table: &TargetTable, stage: &Stage) -> String {
     push_literal(&mut s, FIRST_START);
     s.push_str(" ELSE s.kvsz_at END), s.kvsz_end, s.kvsz_deleted FROM ");
     s.push_str(&stage.rows);
-    s.push_str(" AS s WHERE s.kvsz_skip IS NOT TRUE AND s.kvsz_mask IS NULL");
+    s.push_str(" AS s WHERE s.kvsz_mask IS NULL");
     s
 }
 
-/// A TRUNCATE at stamp `at`: every open version (of the sid) closes as deleted, unless
-/// the history already reaches `at` (the TRUNCATE, replayed).
+/// A TRUNCATE at stamp `at`: every open version (of the sid) closes as deleted.
 pub fn truncate(e: &Entry) -> String {
     let table = &e.change.table;
     let t = target(table);
@@ -406,17 +376,6 @@ pub fn truncate(e: &Entry) -> String {
     s.push_str(" AND t.kvsz_start < ");
     push_literal(&mut s, &at);
     sid(&mut s, "t");
-    s.push_str(&format!(
-        " AND NOT EXISTS (SELECT 1 FROM {t} AS x WHERE (x.kvsz_start >= "
-    ));
-    push_literal(&mut s, &at);
-    s.push_str(" OR (x.kvsz_end >= ");
-    push_literal(&mut s, &at);
-    s.push_str(" AND x.kvsz_end < ");
-    push_literal(&mut s, OPEN_FROM);
-    s.push_str("))");
-    sid(&mut s, "x");
-    s.push(')');
     s
 }
 
@@ -542,11 +501,12 @@ mod tests {
                 ("1".into(), 50, None, false, "Text(\"d\")".into()),
             ]
         );
-        // Every update and delete may close the destination's open version (the first
-        // one the destination has not reached does).
+        // Every change may close the destination's open version (the key's first one
+        // does): a first INSERT too, of a key the destination has open.
         assert_eq!(
             closes,
             [
+                ("1".into(), 10, false),
                 ("1".into(), 20, false),
                 ("2".into(), 20, false),
                 ("1".into(), 21, false),
@@ -580,6 +540,7 @@ mod tests {
         assert_eq!(
             closes,
             [
+                ("2".into(), 5, false),
                 ("2".into(), 6, false),
                 ("1".into(), 10, false),
                 ("1".into(), 11, false)
@@ -592,7 +553,7 @@ mod tests {
             "10\tf\t2000-01-01 00:00:00.000010+00\t1\t\\N\ts1\t2000-01-01 00:00:00.000011+00\tf\n"
         );
         let mut out = Vec::new();
-        close_line(&p.closes[1], &mut out);
+        close_line(&p.closes[2], &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "1\ts1\t2000-01-01 00:00:00.000010+00\tf\n"
@@ -629,12 +590,10 @@ mod tests {
         assert_eq!(
             create_stage(&t, &st),
             "CREATE TEMP TABLE IF NOT EXISTS kvsz_r1 ON COMMIT DELETE ROWS AS SELECT NULL::text AS \
-             kvsz_mask, NULL::boolean AS kvsz_first, NULL::boolean AS kvsz_skip, t.kvsz_start AS \
-             kvsz_at, t.\"id\", t.\"v\", t.\"sid\", t.kvsz_start, t.kvsz_end, t.kvsz_deleted FROM \
+             kvsz_mask, NULL::boolean AS kvsz_first, t.kvsz_start AS kvsz_at, t.\"id\", t.\"v\", t.\"sid\", t.kvsz_start, t.kvsz_end, t.kvsz_deleted FROM \
              ONLY \"public\".\"h\"\"t\" AS t WITH NO DATA; CREATE TEMP TABLE IF NOT EXISTS kvsz_k1 \
              ON COMMIT DELETE ROWS AS SELECT t.\"id\", t.\"sid\", t.kvsz_start AS kvsz_at, \
-             t.kvsz_deleted, NULL::boolean AS kvsz_skip FROM ONLY \"public\".\"h\"\"t\" AS t WITH \
-             NO DATA"
+             t.kvsz_deleted FROM ONLY \"public\".\"h\"\"t\" AS t WITH NO DATA"
         );
         assert_eq!(
             copy_rows_in(&t, &st),
@@ -647,25 +606,15 @@ mod tests {
         );
         assert_eq!(
             mark_rows(&t, &st),
-            "UPDATE pg_temp.kvsz_r1 AS s SET kvsz_start = s.kvsz_at, kvsz_skip = EXISTS (SELECT 1 \
-             FROM (SELECT t.kvsz_start, t.kvsz_end FROM \"public\".\"h\"\"t\" AS t WHERE t.\"id\" = \
-             s.\"id\" AND t.\"sid\" = s.\"sid\" ORDER BY t.kvsz_start DESC LIMIT 1) AS l WHERE \
-             l.kvsz_start >= s.kvsz_at OR (l.kvsz_end >= s.kvsz_at AND l.kvsz_end < '9998-12-31 \
-             00:00:00+00') OR (s.kvsz_first AND l.kvsz_end >= '9998-12-31 00:00:00+00')) WHERE \
-             EXISTS (SELECT 1 FROM (SELECT t.kvsz_start, t.kvsz_end FROM \"public\".\"h\"\"t\" AS t \
-             WHERE t.\"id\" = s.\"id\" AND t.\"sid\" = s.\"sid\" ORDER BY t.kvsz_start DESC LIMIT 1) \
-             AS l WHERE s.kvsz_first OR l.kvsz_start >= s.kvsz_at OR (l.kvsz_end >= s.kvsz_at AND \
-             l.kvsz_end < '9998-12-31 00:00:00+00'))"
+            "UPDATE pg_temp.kvsz_r1 AS s SET kvsz_start = s.kvsz_at WHERE s.kvsz_first AND EXISTS \
+             (SELECT 1 FROM \"public\".\"h\"\"t\" AS t WHERE t.\"id\" = s.\"id\" AND t.\"sid\" = \
+             s.\"sid\")"
         );
-        assert!(mark_keys(&t, &st).starts_with(
-            "UPDATE pg_temp.kvsz_k1 AS s SET kvsz_skip = true WHERE EXISTS (SELECT 1 FROM (SELECT"
-        ));
         assert_eq!(
             close(&t, &st),
             "UPDATE \"public\".\"h\"\"t\" AS t SET kvsz_end = c.kvsz_at, kvsz_deleted = \
              c.kvsz_deleted FROM (SELECT DISTINCT ON (\"id\", \"sid\") \"id\", \"sid\", kvsz_at, \
-             kvsz_deleted FROM pg_temp.kvsz_k1 WHERE kvsz_skip IS NOT TRUE ORDER BY \"id\", \"sid\", \
-             kvsz_at) AS c WHERE t.\"id\" = c.\"id\" AND t.\"sid\" = c.\"sid\" AND t.kvsz_end >= \
+             kvsz_deleted FROM pg_temp.kvsz_k1 ORDER BY \"id\", \"sid\", kvsz_at) AS c WHERE t.\"id\" = c.\"id\" AND t.\"sid\" = c.\"sid\" AND t.kvsz_end >= \
              '9998-12-31 00:00:00+00' AND t.kvsz_start < c.kvsz_at"
         );
         assert_eq!(
@@ -674,7 +623,7 @@ mod tests {
              kvsz_deleted) OVERRIDING SYSTEM VALUE SELECT s.\"id\", s.\"v\", s.\"sid\", \
              coalesce(s.kvsz_start, CASE WHEN s.kvsz_first THEN '1900-01-01 00:00:00+00' ELSE \
              s.kvsz_at END), s.kvsz_end, s.kvsz_deleted FROM pg_temp.kvsz_r1 AS s WHERE \
-             s.kvsz_skip IS NOT TRUE AND s.kvsz_mask IS NULL"
+             s.kvsz_mask IS NULL"
         );
         assert_eq!(
             fill(&t, &st, true),
@@ -692,10 +641,7 @@ mod tests {
             truncate(&b.groups[0].entries[0]),
             "UPDATE \"public\".\"h\"\"t\" AS t SET kvsz_end = '2000-01-01 00:00:00.000001+00', \
              kvsz_deleted = true WHERE t.kvsz_end >= '9998-12-31 00:00:00+00' AND t.kvsz_start < \
-             '2000-01-01 00:00:00.000001+00' AND t.\"sid\" = 'a' AND NOT EXISTS (SELECT 1 FROM \
-             \"public\".\"h\"\"t\" AS x WHERE (x.kvsz_start >= '2000-01-01 00:00:00.000001+00' OR \
-             (x.kvsz_end >= '2000-01-01 00:00:00.000001+00' AND x.kvsz_end < '9998-12-31 \
-             00:00:00+00')) AND x.\"sid\" = 'a')"
+             '2000-01-01 00:00:00.000001+00' AND t.\"sid\" = 'a'"
         );
     }
 }

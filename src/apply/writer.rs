@@ -12,9 +12,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use log::{debug, error, info, warn};
 use postgres::Statement;
 
-use crate::change::{Change, SourceId, TargetTable, Value};
+use crate::change::{Change, Position, SourceId, TargetTable, Value};
 use crate::pg::quote::{jsonb_object, literal, qualified};
 use crate::pg::{describe, Lsn};
+use crate::store::{progress_sql, WriterProgress};
 
 use super::batch::{Batch, Entry, Group, Net, MAX_COPY_BYTES, MAX_COPY_ROWS};
 use super::history;
@@ -84,6 +85,9 @@ pub struct WriterSettings {
     pub on_error: RejectPolicy,
     pub progress: Arc<Progress>,
     pub inflight: Arc<Inflight>,
+    /// How many writers the pool has: routing, and so the positions each records,
+    /// depend on it.
+    pub pool_size: usize,
     /// Where commits and rejected rows are reported (see [`crate::status`]).
     pub status: Arc<Status>,
     /// Sources stopped by a rejected row (`on_error = stop`), with the report, for the
@@ -191,6 +195,11 @@ pub struct Writer {
     trim_due: bool,
     /// Sources held after a rejected row, by source id (see [`Writer::stopped_source`]).
     held: Vec<bool>,
+    /// Sources held by a rejected row in the transaction being applied, and where: their
+    /// progress stops at that change.
+    held_at: Vec<(SourceId, Position)>,
+    /// Slot names by source id, for `kvsz_progress` (looked up once).
+    slots: Vec<Option<String>>,
 }
 
 /// Writes one entry's line of COPY data.
@@ -244,6 +253,8 @@ impl Writer {
             copy_buf: Vec::new(),
             trim_due: false,
             held: Vec::new(),
+            held_at: Vec::new(),
+            slots: Vec::new(),
         })
     }
 
@@ -317,7 +328,7 @@ impl Writer {
                 WriterMsg::Rejected { change, message } => {
                     self.settings.inflight.taken(self.id, change.byte_len());
                     self.commit()?;
-                    self.reject(&change, message)?;
+                    self.reject_alone(&change, message)?;
                 }
                 WriterMsg::Marker { source, lsn } => {
                     if self.batch.is_empty() {
@@ -398,6 +409,7 @@ impl Writer {
             if !self.apply_literal(&batch)? {
                 self.apply_batch(&batch)?;
             }
+            self.held_at.clear();
             self.end_txn();
             if let Some(w) = self.settings.status.writers.get(self.id) {
                 w.committed(batch.changes, started.elapsed());
@@ -422,6 +434,61 @@ impl Writer {
             let _ = tx.send(());
         }
         Ok(())
+    }
+
+    /// A change the source refused, reported in a transaction of its own that also
+    /// records it as done (a dead letter is applied, as far as replays go).
+    fn reject_alone(&mut self, c: &Change, message: String) -> Result<(), WriterError> {
+        self.begin()?;
+        self.reject(c, message)?;
+        let held = self.held.get(c.source).copied().unwrap_or(false);
+        let commit = match (held, self.progress_rows_sql(&[(c.source, c.pos.next())])) {
+            (false, Some(p)) => format!("{p}; COMMIT"),
+            _ => "COMMIT".to_string(),
+        };
+        self.held_at.clear();
+        self.client.batch_execute(&commit).map_err(self.conn_err())
+    }
+
+    /// The statement recording, in the batch's transaction, how far this writer got in
+    /// each source of `batch` (see [`crate::store`]): past its last change, or up to the
+    /// change that held the source (`on_error = stop`).
+    fn progress_sql(&mut self, batch: &Batch) -> Option<String> {
+        let rows: Vec<(SourceId, Position)> = batch
+            .next
+            .iter()
+            .filter_map(
+                |&(source, next)| match self.held_at.iter().find(|(s, _)| *s == source) {
+                    Some(&(_, at)) => Some((source, at.min(next))),
+                    None if self.held.get(source).copied().unwrap_or(false) => None,
+                    None => Some((source, next)),
+                },
+            )
+            .collect();
+        self.progress_rows_sql(&rows)
+    }
+
+    fn progress_rows_sql(&mut self, rows: &[(SourceId, Position)]) -> Option<String> {
+        for &(source, _) in rows {
+            if self.slots.len() <= source {
+                self.slots.resize(source + 1, None);
+            }
+            if self.slots[source].is_none() {
+                self.slots[source] = self.settings.status.source(source).map(|s| s.slot.clone());
+            }
+        }
+        let rows: Vec<WriterProgress> = rows
+            .iter()
+            .filter_map(|&(source, next)| {
+                Some(WriterProgress {
+                    slot: self.slots.get(source)?.as_deref()?,
+                    writer: self.id,
+                    writers: self.settings.pool_size,
+                    next,
+                })
+            })
+            .collect();
+        (!rows.is_empty()).then(|| progress_sql(&self.settings.schema, &rows))
     }
 
     fn begin(&mut self) -> Result<(), WriterError> {
@@ -486,6 +553,9 @@ impl Writer {
                 let table = table.clone();
                 add(stmt, Literal::Patch { table });
             }
+        }
+        if let Some(p) = self.progress_sql(batch) {
+            add(p, Literal::Progress);
         }
         add(CHECK_DEFERRED.into(), Literal::Constraints);
         add("COMMIT".into(), Literal::Commit);
@@ -552,9 +622,11 @@ impl Writer {
                     .try_for_each(|s| self.apply(g, s, false))
             })
             .and_then(|()| {
-                self.client
-                    .batch_execute(CHECKED_COMMIT)
-                    .map_err(self.fail())
+                let commit = match self.progress_sql(batch) {
+                    Some(p) => format!("{p}; {CHECKED_COMMIT}"),
+                    None => CHECKED_COMMIT.to_string(),
+                };
+                self.client.batch_execute(&commit).map_err(self.fail())
             });
         match fast {
             Ok(()) => Ok(()),
@@ -569,17 +641,56 @@ impl Writer {
                     .batch_execute("ROLLBACK")
                     .map_err(self.conn_err())?;
                 self.end_txn();
-                self.client
-                    .batch_execute(&format!("BEGIN; {CHECK_DEFERRED}"))
-                    .map_err(self.conn_err())?;
-                for g in &batch.groups {
-                    for s in g.segments() {
-                        self.careful(g, s)?;
-                    }
-                }
-                self.client.batch_execute("COMMIT").map_err(self.conn_err())
+                self.apply_carefully(batch)
             }
         }
+    }
+
+    /// Applies a refused batch entry by entry, isolating what the destination refuses.
+    /// A source held by a refused row (`on_error = stop`) keeps nothing of its changes
+    /// from that row on: they are its replay's, in source order once the cause is fixed
+    /// (a later version of the same key must not land before the held one). So when a
+    /// pass holds a source, it is rolled back and done again without them.
+    fn apply_carefully(&mut self, batch: &Batch) -> Result<(), WriterError> {
+        let mut cuts: Vec<(SourceId, Position)> = Vec::new();
+        loop {
+            self.client
+                .batch_execute(&format!("BEGIN; {CHECK_DEFERRED}"))
+                .map_err(self.conn_err())?;
+            self.held_at.clone_from(&cuts);
+            for g in &batch.groups {
+                for s in g.segments() {
+                    if cuts.is_empty() {
+                        self.careful(g, s)?;
+                        continue;
+                    }
+                    let kept: Vec<Entry> = s
+                        .iter()
+                        .filter(|e| {
+                            !cuts
+                                .iter()
+                                .any(|&(src, cut)| e.change.source == src && e.last >= cut)
+                        })
+                        .cloned()
+                        .collect();
+                    self.careful(g, &kept)?;
+                }
+            }
+            let next = batch.cuts(&self.held_at);
+            if next == cuts {
+                break;
+            }
+            self.client
+                .batch_execute("ROLLBACK")
+                .map_err(self.conn_err())?;
+            self.end_txn();
+            cuts = next;
+        }
+        let commit = match self.progress_sql(batch) {
+            Some(p) => format!("{p}; COMMIT"),
+            None => "COMMIT".to_string(),
+        };
+        self.client.batch_execute(&commit).map_err(self.conn_err())
     }
 
     /// Applies `entries` under a savepoint; on a rejection, halves the set until the
@@ -734,12 +845,11 @@ impl Writer {
         if plan.fills || plan.moved {
             run(self, history::fill(table, stage, plan.moved))?;
         }
-        if rows > 0 {
+        if plan.versions.iter().any(|v| v.first) {
             run(self, history::mark_rows(table, stage))?;
         }
         let mut closed = 0;
         if keys > 0 {
-            run(self, history::mark_keys(table, stage))?;
             if plan.moved && table.loose_key {
                 run(self, history::keep_respelt(table, stage))?;
             }
@@ -752,10 +862,9 @@ impl Writer {
         };
         let name = table.display();
         if added < rows {
-            info!(
-                "{name}: {} version(s) not added: already on the destination (a replay, or an \
-                 INSERT of a key that has a current version), or a partial UPDATE of a key \
-                 without a current version",
+            warn!(
+                "{name}: {} version(s) not added: an UPDATE that left TOASTed values unchanged, \
+                 of a key without a current version to take them from",
                 rows - added
             );
         }
@@ -946,6 +1055,7 @@ impl Writer {
                     self.held.resize(c.source + 1, false);
                 }
                 self.held[c.source] = true;
+                self.held_at.push((c.source, c.pos));
                 self.markers.retain(|(s, _)| *s != c.source);
                 let _ = self.settings.rejections.send((c.source, report));
                 Ok(())
@@ -1023,6 +1133,7 @@ enum Literal {
     Delete { table: String, n: usize },
     Upsert { table: String, fresh: usize },
     Patch { table: String },
+    Progress,
     Constraints,
     Commit,
 }

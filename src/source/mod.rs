@@ -27,7 +27,7 @@ use sync::CopyError;
 
 /// Destination table that records, per slot and source table, whether the initial copy
 /// is done: written in the same transaction as the copy, so a crash mid-copy is redone.
-pub const SYNC_STATE_TABLE: &str = "kvsz_sync_state";
+pub use crate::store::SYNC_STATE_TABLE;
 
 /// One source URL as the map describes it.
 #[derive(Clone, Debug)]

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use postgres::Client;
 
-use crate::apply::route::{key_fingerprint, PoolClosed, Routed, Router, Wait};
-use crate::change::{Change, Op, Position, FNV_SEED};
+use crate::apply::route::{key_fingerprint, writer_for, PoolClosed, Routed, Router, Wait};
+use crate::change::{Change, Op, Position};
 use crate::config::{Mode, TableMap};
 use crate::expr::TableExprs;
 use crate::mode::Effect;
@@ -20,6 +20,7 @@ use crate::pg::quote::{literal, qualified};
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::Lsn;
 use crate::status::TableCounters;
+use crate::store::{Applied, PROGRESS_TABLE};
 
 use super::mapping::{map_relation, RelationMap, RowExprs};
 use super::setup::{
@@ -102,6 +103,11 @@ struct Streamer<'a> {
     env: &'a SourceEnv,
     repl: ReplicationConnection,
     dest: Client,
+    /// What the writers had applied when this stream started: what it skips (see
+    /// [`crate::store`]).
+    applied: Applied,
+    /// Changes skipped as applied already, reported once the replay is over.
+    skipped: u64,
     decoder: Decoder,
     /// Transactions streamed before their commit (PostgreSQL 14+).
     spools: Spools,
@@ -182,7 +188,14 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
             spec.label()
         );
     }
-    let dest = connect_dest(spec, env)?;
+    let mut dest = connect_dest(spec, env)?;
+    let applied = Applied::load(&mut dest, &env.dest_schema, &spec.slot).map_err(|error| {
+        SourceError::Sql {
+            source: spec.label(),
+            context: format!("read {}.{PROGRESS_TABLE}", env.dest_schema),
+            error,
+        }
+    })?;
     env.status.set_state(crate::status::State::Streaming);
     env.status.heard(start);
     env.status.confirmed(start);
@@ -191,6 +204,8 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         env,
         repl,
         dest,
+        applied,
+        skipped: 0,
         decoder: Decoder::new(),
         spools: Spools::new(&std::env::temp_dir()),
         relations: HashMap::new(),
@@ -707,16 +722,16 @@ impl Streamer<'_> {
         self.txn_lsn = commit_lsn;
         self.txn_time = commit_time;
         self.seq = 0;
-        self.stamps.begin();
+        self.stamps.begin(commit_time);
         self.last_delete = None;
     }
 
     /// A history target's change takes its version stamp (see [`Stamps`]).
     fn stamped(&mut self, mut c: Change, history: Option<u64>) -> Change {
         if let Some(table) = history {
-            let old = key_fingerprint(&c);
+            let old = c.stamp_key(false);
             c.commit_time = if c.op == Op::Update && c.old_key.is_some() {
-                let new = c.new_key_hash(FNV_SEED);
+                let new = c.stamp_key(true);
                 self.stamps.moved(self.txn_time, table, old, new)
             } else {
                 self.stamps.change(self.txn_time, table, old)
@@ -729,7 +744,7 @@ impl Streamer<'_> {
     /// `c.commit_time`: where the old version closed, or after the new key's own changes.
     fn continued(&mut self, mut c: Change, history: Option<u64>) -> Change {
         if let Some(table) = history {
-            let key = key_fingerprint(&c);
+            let key = c.stamp_key(false);
             c.commit_time = self
                 .stamps
                 .continued(self.txn_time, table, key, c.commit_time);
@@ -758,6 +773,9 @@ impl Streamer<'_> {
     /// Hands a change that cannot be written (its expression failed, its bytes are not
     /// UTF-8) to its key's writer as a rejected row.
     fn reject(&mut self, c: Change, why: String) -> Result<(), SourceError> {
+        if self.replayed(&c, false) {
+            return Ok(());
+        }
         match self.env.router.try_reject(c, why) {
             Routed::Queued => Ok(()),
             Routed::Full(pending) => self.blocking(move |r, idle| r.finish_route(pending, idle)),
@@ -765,9 +783,37 @@ impl Streamer<'_> {
         }
     }
 
+    /// Whether `c`, which goes to its key's writer (or with `alone` to the first), was
+    /// applied before this stream started: a replay after a crash, skipped so that each
+    /// change is applied exactly once.
+    fn replayed(&mut self, c: &Change, alone: bool) -> bool {
+        if !self.applied.pending(c.pos) {
+            if self.skipped > 0 {
+                info!(
+                    "source {}: {} change(s) received again were applied already: skipped",
+                    self.label(),
+                    self.skipped
+                );
+                self.skipped = 0;
+            }
+            return false;
+        }
+        let writer = if alone {
+            0
+        } else {
+            writer_for(c, key_fingerprint(c), self.applied.writers())
+        };
+        let applied = self.applied.covers(c.pos, writer);
+        self.skipped += u64::from(applied);
+        applied
+    }
+
     /// Queues a change for its writer. A full queue (a slow destination) blocks the
     /// stream, as it should, while the walsender keeps hearing from us.
     fn route(&mut self, c: Change) -> Result<(), SourceError> {
+        if self.replayed(&c, false) {
+            return Ok(());
+        }
         self.env.status.changes.fetch_add(1, Ordering::Relaxed);
         match self.env.router.try_route(c) {
             Routed::Queued => Ok(()),
@@ -801,6 +847,9 @@ impl Streamer<'_> {
     }
 
     fn apply_alone(&mut self, c: Change) -> Result<(), SourceError> {
+        if self.replayed(&c, true) {
+            return Ok(());
+        }
         self.blocking(move |r, idle| r.apply_alone(c, idle))
     }
 

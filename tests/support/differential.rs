@@ -24,12 +24,7 @@ use super::{destination, ident, literal, source, unique_name, versions, Cluster}
 /// Generator features the daemon still diverges on (known open): generated only with
 /// `KVSZ_DIFF_ALL=1` and by the time-boxed run, so the fixed seeds stay green. Delete a
 /// feature's line once the daemon handles it.
-pub const KNOWN_OPEN: &[Feature] = &[
-    Feature::FilterUnchangedToast,
-    Feature::HistoryHotKeys,
-    Feature::HistoryFilterReinsert,
-    Feature::HistoryLooseReinsert,
-];
+pub const KNOWN_OPEN: &[Feature] = &[Feature::FilterUnchangedToast];
 
 /// Generator features that can be switched off (see [`KNOWN_OPEN`]).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

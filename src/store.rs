@@ -1,0 +1,229 @@
+//! The daemon's bookkeeping on the destination: the `kvsz_*` tables in `database.schema`,
+//! their DDL and migrations, and the progress each writer commits with its data.
+//!
+//! **Progress** (`kvsz_progress`, one row per slot and writer): every destination
+//! transaction that applies changes of a source also records, in that transaction, the
+//! position of the first change of that source it has not applied (`next`: commit LSN
+//! and index in the transaction). Routing is a pure function of the change and the
+//! number of writers ([`crate::apply::route::writer_for`]), so after any crash the source
+//! can tell, for each change it receives again, whether the writer it went to committed
+//! it, and skip it: each change is applied exactly once, in every mode and shape (SPEC
+//! §4). A table of our own rather than replication origins: it needs no grant beyond
+//! CREATE on the schema, and it holds one position per writer, where an origin holds one
+//! per session.
+
+use postgres::Client;
+
+use crate::change::Position;
+use crate::pg::quote::{literal, qualified};
+use crate::pg::Lsn;
+
+pub const SYNC_STATE_TABLE: &str = "kvsz_sync_state";
+pub const DEADLETTER_TABLE: &str = "kvsz_deadletter";
+pub const PROGRESS_TABLE: &str = "kvsz_progress";
+
+/// Creates (or brings up to date) the bookkeeping tables; the dead letters only when
+/// they are used.
+pub fn create_sql(schema: &str, deadletter: bool) -> String {
+    let mut sql = format!(
+        "CREATE TABLE IF NOT EXISTS {0} (slot_name text NOT NULL, source_table text NOT NULL, \
+         target_table text NOT NULL, state text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
+         lsn pg_lsn, PRIMARY KEY (slot_name, source_table)); \
+         ALTER TABLE {0} ADD COLUMN IF NOT EXISTS lsn pg_lsn; \
+         CREATE TABLE IF NOT EXISTS {1} (slot_name text NOT NULL, writer int NOT NULL, \
+         writers int NOT NULL, commit_lsn pg_lsn NOT NULL, seq bigint NOT NULL, \
+         updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot_name, writer))",
+        qualified(schema, SYNC_STATE_TABLE),
+        qualified(schema, PROGRESS_TABLE)
+    );
+    if deadletter {
+        sql.push_str(&format!(
+            "; CREATE TABLE IF NOT EXISTS {} (sid text, source text, source_table text, lsn pg_lsn, \
+             op text, row jsonb, error text, at timestamptz NOT NULL DEFAULT now())",
+            qualified(schema, DEADLETTER_TABLE)
+        ));
+    }
+    sql
+}
+
+/// What one writer of a pool of `writers` has applied of one slot: every change routed
+/// to it before `next`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriterProgress<'a> {
+    pub slot: &'a str,
+    pub writer: usize,
+    pub writers: usize,
+    pub next: Position,
+}
+
+/// The statement that records `rows` (one per slot) in the writer's transaction.
+pub fn progress_sql(schema: &str, rows: &[WriterProgress]) -> String {
+    let mut sql = format!(
+        "INSERT INTO {} AS p (slot_name, writer, writers, commit_lsn, seq) VALUES ",
+        qualified(schema, PROGRESS_TABLE)
+    );
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "({}, {}, {}, '{}', {})",
+            literal(r.slot),
+            r.writer,
+            r.writers,
+            r.next.commit_lsn,
+            r.next.seq
+        ));
+    }
+    sql.push_str(
+        " ON CONFLICT (slot_name, writer) DO UPDATE SET writers = EXCLUDED.writers, \
+         commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, updated_at = now()",
+    );
+    sql
+}
+
+/// What a slot's writers had applied when its source started: the changes a replay
+/// must skip.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The pool size the positions were recorded with (routing depends on it).
+    writers: usize,
+    /// `next` by writer index.
+    next: Vec<Option<Position>>,
+    /// The highest `next`: nothing from here on was applied.
+    until: Position,
+}
+
+impl Applied {
+    /// From the slot's rows `(writer, writers, next)`. Only the rows of the pool size
+    /// last recorded are used: rows of an older pool size are from before that run,
+    /// which replayed everything they covered.
+    pub fn from_rows(rows: &[(usize, usize, Position, i64)]) -> Applied {
+        let Some(latest) = rows.iter().max_by_key(|r| r.3) else {
+            return Applied::default();
+        };
+        let writers = latest.1;
+        let mut next = vec![None; writers];
+        for &(w, n, pos, _) in rows {
+            if n == writers && w < writers {
+                next[w] = Some(pos);
+            }
+        }
+        let until = next.iter().flatten().max().copied().unwrap_or_default();
+        Applied {
+            writers,
+            next,
+            until,
+        }
+    }
+
+    /// Reads the slot's rows.
+    pub fn load(client: &mut Client, schema: &str, slot: &str) -> Result<Applied, postgres::Error> {
+        let rows = client.query(
+            format!(
+                "SELECT writer, writers, commit_lsn::text, seq, \
+                 (extract(epoch FROM updated_at) * 1000000)::bigint FROM {} WHERE slot_name = $1",
+                qualified(schema, PROGRESS_TABLE)
+            )
+            .as_str(),
+            &[&slot],
+        )?;
+        let rows: Vec<(usize, usize, Position, i64)> = rows
+            .iter()
+            .filter_map(|r| {
+                let lsn: String = r.get(2);
+                Some((
+                    usize::try_from(r.get::<_, i32>(0)).ok()?,
+                    usize::try_from(r.get::<_, i32>(1)).ok()?,
+                    Position {
+                        commit_lsn: lsn.parse::<Lsn>().ok()?,
+                        seq: u32::try_from(r.get::<_, i64>(3)).ok()?,
+                    },
+                    r.get(4),
+                ))
+            })
+            .collect();
+        Ok(Applied::from_rows(&rows))
+    }
+
+    /// Whether anything is left to skip at `pos` or after it.
+    pub fn pending(&self, pos: Position) -> bool {
+        pos < self.until
+    }
+
+    /// The pool size to route with when asking [`Applied::covers`].
+    pub fn writers(&self) -> usize {
+        self.writers
+    }
+
+    /// Whether the change at `pos`, which the recorded pool routed to `writer`, was
+    /// applied.
+    pub fn covers(&self, pos: Position, writer: usize) -> bool {
+        self.next
+            .get(writer)
+            .copied()
+            .flatten()
+            .is_some_and(|next| pos < next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(lsn: u64, seq: u32) -> Position {
+        Position {
+            commit_lsn: Lsn(lsn),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_change_is_applied_when_its_writer_passed_it() {
+        let a = Applied::from_rows(&[(0, 2, pos(100, 3), 5), (1, 2, pos(80, 0), 6)]);
+        assert_eq!(a.writers(), 2);
+        assert!(a.pending(pos(99, 9)));
+        assert!(!a.pending(pos(100, 3)));
+        assert!(a.covers(pos(100, 2), 0));
+        assert!(!a.covers(pos(100, 3), 0));
+        assert!(a.covers(pos(79, 7), 1));
+        assert!(!a.covers(pos(80, 0), 1));
+        assert!(!a.covers(pos(1, 0), 2));
+    }
+
+    #[test]
+    fn rows_of_an_older_pool_size_are_ignored() {
+        let a = Applied::from_rows(&[
+            (0, 4, pos(500, 0), 1),
+            (3, 4, pos(500, 0), 1),
+            (0, 2, pos(300, 0), 9),
+        ]);
+        assert_eq!(a.writers(), 2);
+        assert!(a.covers(pos(200, 0), 0));
+        assert!(!a.covers(pos(400, 0), 0));
+        assert!(!a.covers(pos(200, 0), 1));
+        assert!(!a.pending(pos(300, 0)));
+        assert_eq!(Applied::from_rows(&[]), Applied::default());
+        assert!(!Applied::default().pending(pos(0, 0)));
+    }
+
+    #[test]
+    fn progress_is_one_upsert() {
+        let sql = progress_sql(
+            "dw",
+            &[WriterProgress {
+                slot: "kuvasz_a'b",
+                writer: 1,
+                writers: 4,
+                next: pos(0x1_0000_0010, 7),
+            }],
+        );
+        assert_eq!(
+            sql,
+            "INSERT INTO \"dw\".\"kvsz_progress\" AS p (slot_name, writer, writers, commit_lsn, seq) \
+             VALUES ('kuvasz_a''b', 1, 4, '1/10', 7) ON CONFLICT (slot_name, writer) DO UPDATE SET \
+             writers = EXCLUDED.writers, commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, \
+             updated_at = now()"
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Each change is applied exactly once (SPEC §4), whatever crash comes: the position up
+//! to which every writer applied a source's changes is committed with them
+//! (`kvsz_progress`), and a replay after a crash skips what is there. Key-less tables
+//! and REPLICA IDENTITY FULL tables, which nothing else protects from a second apply,
+//! and history targets, end exactly equal to their source after SIGKILLs under load.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::daemon::Daemon;
+use support::{destination, source, unique_name, wait_confirmed, wait_for, Rows};
+
+const SOURCE: &str = "SET ROLE kuvasz; \
+    CREATE TABLE events (n int, batch int, v text); \
+    CREATE TABLE fullrows (n int, v text); ALTER TABLE fullrows REPLICA IDENTITY FULL; \
+    CREATE TABLE hist (id int PRIMARY KEY, v int); \
+    INSERT INTO hist SELECT g, 0 FROM generate_series(1, 20) g";
+
+const TARGET: &str = "SET ROLE kuvasz; \
+    CREATE TABLE events (n int, batch int, v text); \
+    CREATE TABLE fullrows (n int, v text); \
+    CREATE TABLE hist (id int, v int, kvsz_start timestamptz, kvsz_end timestamptz, \
+                       kvsz_deleted boolean)";
+
+/// Rows of `sql` on both sides, once the slot has confirmed everything.
+fn same(src: &support::Cluster, db: &str, dest: &support::Cluster, ddb: &str, sql: &str) {
+    let (expected, actual): (Rows, Rows) = (src.query(db, sql), dest.query(ddb, sql));
+    assert!(
+        expected == actual,
+        "{sql}\nsource ({} rows): {:?}\ntarget ({} rows): {:?}",
+        expected.len(),
+        &expected[..expected.len().min(20)],
+        actual.len(),
+        &actual[..actual.len().min(20)]
+    );
+}
+
+/// Four SIGKILLs and two graceful stops (SIGTERM), each once the target has grown since
+/// the last start, while a session commits 50-row inserts into a key-less and a FULL
+/// table and updates history rows.
+fn kills_under_load(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("eo"), unique_name("eod"), unique_name("eo"));
+    src.create_database(&db);
+    src.execute(&db, SOURCE);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, TARGET);
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"s\" }} ]\n\
+         [source.tables]\nevents = {{}}\nfullrows = {{}}\nhist = {{ type = \"history\" }}\n",
+        src.url(&db)
+    );
+    let mut daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 2"]);
+    daemon.wait_streaming(1);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let workload = {
+        let mut client = src.client(&db);
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut i: i64 = 0;
+            while !done.load(Ordering::Relaxed) {
+                i += 1;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; \
+                         INSERT INTO events SELECT g, {i}, 'e' FROM generate_series(1, 50) g; \
+                         INSERT INTO fullrows SELECT g % 10, 'f{}' FROM generate_series(1, 50) g; \
+                         UPDATE hist SET v = v + 1 WHERE id = {}; \
+                         COMMIT",
+                        i % 7,
+                        1 + i % 20
+                    ))
+                    .expect("workload");
+            }
+            i
+        })
+    };
+    let count = || -> i64 {
+        dest.query(&ddb, "SELECT count(*) FROM events")[0][0]
+            .as_deref()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0)
+    };
+    for n in 0..6 {
+        // Killed while changes stream in: the target grew since this run started.
+        let at_start = count();
+        wait_for("rows arriving", Duration::from_secs(60), || {
+            (count() >= at_start + 2000).then_some(())
+        });
+        assert!(
+            daemon.running(),
+            "daemon died on its own:\n{}",
+            daemon.log()
+        );
+        let dir = if n % 3 == 2 {
+            daemon.stop_by(libc::SIGTERM, Duration::from_secs(15))
+        } else {
+            daemon.kill()
+        };
+        daemon = Daemon::spawn(dir);
+    }
+    let at_start = count();
+    wait_for("rows arriving", Duration::from_secs(60), || {
+        (count() >= at_start + 2000).then_some(())
+    });
+    done.store(true, Ordering::Relaxed);
+    let txns = workload.join().expect("workload thread");
+    assert!(txns > 100, "workload too small: {txns}");
+    wait_confirmed(src, &db, &format!("kuvasz_{family}_s"));
+
+    // Every transaction's 50 rows once, no more.
+    same(
+        src,
+        &db,
+        dest,
+        &ddb,
+        "SELECT batch, count(*) FROM events GROUP BY batch HAVING count(*) <> 50 ORDER BY 1",
+    );
+    same(src, &db, dest, &ddb, "SELECT count(*) FROM events");
+    same(
+        src,
+        &db,
+        dest,
+        &ddb,
+        "SELECT n, v, count(*) FROM fullrows GROUP BY n, v ORDER BY n, v",
+    );
+    // One version per update of each key, the current one with the source's value.
+    let versions = dest.query(
+        &ddb,
+        "SELECT id, count(*)::int - 1, max(v) FILTER (WHERE kvsz_end > '9000-01-01') \
+         FROM hist GROUP BY id ORDER BY id",
+    );
+    let expected = src.query(&db, "SELECT id, v, v FROM hist ORDER BY id");
+    assert_eq!(versions, expected, "history: (id, versions - 1, current v)");
+    daemon.stop_ok();
+}
+
+every_major! { kills_under_load:
+    kills_under_load_pg12 => 12,
+    kills_under_load_pg18 => 18,
+}
+
+/// `on_error = stop` holds a source at the refused change, and nothing of that source
+/// from there on lands before it: the rest of its transaction waits for the retry,
+/// which applies everything once, in source order, after the operator's fix (here a
+/// later version of the same history key, which must not close the held one's place).
+fn held_row_keeps_its_order(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("eh"), unique_name("ehd"), unique_name("eh"));
+    src.create_database(&db);
+    src.execute(
+        &db,
+        "SET ROLE kuvasz; CREATE TABLE hist (id int PRIMARY KEY, v int); \
+         INSERT INTO hist VALUES (1, 0), (2, 0)",
+    );
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE hist (id int, v int CHECK (v >= 0), \
+         kvsz_start timestamptz, kvsz_end timestamptz, kvsz_deleted boolean)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"s\" }} ]\n\
+         [source.tables]\nhist = {{ type = \"history\" }}\n",
+        src.url(&db)
+    );
+    // One writer: the refused change and the rest of its transaction share a batch.
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 1"]);
+    daemon.wait_streaming(1);
+    src.execute(
+        &db,
+        "BEGIN; UPDATE hist SET v = 7 WHERE id = 2; UPDATE hist SET v = -1 WHERE id = 1; \
+         UPDATE hist SET v = 5 WHERE id = 1; COMMIT",
+    );
+    let versions = |id: i32| {
+        dest.query(
+            &ddb,
+            &format!(
+                "SELECT v::text, (kvsz_end > '9000-01-01')::text FROM hist WHERE id = {id} \
+                 ORDER BY kvsz_start, kvsz_end"
+            ),
+        )
+    };
+    let s = |v: &str| Some(v.to_string());
+    // The batch committed what came before the refused change, nothing after it.
+    wait_for(
+        "the change before the refused one",
+        Duration::from_secs(30),
+        || (versions(2).len() == 2).then_some(()),
+    );
+    assert_eq!(versions(1), vec![vec![s("0"), s("true")]]);
+    dest.execute(&ddb, "ALTER TABLE hist DROP CONSTRAINT hist_v_check");
+    wait_confirmed(src, &db, &format!("kuvasz_{family}_s"));
+    assert_eq!(
+        versions(1),
+        vec![
+            vec![s("0"), s("false")],
+            vec![s("-1"), s("false")],
+            vec![s("5"), s("true")],
+        ]
+    );
+    assert_eq!(
+        versions(2),
+        vec![vec![s("0"), s("false")], vec![s("7"), s("true")]]
+    );
+    daemon.stop_ok();
+}
+
+every_major! { held_row_keeps_its_order:
+    held_row_keeps_its_order_pg12 => 12,
+    held_row_keeps_its_order_pg18 => 18,
+}
+
+const LOOP_SOURCE: &str = "SET ROLE kuvasz; \
+    CREATE TABLE acct (id int PRIMARY KEY, v int NOT NULL); \
+    CREATE TABLE ledger (id int PRIMARY KEY, v int NOT NULL); \
+    CREATE TABLE events (n int, batch int); \
+    CREATE TABLE fullrows (n int, v text); ALTER TABLE fullrows REPLICA IDENTITY FULL; \
+    CREATE TABLE hist (id int PRIMARY KEY, v int NOT NULL); \
+    INSERT INTO acct SELECT g, 0 FROM generate_series(1, 50) g; \
+    INSERT INTO hist SELECT g, 0 FROM generate_series(1, 30) g";
+
+const LOOP_TARGET: &str = "SET ROLE kuvasz; \
+    CREATE TABLE acct (sid text, id int, v int NOT NULL, PRIMARY KEY (sid, id)); \
+    CREATE TABLE ledger (sid text, id int, v int NOT NULL, PRIMARY KEY (sid, id)); \
+    CREATE TABLE events (sid text, n int, batch int); \
+    CREATE TABLE fullrows (sid text, n int, v text); \
+    CREATE TABLE hist (sid text, id int, v int, kvsz_start timestamptz, kvsz_end timestamptz, \
+                       kvsz_deleted boolean)";
+
+/// One session's workload on `db` until `done`: each transaction updates a clone row,
+/// inserts and updates append rows, inserts 20 key-less and 10 FULL rows, and bumps a
+/// history row (its `v` counts its updates). A failed transaction (the server
+/// restarting) is retried on a new connection.
+fn loop_workload(src: &support::Cluster, db: &str, done: &AtomicBool) -> i64 {
+    let mut client = src.client(db);
+    let mut i: i64 = 0;
+    while !done.load(Ordering::Relaxed) {
+        let sql = format!(
+            "BEGIN; UPDATE acct SET v = v + 1 WHERE id = {a}; \
+             INSERT INTO ledger VALUES ({l}, 0); UPDATE ledger SET v = v + 1 WHERE id = {m}; \
+             INSERT INTO events SELECT g, {i} FROM generate_series(1, 20) g; \
+             INSERT INTO fullrows SELECT g % 4, 'f{f}' FROM generate_series(1, 10) g; \
+             UPDATE hist SET v = v + 1 WHERE id = {h}; COMMIT",
+            a = 1 + i % 50,
+            l = i + 1,
+            m = 1 + i / 2,
+            f = i % 3,
+            h = 1 + i % 30,
+        );
+        match client.batch_execute(&sql) {
+            Ok(()) => i += 1,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(200));
+                let reconnect = std::panic::AssertUnwindSafe(|| src.client(db));
+                if let Ok(c) = std::panic::catch_unwind(reconnect) {
+                    client = c;
+                }
+            }
+        }
+    }
+    i
+}
+
+/// SPEC §4's crash loop: 20 SIGKILLs under a two-source workload on clone, append,
+/// key-less, FULL and history tables, the source server restarted after the 7th and
+/// the destination after the 14th; every target ends exactly equal to its source.
+#[test]
+fn crash_loop() {
+    let version = *support::versions().last().expect("a version");
+    let src = support::private_source(version);
+    let dest = support::private_destination();
+    let family = unique_name("cl");
+    let dbs = [unique_name("cla"), unique_name("clb")];
+    let ddb = unique_name("cld");
+    for db in &dbs {
+        src.create_database(db);
+        src.execute(db, LOOP_SOURCE);
+    }
+    dest.create_database(&ddb);
+    dest.execute(&ddb, LOOP_TARGET);
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"a\" }}, \
+         {{ url = \"{}\", sid = \"b\" }} ]\n[source.tables]\nacct = {{}}\n\
+         ledger = {{ type = \"append\" }}\nevents = {{}}\nfullrows = {{}}\n\
+         hist = {{ type = \"history\" }}\n",
+        src.url(&dbs[0]),
+        src.url(&dbs[1])
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 3"]);
+    daemon.wait_streaming(2);
+    let mut daemon = Some(daemon);
+    let done = AtomicBool::new(false);
+    let count = || -> i64 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dest.query(&ddb, "SELECT count(*) FROM events")
+        }));
+        r.ok()
+            .and_then(|r| r[0][0].as_deref().and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    };
+    let txns: Vec<i64> = std::thread::scope(|s| {
+        let sessions: Vec<_> = dbs
+            .iter()
+            .map(|db| s.spawn(|| loop_workload(&src, db, &done)))
+            .collect();
+        for n in 1..=20 {
+            // Killed while changes stream in: the target grew since this run started.
+            let at_start = count();
+            wait_for("rows arriving", Duration::from_secs(90), || {
+                (count() >= at_start + 400).then_some(())
+            });
+            let mut d = daemon.take().expect("a daemon");
+            assert!(d.running(), "daemon died on its own:\n{}", d.log());
+            let dir = d.kill();
+            match n {
+                7 => src.restart(),
+                14 => dest.restart(),
+                _ => {}
+            }
+            daemon = Some(Daemon::spawn(dir));
+        }
+        let at_start = count();
+        wait_for("rows arriving", Duration::from_secs(90), || {
+            (count() >= at_start + 400).then_some(())
+        });
+        done.store(true, Ordering::Relaxed);
+        sessions
+            .into_iter()
+            .map(|h| h.join().expect("workload thread"))
+            .collect()
+    });
+    assert!(
+        txns.iter().all(|&n| n > 100),
+        "workload too small: {txns:?}"
+    );
+    for (db, sid) in dbs.iter().zip(["a", "b"]) {
+        wait_confirmed(&src, db, &format!("kuvasz_{family}_{sid}"));
+        let both = |table: &str, sql: &str| {
+            let on_src = sql.replace("FROM t", &format!("FROM {table}"));
+            let on_dest = sql.replace("FROM t", &format!("FROM {table} WHERE sid = '{sid}'"));
+            (src.query(db, &on_src), dest.query(&ddb, &on_dest))
+        };
+        for (table, sql) in [
+            ("acct", "SELECT id, v FROM t ORDER BY id"),
+            ("ledger", "SELECT id, v FROM t ORDER BY id"),
+            (
+                "events",
+                "SELECT batch, count(*) FROM t GROUP BY batch ORDER BY batch",
+            ),
+            (
+                "fullrows",
+                "SELECT n, v, count(*) FROM t GROUP BY n, v ORDER BY n, v",
+            ),
+        ] {
+            let (expected, actual) = both(table, sql);
+            assert!(
+                expected == actual,
+                "sid {sid} {table}: source {} rows, target {} rows; first difference: {:?}",
+                expected.len(),
+                actual.len(),
+                expected.iter().zip(&actual).find(|(e, a)| e != a)
+            );
+        }
+        // One version per update of each key, the current one with the source's value.
+        let versions = dest.query(
+            &ddb,
+            &format!(
+                "SELECT id, count(*)::int - 1, max(v) FILTER (WHERE kvsz_end > '9000-01-01') \
+                 FROM hist WHERE sid = '{sid}' GROUP BY id ORDER BY id"
+            ),
+        );
+        let expected = src.query(db, "SELECT id, v, v FROM hist ORDER BY id");
+        assert_eq!(
+            versions, expected,
+            "sid {sid} history: (id, versions - 1, current v)"
+        );
+    }
+    daemon.expect("a daemon").stop_ok();
+}
