@@ -16,8 +16,9 @@
 //!    from the key's open version.
 //! 2. `mark`: a key's first INSERT of the batch starts at its stamp when the key has
 //!    versions on the destination, and from 1900-01-01 when it has none.
-//! 3. `close`: the key's open version ends at the batch's first closing of it (an INSERT
-//!    of a key whose version is open closes it too: it updates the key, as in clone).
+//! 3. `close`: the key's open version ends at the batch's first closing of it; then an
+//!    INSERT of a key whose version is still open closes it (`close_reinserted`: it
+//!    updates the key, as in clone).
 //! 4. `insert`: the versions are added.
 
 use std::borrow::Cow;
@@ -120,10 +121,11 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
         };
         let open = list[n].open.take();
         let first = !list[n].opened;
-        // Every change may close the destination's open version of its key: the key's
-        // first closing in the batch does (`close`). An INSERT after a version the batch
-        // opened and closed has nothing left to close.
-        if c.op != Op::Insert || open.is_some() || first {
+        // Every UPDATE and DELETE may close the destination's open version of its key:
+        // the key's first closing in the batch does (`close`). A first INSERT of a key
+        // the destination has open closes it too (`close_reinserted`), found as it is
+        // marked: staging a closing for every INSERT would double a backlog's work.
+        if c.op != Op::Insert || open.is_some() {
             p.closes.push(Close {
                 change: c,
                 at,
@@ -303,6 +305,23 @@ pub fn mark_rows(table: &TargetTable, stage: &Stage) -> String {
     );
     push_key_match(&mut s, table, "t", "s");
     s.push(')');
+    s
+}
+
+/// Closes, at their stamp, the open versions of keys a first INSERT of the batch finds
+/// still open after `close` (an INSERT of a key the destination has: an update of it).
+/// Only rows `mark_rows` marked (their key has versions) are looked at.
+pub fn close_reinserted(table: &TargetTable, stage: &Stage) -> String {
+    let mut s = format!(
+        "UPDATE {} AS t SET kvsz_end = s.kvsz_at, kvsz_deleted = false FROM {} AS s WHERE \
+         s.kvsz_first AND s.kvsz_start IS NOT NULL AND ",
+        target(table),
+        stage.rows
+    );
+    push_key_match(&mut s, table, "t", "s");
+    s.push_str(" AND t.kvsz_end >= ");
+    push_literal(&mut s, OPEN_FROM);
+    s.push_str(" AND t.kvsz_start < s.kvsz_at");
     s
 }
 
@@ -501,12 +520,11 @@ mod tests {
                 ("1".into(), 50, None, false, "Text(\"d\")".into()),
             ]
         );
-        // Every change may close the destination's open version (the key's first one
-        // does): a first INSERT too, of a key the destination has open.
+        // Every update and delete may close the destination's open version (the key's
+        // first one does).
         assert_eq!(
             closes,
             [
-                ("1".into(), 10, false),
                 ("1".into(), 20, false),
                 ("2".into(), 20, false),
                 ("1".into(), 21, false),
@@ -540,7 +558,6 @@ mod tests {
         assert_eq!(
             closes,
             [
-                ("2".into(), 5, false),
                 ("2".into(), 6, false),
                 ("1".into(), 10, false),
                 ("1".into(), 11, false)
@@ -553,7 +570,7 @@ mod tests {
             "10\tf\t2000-01-01 00:00:00.000010+00\t1\t\\N\ts1\t2000-01-01 00:00:00.000011+00\tf\n"
         );
         let mut out = Vec::new();
-        close_line(&p.closes[2], &mut out);
+        close_line(&p.closes[1], &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "1\ts1\t2000-01-01 00:00:00.000010+00\tf\n"
@@ -609,6 +626,13 @@ mod tests {
             "UPDATE pg_temp.kvsz_r1 AS s SET kvsz_start = s.kvsz_at WHERE s.kvsz_first AND EXISTS \
              (SELECT 1 FROM \"public\".\"h\"\"t\" AS t WHERE t.\"id\" = s.\"id\" AND t.\"sid\" = \
              s.\"sid\")"
+        );
+        assert_eq!(
+            close_reinserted(&t, &st),
+            "UPDATE \"public\".\"h\"\"t\" AS t SET kvsz_end = s.kvsz_at, kvsz_deleted = false FROM \
+             pg_temp.kvsz_r1 AS s WHERE s.kvsz_first AND s.kvsz_start IS NOT NULL AND t.\"id\" = \
+             s.\"id\" AND t.\"sid\" = s.\"sid\" AND t.kvsz_end >= '9998-12-31 00:00:00+00' AND \
+             t.kvsz_start < s.kvsz_at"
         );
         assert_eq!(
             close(&t, &st),

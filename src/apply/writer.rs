@@ -845,15 +845,20 @@ impl Writer {
         if plan.fills || plan.moved {
             run(self, history::fill(table, stage, plan.moved))?;
         }
-        if plan.versions.iter().any(|v| v.first) {
-            run(self, history::mark_rows(table, stage))?;
-        }
+        let marked = if plan.versions.iter().any(|v| v.first) {
+            run(self, history::mark_rows(table, stage))?
+        } else {
+            0
+        };
         let mut closed = 0;
         if keys > 0 {
             if plan.moved && table.loose_key {
                 run(self, history::keep_respelt(table, stage))?;
             }
             closed = run(self, history::close(table, stage))?;
+        }
+        if marked > 0 {
+            closed += run(self, history::close_reinserted(table, stage))?;
         }
         let added = if rows > 0 {
             run(self, history::insert(table, stage))? as usize
