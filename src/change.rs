@@ -38,6 +38,9 @@ pub struct TargetColumn {
     /// writers stage values in tables typed like the target, so no value is ever cast;
     /// this tells when a target's layout changed).
     pub type_name: String,
+    /// Equal values may differ as text on the destination (citext, numeric, a
+    /// nondeterministic collation): see [`TargetTable::loose_key`].
+    pub loose: bool,
 }
 
 /// A destination table as one source relation writes into it. Shared by `Arc` between
@@ -396,10 +399,10 @@ impl Change {
         })
     }
 
-    /// The key a history stamp is counted by ([`crate::source::stamps`]), of the new key
-    /// in `values` with `new`. Keys equal on the destination must share it: for a loose
-    /// key (citext, numeric…) the text is folded (lower case, numbers without trailing
-    /// zeros). Keys that merely look alike share it too, which only spaces their stamps.
+    /// The key a history stamp is counted by ([`crate::source::stamps`]) and a history
+    /// batch chains versions by ([`crate::apply::history`]), of the new key in `values`
+    /// with `new`. Keys equal on the destination must share it: the text of a loose key
+    /// column (citext, numeric…) is folded (lower case, numbers without trailing zeros).
     pub fn stamp_key(&self, new: bool) -> u64 {
         match (self.table.loose_key, new) {
             (false, false) => self.key_hash(FNV_SEED),
@@ -412,10 +415,19 @@ impl Change {
     }
 
     fn hash_folded<'a>(&'a self, key_value: impl Fn(usize) -> Option<Value<'a>>) -> u64 {
+        let loose = |n: usize| {
+            self.table
+                .key
+                .get(n)
+                .and_then(|&i| self.table.columns.get(i))
+                .is_some_and(|c| c.loose)
+        };
         let folded: Vec<Option<String>> = (0..)
             .map_while(key_value)
-            .map(|v| match v {
-                Value::Text(s) => Some(fold_key_text(s)),
+            .enumerate()
+            .map(|(n, v)| match v {
+                Value::Text(s) if loose(n) => Some(fold_key_text(s)),
+                Value::Text(s) => Some(s.to_string()),
                 Value::Null | Value::Unchanged => None,
             })
             .collect();
@@ -524,10 +536,12 @@ pub(crate) mod fixtures {
                 TargetColumn {
                     name: "id".into(),
                     type_name: "integer".into(),
+                    loose: false,
                 },
                 TargetColumn {
                     name: "v".into(),
                     type_name: "text".into(),
+                    loose: false,
                 },
             ],
             key: vec![0],

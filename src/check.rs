@@ -400,7 +400,7 @@ pub fn judge_destination(f: &DestinationFacts, schema: &str) -> Vec<Line> {
     } else {
         Line::Problem(format!(
             "role {} may not create tables in schema {schema} (kvsz_sync_state, \
-             kvsz_deadletter): GRANT CREATE ON SCHEMA {} TO {}",
+             kvsz_progress, kvsz_deadletter): GRANT CREATE ON SCHEMA {} TO {}",
             f.user,
             sql_name(schema),
             sql_name(&f.user)
@@ -697,7 +697,7 @@ mod tests {
             vec![
                 Line::Problem(
                     "role kv may not create tables in schema dw (kvsz_sync_state, \
-                     kvsz_deadletter): GRANT CREATE ON SCHEMA dw TO kv"
+                     kvsz_progress, kvsz_deadletter): GRANT CREATE ON SCHEMA dw TO kv"
                         .into()
                 ),
                 Line::Warning(

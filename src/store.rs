@@ -46,6 +46,16 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
     sql
 }
 
+/// Forgets slot `$1`: its copies and its writers' positions (a URL removed from the
+/// map, its slot dropped). One statement, so it runs with the slot name as a parameter.
+pub fn forget_slot_sql(schema: &str) -> String {
+    format!(
+        "WITH progress AS (DELETE FROM {} WHERE slot_name = $1) DELETE FROM {} WHERE slot_name = $1",
+        qualified(schema, PROGRESS_TABLE),
+        qualified(schema, SYNC_STATE_TABLE)
+    )
+}
+
 /// What one writer of a pool of `writers` has applied of one slot: every change routed
 /// to it before `next`.
 #[derive(Clone, Debug, PartialEq, Eq)]

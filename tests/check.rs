@@ -197,7 +197,7 @@ fn check_names_destination_problems_and_wrong_passwords() {
         &[
             format!(
                 "PROBLEM: role {role} may not create tables in schema public (kvsz_sync_state, \
-                 kvsz_deadletter): GRANT CREATE ON SCHEMA public TO {role}"
+                 kvsz_progress, kvsz_deadletter): GRANT CREATE ON SCHEMA public TO {role}"
             ),
             format!(
                 "warning: role {role} may not SET session_replication_role = replica, so \

@@ -341,6 +341,7 @@ fn crash_loop() {
         txns.iter().all(|&n| n > 100),
         "workload too small: {txns:?}"
     );
+    let mut compared = 0;
     for (db, sid) in dbs.iter().zip(["a", "b"]) {
         wait_confirmed(&src, db, &format!("kuvasz_{family}_{sid}"));
         let both = |table: &str, sql: &str| {
@@ -361,6 +362,7 @@ fn crash_loop() {
             ),
         ] {
             let (expected, actual) = both(table, sql);
+            compared += expected.len();
             assert!(
                 expected == actual,
                 "sid {sid} {table}: source {} rows, target {} rows; first difference: {:?}",
@@ -383,5 +385,10 @@ fn crash_loop() {
             "sid {sid} history: (id, versions - 1, current v)"
         );
     }
+    eprintln!(
+        "crash loop: 20 SIGKILLs, a source and a destination restart, {} transactions \
+         committed (per sid {txns:?}), {compared} grouped rows compared: 0 lost, 0 doubled",
+        txns.iter().sum::<i64>()
+    );
     daemon.expect("a daemon").stop_ok();
 }

@@ -107,8 +107,15 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
             p.moved = true;
             continue;
         }
-        let list = chains.entry(e.key).or_default();
-        let n = match list.iter().position(|ch| same_key(ch.key, c)) {
+        // A loose key's spellings are one key on the destination: chained by the folded
+        // text ('Key2' deleted and 'key2' inserted make one history).
+        let (chain, loose) = if c.table.loose_key {
+            (c.stamp_key(false), true)
+        } else {
+            (e.key, false)
+        };
+        let list = chains.entry(chain).or_default();
+        let n = match list.iter().position(|ch| loose || same_key(ch.key, c)) {
             Some(n) => n,
             None => {
                 list.push(Chain {

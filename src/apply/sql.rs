@@ -610,10 +610,12 @@ mod tests {
                 TargetColumn {
                     name: "id".into(),
                     type_name: "integer".into(),
+                    loose: false,
                 },
                 TargetColumn {
                     name: "na\"me".into(),
                     type_name: "character(3)".into(),
+                    loose: false,
                 },
             ],
             key: vec![0],

@@ -141,6 +141,7 @@ pub fn map_relation(
                 columns.push(TargetColumn {
                     name: tc.name.clone(),
                     type_name: tc.type_name.clone(),
+                    loose: sc.is_key && !tc.text_equality,
                 });
                 source_index.push(i);
             }
@@ -178,6 +179,7 @@ pub fn map_relation(
                 columns.push(TargetColumn {
                     name: tc.name.clone(),
                     type_name: tc.type_name.clone(),
+                    loose: false,
                 });
                 source_index.push(COMPUTED);
                 columns.len() - 1

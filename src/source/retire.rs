@@ -73,13 +73,7 @@ pub fn retire_removed(
                 continue;
             }
         }
-        if let Err(e) = dest.execute(
-            &format!(
-                "DELETE FROM {} WHERE slot_name = $1",
-                qualified(dest_schema, SYNC_STATE_TABLE)
-            ),
-            &[slot],
-        ) {
+        if let Err(e) = dest.execute(&crate::store::forget_slot_sql(dest_schema), &[slot]) {
             warn!(
                 "cannot clear the sync state of slot {slot}: {}",
                 describe(&e)
@@ -168,15 +162,9 @@ pub fn retire_one(dest: &Endpoint, dest_schema: &str, spec: &SourceSpec) {
             spec.label()
         );
     }
-    let cleared = dest.sql().and_then(|mut c| {
-        c.execute(
-            &format!(
-                "DELETE FROM {} WHERE slot_name = $1",
-                qualified(dest_schema, SYNC_STATE_TABLE)
-            ),
-            &[&slot],
-        )
-    });
+    let cleared = dest
+        .sql()
+        .and_then(|mut c| c.execute(&crate::store::forget_slot_sql(dest_schema), &[&slot]));
     if let Err(e) = cleared {
         warn!(
             "source {}: cannot clear the sync state of slot {slot}: {}",

@@ -677,11 +677,15 @@ fn record_states(
     }
     let mut batch = String::from("BEGIN;");
     if clear {
-        batch.push_str(&format!(
-            "DELETE FROM {} WHERE slot_name = {};",
-            qualified(&env.dest_schema, SYNC_STATE_TABLE),
-            literal(&spec.slot)
-        ));
+        // A new slot: its copies, and the positions its writers recorded (another
+        // server's LSNs, if it was replaced), start over.
+        for table in [SYNC_STATE_TABLE, crate::store::PROGRESS_TABLE] {
+            batch.push_str(&format!(
+                "DELETE FROM {} WHERE slot_name = {};",
+                qualified(&env.dest_schema, table),
+                literal(&spec.slot)
+            ));
+        }
     }
     for r in tables {
         batch.push_str(&state_sql(spec, env, &r.key(), &r.recorded(), state, None));
