@@ -470,6 +470,22 @@ fn table_line(table: &str, status: &TableStatus) -> Line {
              into it: their keys must not collide, and their TRUNCATEs are not applied. Add a \
              column sid text (and put it in the primary key) to keep them apart"
         )),
+        TableStatus::UnsentValues { target, columns } => Line::Warning(format!(
+            "table {table} → {target}: filtered, and its column(s) {} may be TOASTed: an UPDATE \
+             that makes a row pass the filter while leaving such a value unchanged cannot be \
+             completed (the source does not send the value): a rejected row in a clone or \
+             history target, the value the row had when it left the filter in an append \
+             target. ALTER TABLE {} REPLICA IDENTITY FULL on the source sends such values",
+            columns
+                .iter()
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            table.split_once('.').map_or_else(
+                || sql_name(table),
+                |(s, t)| format!("{}.{}", sql_name(s), sql_name(t))
+            )
+        )),
         TableStatus::Excluded { reason } => Line::Problem(format!(
             "table {table}: NOT replicated: {reason}; fix it and restart the daemon"
         )),
@@ -568,6 +584,27 @@ pub fn run(input: &CheckInput<'_>) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filtered_table_with_unsent_values_says_how_to_send_them() {
+        let line = table_line(
+            "public.Docs",
+            &TableStatus::UnsentValues {
+                target: "public.docs".into(),
+                columns: vec!["doc".into(), "body".into()],
+            },
+        );
+        let Line::Warning(w) = line else {
+            panic!("{line:?}")
+        };
+        assert!(w.starts_with(
+            "table public.Docs → public.docs: filtered, and its column(s) \"doc\", \"body\" \
+             may be TOASTed"
+        ));
+        assert!(w.ends_with(
+            "ALTER TABLE public.\"Docs\" REPLICA IDENTITY FULL on the source sends such values"
+        ));
+    }
 
     fn healthy() -> SourceFacts {
         SourceFacts {

@@ -21,6 +21,12 @@ use crate::pg::Lsn;
 pub const SYNC_STATE_TABLE: &str = "kvsz_sync_state";
 pub const DEADLETTER_TABLE: &str = "kvsz_deadletter";
 pub const PROGRESS_TABLE: &str = "kvsz_progress";
+/// A function that raises its message as an error (SQLSTATE P0002, no data found): a
+/// statement that finds it cannot apply a change as the source made it (a partial
+/// UPDATE of a row the target does not have) refuses it through this, inside the
+/// destination's own transaction, so the change is isolated and handled like any row the
+/// destination rejects (SPEC §4) instead of being skipped.
+pub const REFUSE_FUNCTION: &str = "kvsz_refuse";
 
 /// Creates (or brings up to date) the bookkeeping tables; the dead letters only when
 /// they are used.
@@ -36,6 +42,15 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
         qualified(schema, SYNC_STATE_TABLE),
         qualified(schema, PROGRESS_TABLE)
     );
+    // Created only when missing: CREATE OR REPLACE by instances starting together would
+    // fail with "tuple concurrently updated".
+    let refuse = qualified(schema, REFUSE_FUNCTION);
+    sql.push_str(&format!(
+        "; DO $kvsz$BEGIN IF to_regprocedure({}) IS NULL THEN CREATE FUNCTION {refuse}(message text) \
+         RETURNS void LANGUAGE plpgsql AS $f$BEGIN RAISE EXCEPTION USING ERRCODE = 'P0002', \
+         MESSAGE = message; END$f$; END IF; END$kvsz$",
+        literal(&format!("{refuse}(text)"))
+    ));
     if deadletter {
         sql.push_str(&format!(
             "; CREATE TABLE IF NOT EXISTS {} (sid text, source text, source_table text, lsn pg_lsn, \
@@ -44,6 +59,15 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
         ));
     }
     sql
+}
+
+/// The call that refuses a change with `message` (see [`REFUSE_FUNCTION`]).
+pub fn refuse_call(schema: &str, message: &str) -> String {
+    format!(
+        "{}({})",
+        qualified(schema, REFUSE_FUNCTION),
+        literal(message)
+    )
 }
 
 /// Forgets slot `$1`: its copies and its writers' positions (a URL removed from the

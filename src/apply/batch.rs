@@ -49,6 +49,10 @@ pub enum Net {
     Move,
     /// Delete every row of the target for this sid (a barrier: always alone).
     Truncate,
+    /// A partial update of a key the batch deleted before it: the row does not exist
+    /// there, so its unchanged TOAST values have nowhere to come from and the change is
+    /// refused (a rejected row), never applied in part nor skipped.
+    Incomplete,
 }
 
 /// One key's net change.
@@ -173,6 +177,10 @@ impl Group {
             at = e.next;
         }
         if let Some(i) = at {
+            if self.entries[i as usize].net == Net::Delete && net == Net::Patch {
+                // Kept apart, so that the key's later changes still merge into its delete.
+                return self.append(c, Net::Incomplete, false, key);
+            }
             let e = &mut self.entries[i as usize];
             let before = e.bytes() as isize;
             merge(e, c);
@@ -269,14 +277,8 @@ fn merge(e: &mut Entry, c: Change) {
                 ..c
             };
         }
-        // The row does not exist at that point: a partial update finds nothing.
-        (Net::Delete, Net::Patch) => {
-            log::info!(
-                "{}: partial UPDATE of deleted key {} ignored",
-                c.table.display(),
-                c.describe_key()
-            );
-        }
+        // Never merged: [`Group::push`] keeps it apart as [`Net::Incomplete`].
+        (Net::Delete, Net::Patch) => {}
         // A whole row or a delete replaces whatever came before; a row that was inserted
         // in this batch stays fresh through its updates and its delete.
         (prev, next) => {
@@ -505,6 +507,22 @@ mod tests {
             )
         );
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn a_partial_update_of_a_deleted_key_is_kept_apart_as_incomplete() {
+        let t = table();
+        let mut b = Batch::default();
+        push(&mut b, delete(&t, "3"));
+        push(&mut b, update(&t, "3", Value::Unchanged));
+        // The key's later whole row still replaces its delete, in place.
+        push(&mut b, update(&t, "3", Value::Text("new")));
+        let s = summary(&b.groups[0]);
+        assert_eq!(
+            s.iter().map(|e| e.1).collect::<Vec<_>>(),
+            [Net::Upsert, Net::Incomplete]
+        );
+        assert_eq!(s[1].3, vec![Value::Text("3"), Value::Unchanged]);
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct Version<'a> {
     /// Made by an INSERT before any other version of its key in the batch: valid from
     /// 1900-01-01 when the key has no version at all on the destination.
     pub first: bool,
+    /// A partial UPDATE of a key the batch closed before it: no version to take its
+    /// unchanged values from, so the change is refused (a rejected row).
+    pub incomplete: bool,
 }
 
 /// The closing of a key's open version on the destination.
@@ -103,6 +106,7 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
                 at,
                 end: None,
                 first: false,
+                incomplete: false,
             });
             p.moved = true;
             continue;
@@ -115,18 +119,19 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
             (e.key, false)
         };
         let list = chains.entry(chain).or_default();
-        let n = match list.iter().position(|ch| loose || same_key(ch.key, c)) {
-            Some(n) => n,
+        let (n, seen) = match list.iter().position(|ch| loose || same_key(ch.key, c)) {
+            Some(n) => (n, true),
             None => {
                 list.push(Chain {
                     key: c,
                     open: None,
                     opened: false,
                 });
-                list.len() - 1
+                (list.len() - 1, false)
             }
         };
         let open = list[n].open.take();
+        let closed_here = seen && open.is_none();
         let first = !list[n].opened;
         // Every UPDATE and DELETE may close the destination's open version of its key:
         // the key's first closing in the batch does (`close`). A first INSERT of a key
@@ -164,6 +169,9 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
                     }
                     None => Cow::Borrowed(&c.values),
                 };
+                // Seen and not open: the batch closed the key's version (a DELETE, or
+                // the row left the filter), so the destination's is no longer current.
+                let incomplete = closed_here && values.has_unchanged();
                 p.fills |= values.has_unchanged();
                 list[n].open = Some(p.versions.len());
                 list[n].opened = true;
@@ -173,6 +181,7 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
                     at,
                     end: None,
                     first: first && c.op == Op::Insert,
+                    incomplete,
                 });
             }
             Op::Truncate => {}
@@ -298,6 +307,18 @@ pub fn fill(table: &TargetTable, stage: &Stage, moved: bool) -> String {
     push_key_match(&mut s, table, "o", if moved { "k" } else { "s" });
     s.push_str(" AND o.kvsz_end >= ");
     push_literal(&mut s, OPEN_FROM);
+    s
+}
+
+/// Refuses (with the `refuse` call) a staged version of `mask` that `fill` left
+/// unfilled: its key has no current version to take the unchanged values from.
+pub fn refuse_unfilled(stage: &Stage, mask: &str, refuse: &str) -> String {
+    let mut s = format!(
+        "SELECT {refuse} FROM {} AS s WHERE s.kvsz_mask = ",
+        stage.rows
+    );
+    push_literal(&mut s, mask);
+    s.push_str(" LIMIT 1");
     s
 }
 
@@ -587,6 +608,32 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "\\N\tt\t2000-01-01 00:00:00.000005+00\t2\tbig\ts1\t2000-01-01 00:00:00.000006+00\tf\n"
+        );
+    }
+
+    #[test]
+    fn a_partial_update_after_the_batch_closed_its_key_is_incomplete() {
+        let t = history(None);
+        let mut del = at(ins(&t, "1", Value::Null), Op::Delete, 5);
+        del.old_key = Some(Row::from_texts(&[Some("1")]));
+        del.values = Row::default();
+        let mut patch = at(ins(&t, "1", Value::Unchanged), Op::Update, 6);
+        patch.values = Row::from_values([Value::Text("1"), Value::Unchanged].into_iter());
+        // A patch of a key whose version the batch has open is filled in memory, and
+        // one of a key the batch never touched is filled from the destination.
+        let b = batch(vec![
+            del,
+            patch.clone(),
+            at(ins(&t, "2", Value::Text("x")), Op::Insert, 7),
+            at(ins(&t, "2", Value::Unchanged), Op::Update, 8),
+            at(ins(&t, "3", Value::Unchanged), Op::Update, 9),
+        ]);
+        let p = plan(&b.groups[0].entries);
+        let incomplete: Vec<bool> = p.versions.iter().map(|v| v.incomplete).collect();
+        assert_eq!(incomplete, [true, false, false, false]);
+        assert_eq!(
+            refuse_unfilled(&Stage::new(1), "10", "r('m')"),
+            "SELECT r('m') FROM pg_temp.kvsz_r1 AS s WHERE s.kvsz_mask = '10' LIMIT 1"
         );
     }
 

@@ -12,7 +12,7 @@
 //! whose present columns `kvsz_mask` tells), `kvsz_k<n>` holds keys (deletes, and the old
 //! key of a move). Both are `ON COMMIT DELETE ROWS`: empty again at every commit.
 
-use crate::change::{Change, TargetTable, Value};
+use crate::change::{Change, Row, TargetTable, Value};
 use crate::pg::quote::{push_copy_field, push_ident, push_literal, qualified};
 
 use super::batch::{Entry, Net};
@@ -132,16 +132,14 @@ pub(super) fn push_sid(out: &mut Vec<u8>, c: &Change) {
 
 /// Which columns a row carries (`1`) or leaves unchanged (`0`); None for a whole row.
 pub fn mask_of(c: &Change) -> Option<String> {
-    c.values.has_unchanged().then(|| {
-        c.values
-            .iter()
-            .map(|v| {
-                if matches!(v, Value::Unchanged) {
-                    '0'
-                } else {
-                    '1'
-                }
-            })
+    row_mask(&c.values)
+}
+
+/// [`mask_of`] a row.
+pub fn row_mask(row: &Row) -> Option<String> {
+    row.has_unchanged().then(|| {
+        row.iter()
+            .map(|v| if v == Value::Unchanged { '0' } else { '1' })
             .collect()
     })
 }
@@ -558,16 +556,28 @@ pub fn delete_literal(table: &TargetTable, entries: &[&Entry]) -> String {
     s
 }
 
-/// One patch as literals: the present non-key columns of the row with that key; None
-/// when it changes none.
-pub fn patch_literal(table: &TargetTable, e: &Entry) -> Option<String> {
+/// One patch as literals: the present non-key columns of the row with that key, refused
+/// with `refuse` (see [`crate::store::REFUSE_FUNCTION`]) when the target has no such row.
+pub fn patch_literal(table: &TargetTable, e: &Entry, refuse: &str) -> String {
     let present: Vec<usize> = (0..table.columns.len())
         .filter(|&i| !table.key.contains(&i) && e.change.values.at(i) != Value::Unchanged)
         .collect();
+    let mut s = String::new();
     if present.is_empty() {
-        return None;
+        s.push_str("SELECT ");
+        s.push_str(refuse);
+        s.push_str(" WHERE NOT EXISTS (SELECT 1 FROM ");
+        s.push_str(&target(table));
+        s.push_str(" AS t WHERE ");
+        push_key_columns(&mut s, table);
+        s.push_str(" = ");
+        push_key_literals(&mut s, e);
+        s.push(')');
+        return s;
     }
-    let mut s = format!("UPDATE {} AS t SET ", target(table));
+    s.push_str("WITH u AS (UPDATE ");
+    s.push_str(&target(table));
+    s.push_str(" AS t SET ");
     for (n, &c) in present.iter().enumerate() {
         if n > 0 {
             s.push_str(", ");
@@ -580,7 +590,60 @@ pub fn patch_literal(table: &TargetTable, e: &Entry) -> Option<String> {
     push_key_columns(&mut s, table);
     s.push_str(" = ");
     push_key_literals(&mut s, e);
-    Some(s)
+    s.push_str(" RETURNING 1) SELECT ");
+    s.push_str(refuse);
+    s.push_str(" WHERE NOT EXISTS (SELECT 1 FROM u)");
+    s
+}
+
+/// Why a change whose unchanged TOAST values (the `0`s of `mask`) the source did not
+/// send cannot be applied: the target has no row (or current version) to take them
+/// from. One text for every path that finds it, so a report reads the same.
+pub fn incomplete_message(table: &TargetTable, mask: &str) -> String {
+    let cols: Vec<String> = mask
+        .bytes()
+        .zip(&table.columns)
+        .filter(|(b, _)| *b == b'0')
+        .map(|(_, c)| format!("\"{}\"", c.name))
+        .collect();
+    format!(
+        "the target has no current row for this UPDATE, which left TOASTed column(s) {} \
+         unchanged: the source did not send their values, so the row cannot be made \
+         (REPLICA IDENTITY FULL on the source table sends them; `kuvasz-streamer resync` \
+         copies the table again)",
+        cols.join(", ")
+    )
+}
+
+/// Refuses (with the `refuse` call) the staged patches of one `mask` whose key the
+/// target does not have: a partial row cannot be inserted. Run before the patch.
+pub fn refuse_missing_patch(
+    table: &TargetTable,
+    stage: &Stage,
+    mask: &str,
+    refuse: &str,
+) -> String {
+    let mut s = format!("SELECT {refuse} FROM {} AS s WHERE s.{MASK} = ", stage.rows);
+    push_literal(&mut s, mask);
+    s.push_str(" AND NOT EXISTS (SELECT 1 FROM ");
+    s.push_str(&target(table));
+    s.push_str(" AS t WHERE ");
+    push_key_match(&mut s, table, "t", "s");
+    s.push_str(") LIMIT 1");
+    s
+}
+
+/// Refuses a staged move whose old key the target does not have (the moved row's
+/// unchanged values would come from it). Run before the move.
+pub fn refuse_missing_move(table: &TargetTable, stage: &Stage, refuse: &str) -> String {
+    let mut s = format!(
+        "SELECT {refuse} FROM {} AS k WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE ",
+        stage.keys,
+        target(table)
+    );
+    push_key_match(&mut s, table, "t", "k");
+    s.push_str(") LIMIT 1");
+    s
 }
 
 /// Removes every row of this target that belongs to the entry's source (its sid, or all
@@ -779,6 +842,17 @@ mod tests {
         );
         assert_eq!(patch_staged(&t, &S(), "10"), None);
         assert_eq!(
+            refuse_missing_patch(&t, &S(), "10", "r('m')"),
+            "SELECT r('m') FROM pg_temp.kvsz_r3 AS s WHERE s.kvsz_mask = '10' AND NOT EXISTS \
+             (SELECT 1 FROM \"public\".\"T x\" AS t WHERE t.\"id\" = s.\"id\" AND t.\"sid\" = s.\"sid\") \
+             LIMIT 1"
+        );
+        assert_eq!(
+            refuse_missing_move(&t, &S(), "r('m')"),
+            "SELECT r('m') FROM pg_temp.kvsz_k3 AS k WHERE NOT EXISTS (SELECT 1 FROM \"public\".\"T x\" \
+             AS t WHERE t.\"id\" = k.\"id\" AND t.\"sid\" = k.\"sid\") LIMIT 1"
+        );
+        assert_eq!(
             move_staged(&t, &S(), "10"),
             "UPDATE \"public\".\"T x\" AS t SET \"id\" = s.\"id\" FROM pg_temp.kvsz_r3 AS s, \
              pg_temp.kvsz_k3 AS k WHERE t.\"id\" = k.\"id\" AND t.\"sid\" = k.\"sid\""
@@ -812,7 +886,29 @@ mod tests {
             delete_literal(&t, &e[2..3]),
             "DELETE FROM \"public\".\"T x\" AS t WHERE (t.\"id\", t.\"sid\") IN (('3', 's''1'))"
         );
-        assert_eq!(patch_literal(&t, e[3]), None, "only the key is present");
+        // Only the key is present: nothing to update, but a missing row is refused.
+        assert_eq!(
+            patch_literal(&t, e[3], "r('m')"),
+            "SELECT r('m') WHERE NOT EXISTS (SELECT 1 FROM \"public\".\"T x\" AS t WHERE \
+             (t.\"id\", t.\"sid\") = ('4', 's''1'))"
+        );
+        let mut p = change(&t, Op::Update, &[Some("5")]);
+        p.values = Row::from_values([Value::Text("5"), Value::Text("x")].into_iter());
+        let mut b = Batch::default();
+        b.push(p, 5);
+        assert_eq!(
+            patch_literal(&t, &b.groups[0].entries[0], "r('m')"),
+            "WITH u AS (UPDATE \"public\".\"T x\" AS t SET \"na\"\"me\" = 'x' WHERE \
+             (t.\"id\", t.\"sid\") = ('5', 's''1') RETURNING 1) SELECT r('m') WHERE NOT EXISTS \
+             (SELECT 1 FROM u)"
+        );
+        assert_eq!(
+            incomplete_message(&t, "10"),
+            "the target has no current row for this UPDATE, which left TOASTed column(s) \
+             \"na\"me\" unchanged: the source did not send their values, so the row cannot be \
+             made (REPLICA IDENTITY FULL on the source table sends them; `kuvasz-streamer \
+             resync` copies the table again)"
+        );
         let full = Arc::new(TargetTable {
             full_identity: true,
             ..(*t).clone()

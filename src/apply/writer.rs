@@ -209,10 +209,29 @@ type Pick<'a> = dyn Fn(&&Entry) -> bool + 'a;
 
 /// Why applying some entries failed.
 enum Failure {
-    /// The destination refused the data: bisect, or apply again under savepoints.
-    Rejected(postgres::Error),
+    /// The destination refused the data, or the data cannot be applied as the source
+    /// made it: bisect, or apply again under savepoints.
+    Rejected(Refusal),
     /// Anything else: the writer stops and the pool restarts.
     Fatal(WriterError),
+}
+
+/// What refused a set of entries.
+enum Refusal {
+    /// A statement's error (see [`is_rejection`]).
+    Server(postgres::Error),
+    /// An entry the batch itself knows cannot be applied (a partial update of a key it
+    /// deleted before), with the reason.
+    Incomplete(String),
+}
+
+impl Refusal {
+    fn describe(&self) -> String {
+        match self {
+            Refusal::Server(e) => describe(e),
+            Refusal::Incomplete(m) => m.clone(),
+        }
+    }
 }
 
 impl Writer {
@@ -549,9 +568,10 @@ impl Writer {
                     Literal::Upsert { table, fresh },
                 );
             }
-            for stmt in pick(Net::Patch).filter_map(|e| sql::patch_literal(&g.table, e)) {
-                let table = table.clone();
-                add(stmt, Literal::Patch { table });
+            for e in pick(Net::Patch) {
+                let mask = sql::mask_of(&e.change).unwrap_or_default();
+                let refuse = self.refuse_call(&g.table, &mask);
+                add(sql::patch_literal(&g.table, e, &refuse), Literal::Patch);
             }
         }
         if let Some(p) = self.progress_sql(batch) {
@@ -578,9 +598,6 @@ impl Writer {
                                 *fresh,
                                 row.take().unwrap_or(*fresh),
                             ),
-                            Some(Literal::Patch { table }) if *n == 0 => {
-                                log_patch_missed(&self.settings.status, table)
-                            }
                             _ => {}
                         },
                         _ => {}
@@ -635,7 +652,7 @@ impl Writer {
                 debug!(
                     "writer {}: batch refused ({}); applying it again entry by entry",
                     self.id,
-                    describe(&e)
+                    e.describe()
                 );
                 self.client
                     .batch_execute("ROLLBACK")
@@ -713,7 +730,7 @@ impl Writer {
                     .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
                     .map_err(self.conn_err())?;
                 if entries.len() == 1 {
-                    return self.reject(&entries[0].change, describe(&e));
+                    return self.reject(&entries[0].change, e.describe());
                 }
                 let (a, b) = entries.split_at(entries.len() / 2);
                 self.careful(g, a)?;
@@ -726,7 +743,7 @@ impl Writer {
         let writer = self.id;
         move |e| {
             if is_rejection(&e) {
-                Failure::Rejected(e)
+                Failure::Rejected(Refusal::Server(e))
             } else {
                 Failure::Fatal(WriterError::Connection { writer, error: e })
             }
@@ -750,6 +767,11 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// The call that refuses a change of `mask` whose row the target does not have.
+    fn refuse_call(&self, table: &TargetTable, mask: &str) -> String {
+        crate::store::refuse_call(&self.settings.schema, &sql::incomplete_message(table, mask))
     }
 
     fn stage_of(&self, table: &TargetTable) -> Option<usize> {
@@ -824,6 +846,12 @@ impl Writer {
     ) -> Result<(), Failure> {
         let fail = self.fail();
         let plan = history::plan(entries);
+        if let Some(v) = plan.versions.iter().find(|v| v.incomplete) {
+            let mask = sql::mask_of(v.change).unwrap_or_default();
+            return Err(Failure::Rejected(Refusal::Incomplete(
+                sql::incomplete_message(table, &mask),
+            )));
+        }
         let rows = self
             .copy_items(
                 history::copy_rows_in(table, stage),
@@ -844,6 +872,24 @@ impl Writer {
         };
         if plan.fills || plan.moved {
             run(self, history::fill(table, stage, plan.moved))?;
+            // A version fill left without its values has no current version of its
+            // key to take them from: refused, so that bisection reports its change.
+            let mut masks: Vec<String> = plan
+                .versions
+                .iter()
+                .filter_map(|v| sql::row_mask(&v.values))
+                .collect();
+            masks.sort_unstable();
+            masks.dedup();
+            for mask in masks {
+                let refuse = self.refuse_call(table, &mask);
+                self.client
+                    .execute(
+                        history::refuse_unfilled(stage, &mask, &refuse).as_str(),
+                        &[],
+                    )
+                    .map_err(&fail)?;
+            }
         }
         let marked = if plan.versions.iter().any(|v| v.first) {
             run(self, history::mark_rows(table, stage))?
@@ -866,13 +912,6 @@ impl Writer {
             0
         };
         let name = table.display();
-        if added < rows {
-            warn!(
-                "{name}: {} version(s) not added: an UPDATE that left TOASTed values unchanged, \
-                 of a key without a current version to take them from",
-                rows - added
-            );
-        }
         debug!(
             "writer {}: {name}: {added} version(s) added, {closed} closed",
             self.id
@@ -902,6 +941,12 @@ impl Writer {
                 }
             }
             return Ok(());
+        }
+        if let Some(e) = entries.iter().find(|e| e.net == Net::Incomplete) {
+            let mask = sql::mask_of(&e.change).unwrap_or_default();
+            return Err(Failure::Rejected(Refusal::Incomplete(
+                sql::incomplete_message(table, &mask),
+            )));
         }
         let Some(id) = self.stage_of(table) else {
             return Err(Failure::Fatal(WriterError::NoStage {
@@ -994,20 +1039,26 @@ impl Writer {
         masks.dedup();
         for m in masks {
             let (kind, mask) = m.split_at(1);
+            let refuse = self.refuse_call(table, mask);
+            // A row the target does not have cannot be made from part of it: refused
+            // first, so that bisection finds the change and reports it.
             let stmt = if kind == "m" {
                 if !table.full_identity {
+                    let check = sql::refuse_missing_move(table, &stage, &refuse);
+                    self.client.execute(check.as_str(), &[]).map_err(&fail)?;
                     let clear = sql::clear_move_target(table, &stage);
                     self.client.execute(clear.as_str(), &[]).map_err(&fail)?;
                 }
                 Some(sql::move_staged(table, &stage, mask))
             } else {
+                let check = self
+                    .statement(sql::refuse_missing_patch(table, &stage, mask, &refuse))
+                    .map_err(&fail)?;
+                self.client.execute(&check, &[]).map_err(&fail)?;
                 sql::patch_staged(table, &stage, mask)
             };
             if let Some(stmt) = stmt {
-                let n = self.client.execute(stmt.as_str(), &[]).map_err(&fail)?;
-                if n == 0 {
-                    log_patch_missed(&self.settings.status, &name);
-                }
+                self.client.execute(stmt.as_str(), &[]).map_err(&fail)?;
             }
         }
         if n_direct > 0 {
@@ -1126,18 +1177,12 @@ fn log_deleted(status: &Status, table: &str, deletes: usize, deleted: usize) {
     }
 }
 
-/// Logs an in-place UPDATE (a moved key) that found no row.
-fn log_patch_missed(status: &Status, table: &str) {
-    info!("{table}: an UPDATE found no row to change");
-    status.anomaly(table, Anomaly::UpdateMissedRow, 1);
-}
-
 /// What one statement of a literal batch does, to read its result.
 enum Literal {
     Begin,
     Delete { table: String, n: usize },
     Upsert { table: String, fresh: usize },
-    Patch { table: String },
+    Patch,
     Progress,
     Constraints,
     Commit,
@@ -1151,9 +1196,11 @@ fn row_json(c: &Change) -> String {
     };
     jsonb_object(cols.iter().zip(values).filter_map(|(i, v)| {
         let col = c.table.columns.get(*i)?;
+        // A value the source did not send is left out, not written as a NULL it is not.
         let text = match v {
             Value::Text(s) => Some(s),
-            Value::Null | Value::Unchanged => None,
+            Value::Null => None,
+            Value::Unchanged => return None,
         };
         Some((col.name.as_str(), text))
     }))

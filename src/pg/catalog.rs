@@ -25,6 +25,9 @@ pub struct Column {
     /// untyped literal cannot be compared with ("input of anonymous composite types is
     /// not implemented").
     pub composite: bool,
+    /// Its values may be stored out of line (storage other than `plain`): an UPDATE that
+    /// leaves such a value unchanged does not send it (unless REPLICA IDENTITY FULL).
+    pub toastable: bool,
 }
 
 /// Whether `a` (a `pg_attribute` row) has [`Column::text_equality`]: its type is walked
@@ -146,7 +149,8 @@ pub fn table_info(
                               SELECT a.atttypid \
                               UNION ALL SELECT t.typbasetype FROM d JOIN pg_type t ON t.oid = d.typ \
                                WHERE t.typtype = 'd') \
-                            SELECT 1 FROM d JOIN pg_type t ON t.oid = d.typ WHERE t.typtype = 'c') \
+                            SELECT 1 FROM d JOIN pg_type t ON t.oid = d.typ WHERE t.typtype = 'c'), \
+                    a.attstorage <> 'p' \
                FROM pg_attribute a \
               WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
                 AND a.attgenerated = '' \
@@ -162,6 +166,7 @@ pub fn table_info(
             is_key: r.get(2),
             text_equality: r.get(3),
             composite: r.get(4),
+            toastable: r.get(5),
         })
         .collect();
     Ok(Some(TableInfo {

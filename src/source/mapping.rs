@@ -488,6 +488,7 @@ mod tests {
             is_key: key,
             text_equality: true,
             composite: false,
+            toastable: false,
         }
     }
 

@@ -256,6 +256,13 @@ pub enum TableStatus {
     InsertsOnly { target: String },
     /// A target without `sid` that several URLs write into.
     Shared { target: String },
+    /// A filtered table whose replicated `columns` may be stored out of line: an UPDATE
+    /// that brings a row into the filter while leaving one of them unchanged cannot be
+    /// completed (the source does not send it, the target has no row to take it from).
+    UnsentValues {
+        target: String,
+        columns: Vec<String>,
+    },
     /// Left out of the publications, for this reason.
     Excluded { reason: String },
 }
@@ -272,8 +279,23 @@ pub fn table_report(
         .iter()
         .map(|r| {
             let target = r.target();
+            let unsent: Vec<String> = r
+                .source
+                .columns
+                .iter()
+                .filter(|c| c.toastable && !c.is_key && r.plan.columns.contains(&c.name))
+                .map(|c| c.name.clone())
+                .collect();
             let status = if r.insert_only {
                 TableStatus::InsertsOnly { target }
+            } else if r.map.filter.is_some()
+                && r.source.replica_identity != 'f'
+                && !unsent.is_empty()
+            {
+                TableStatus::UnsentValues {
+                    target,
+                    columns: unsent,
+                }
             } else if r.shared {
                 TableStatus::Shared { target }
             } else {

@@ -1056,6 +1056,7 @@ impl Streamer<'_> {
                 // The source's side of a key is never compared by text.
                 text_equality: true,
                 composite: false,
+                toastable: false,
             })
             .collect();
         let unique =
