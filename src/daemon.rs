@@ -14,6 +14,7 @@ use log::{error, info, warn};
 use crate::apply::writer::RejectPolicy;
 use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
 use crate::pg::describe;
+use crate::pg::pool::DestSessions;
 use crate::source::{self, SourceEnv, SourceSpec, StopFlag};
 use crate::status::{ErrorClass, State, Status};
 
@@ -286,6 +287,7 @@ fn generation(
 ) -> Result<(), String> {
     let n = settings.num_workers.max(1);
     let progress = Arc::new(Progress::new(fleet.specs.len(), n));
+    let sessions = Arc::new(DestSessions::new(&settings.dest));
     let inflight = Arc::new(Inflight::new(n));
     let (events_tx, events) = unbounded::<Event>();
     let (rejections_tx, rejections) = unbounded::<(usize, String)>();
@@ -344,7 +346,7 @@ fn generation(
     let live = fleet.live.iter().filter(|l| **l).count();
     info!("starting {live} source(s) and {n} writer(s)");
     start_due(
-        &ctx_of(settings, &progress, &events_tx),
+        &ctx_of(settings, &progress, &sessions, &events_tx),
         &mut slots,
         &router,
     );
@@ -440,7 +442,7 @@ fn generation(
                 Some(Ok(specs)) => {
                     info!("SIGHUP: configuration and map read again");
                     reconcile(
-                        &ctx_of(settings, &progress, &events_tx),
+                        &ctx_of(settings, &progress, &sessions, &events_tx),
                         fleet,
                         &mut slots,
                         specs,
@@ -463,7 +465,7 @@ fn generation(
             continue;
         }
         start_due(
-            &ctx_of(settings, &progress, &events_tx),
+            &ctx_of(settings, &progress, &sessions, &events_tx),
             &mut slots,
             &router,
         );
@@ -507,15 +509,10 @@ fn generation(
     result
 }
 
-fn source_env(
-    settings: &DaemonSettings,
-    id: usize,
-    router: &Router,
-    progress: &Arc<Progress>,
-    stop: &Arc<StopFlag>,
-) -> SourceEnv {
+fn source_env(ctx: &Ctx<'_>, id: usize, router: &Router, stop: &Arc<StopFlag>) -> SourceEnv {
+    let (settings, progress) = (ctx.settings, ctx.progress);
     SourceEnv {
-        dest: settings.dest.clone(),
+        sessions: ctx.sessions.clone(),
         dest_schema: settings.dest_schema.clone(),
         app_name: settings.app_name.clone(),
         router: router.clone(),
@@ -535,6 +532,7 @@ fn source_env(
 struct Ctx<'a> {
     settings: &'a DaemonSettings,
     progress: &'a Arc<Progress>,
+    sessions: &'a Arc<DestSessions>,
     events: &'a Sender<Event>,
 }
 
@@ -707,11 +705,13 @@ fn follow_plan(settings: &DaemonSettings, slot: &mut SourceSlot, events: &Sender
 fn ctx_of<'a>(
     settings: &'a DaemonSettings,
     progress: &'a Arc<Progress>,
+    sessions: &'a Arc<DestSessions>,
     events: &'a Sender<Event>,
 ) -> Ctx<'a> {
     Ctx {
         settings,
         progress,
+        sessions,
         events,
     }
 }
@@ -724,7 +724,7 @@ fn start_due(ctx: &Ctx<'_>, slots: &mut [SourceSlot], router: &Router) {
             slot.stop = Arc::new(StopFlag::default());
             let mut args = SourceSpecSlotArgs {
                 spec: slot.spec.clone(),
-                env: source_env(ctx.settings, slot.spec.id, router, ctx.progress, &slot.stop),
+                env: source_env(ctx, slot.spec.id, router, &slot.stop),
                 handle: None,
             };
             spawn_source(&mut args, ctx.events);

@@ -9,9 +9,8 @@
 use crate::config::TableMap;
 use crate::pg::connect::Endpoint;
 use crate::pg::describe;
-use crate::pg::quote::qualified;
-use crate::source::setup::RESYNC_STATE;
 use crate::source::{SourceSpec, SYNC_STATE_TABLE};
+use crate::store::Phase;
 
 /// What one source URL's slot did with the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,16 +64,12 @@ pub fn resync(
     let mut client = dest
         .sql()
         .map_err(|e| format!("connect to the destination: {}", describe(&e)))?;
-    let sql = format!(
-        "UPDATE {} SET state = $1, updated_at = now() \
-          WHERE slot_name = $2 AND (target_table = $3 OR starts_with(target_table, $3 || ' ['))",
-        qualified(dest_schema, SYNC_STATE_TABLE)
-    );
+    let sql = crate::store::request_resync_sql(dest_schema);
     let mut out = Vec::new();
     for (spec, entry) in chosen {
         let target = format!("{dest_schema}.{}", entry.target);
         let rows = client
-            .execute(&sql, &[&RESYNC_STATE, &spec.slot, &target])
+            .execute(&sql, &[&Phase::Resync.as_str(), &spec.slot, &target])
             .map_err(|e| {
                 format!(
                     "source {}: mark {target} in {dest_schema}.{SYNC_STATE_TABLE}: {}",

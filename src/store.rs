@@ -61,6 +61,192 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
     sql
 }
 
+/// Where one source table of a slot stands in `kvsz_sync_state.state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// To be copied (a new slot, a table added, a changed target, filter or set).
+    Pending,
+    /// Copied at the row's `lsn`: streamed from there.
+    Done,
+    /// `kuvasz-streamer resync` asked for it to be copied again: not done, so the next
+    /// set-up of its source copies it (a running source notices it and sets up again).
+    Resync,
+    /// The [`INS_MARKER`] row: the `_ins` publication may be streamed from its `lsn`.
+    Publication,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Done => "done",
+            Phase::Resync => "resync",
+            Phase::Publication => "publication",
+        }
+    }
+
+    /// A state another version wrote that this one does not know is taken as not done:
+    /// the table is copied again, which loses nothing.
+    pub fn parse(text: &str) -> Option<Phase> {
+        [
+            Phase::Pending,
+            Phase::Done,
+            Phase::Resync,
+            Phase::Publication,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == text)
+    }
+}
+
+/// `kvsz_sync_state.source_table` of the row recording where the `_ins` publication
+/// became safe to stream (`lsn`): no source table is named without a schema.
+pub const INS_MARKER: &str = "";
+
+/// One `kvsz_sync_state` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncState {
+    /// The target as recorded (with a digest of the entry's filter and set).
+    pub target: String,
+    /// None: a state this version does not know.
+    pub phase: Option<Phase>,
+    pub lsn: Option<Lsn>,
+}
+
+/// The sync state of slot `slot`, by source table.
+pub fn load_sync_states(
+    client: &mut Client,
+    schema: &str,
+    slot: &str,
+) -> Result<std::collections::HashMap<String, SyncState>, postgres::Error> {
+    let rows = client.query(
+        format!(
+            "SELECT source_table, target_table, state, lsn::text FROM {} WHERE slot_name = $1",
+            qualified(schema, SYNC_STATE_TABLE)
+        )
+        .as_str(),
+        &[&slot],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let state: String = r.get(2);
+            let lsn: Option<String> = r.get(3);
+            (
+                r.get(0),
+                SyncState {
+                    target: r.get(1),
+                    phase: Phase::parse(&state),
+                    lsn: lsn.and_then(|l| l.parse().ok()),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Records `phase` (and `lsn`) for one source table of `slot`.
+pub fn sync_state_sql(
+    schema: &str,
+    slot: &str,
+    table: &str,
+    target: &str,
+    phase: Phase,
+    lsn: Option<Lsn>,
+) -> String {
+    let lsn = lsn.map_or("NULL".to_string(), |l| format!("'{l}'"));
+    format!(
+        "INSERT INTO {} (slot_name, source_table, target_table, state, lsn, updated_at) \
+         VALUES ({}, {}, {}, {}, {lsn}, now()) ON CONFLICT (slot_name, source_table) \
+         DO UPDATE SET target_table = EXCLUDED.target_table, state = EXCLUDED.state, \
+         lsn = EXCLUDED.lsn, updated_at = now()",
+        qualified(schema, SYNC_STATE_TABLE),
+        literal(slot),
+        literal(table),
+        literal(target),
+        literal(phase.as_str())
+    )
+}
+
+/// Deletes slot `slot`'s sync state and writers' positions (a new slot starts over).
+pub fn clear_slot_sql(schema: &str, slot: &str) -> String {
+    [SYNC_STATE_TABLE, PROGRESS_TABLE]
+        .iter()
+        .map(|t| {
+            format!(
+                "DELETE FROM {} WHERE slot_name = {}",
+                qualified(schema, t),
+                literal(slot)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Forgets the sync state of `slot`'s source tables other than `keep`.
+pub fn forget_tables_sql(schema: &str, slot: &str, tables: &[&str]) -> String {
+    format!(
+        "DELETE FROM {} WHERE slot_name = {} AND source_table IN ({})",
+        qualified(schema, SYNC_STATE_TABLE),
+        literal(slot),
+        tables
+            .iter()
+            .map(|t| literal(t))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Marks slot `$2`'s tables of target `$3` for copying again (`kuvasz-streamer resync`):
+/// parameters `(phase, slot, target)`.
+pub fn request_resync_sql(schema: &str) -> String {
+    format!(
+        "UPDATE {} SET state = $1, updated_at = now() \
+          WHERE slot_name = $2 AND (target_table = $3 OR starts_with(target_table, $3 || ' ['))",
+        qualified(schema, SYNC_STATE_TABLE)
+    )
+}
+
+/// The source tables of slot `$1` that a resync asked to copy again.
+pub fn resync_requests_sql(schema: &str) -> String {
+    format!(
+        "SELECT source_table FROM {} WHERE slot_name = $1 AND state = {}",
+        qualified(schema, SYNC_STATE_TABLE),
+        literal(Phase::Resync.as_str())
+    )
+}
+
+/// A change the destination refused, or a copied row whose expression failed, as
+/// `kvsz_deadletter` keeps it.
+pub struct DeadLetter<'a> {
+    pub sid: &'a str,
+    /// The source's database name.
+    pub source: &'a str,
+    /// `schema.table`: the source table of a copied row, the target of a change.
+    pub table: &'a str,
+    pub lsn: Lsn,
+    /// INSERT, UPDATE, DELETE, TRUNCATE or COPY.
+    pub op: &'a str,
+    /// The row as a jsonb expression.
+    pub row_json: &'a str,
+    pub error: &'a str,
+}
+
+/// The statement that keeps `d`.
+pub fn deadletter_sql(schema: &str, d: &DeadLetter) -> String {
+    format!(
+        "INSERT INTO {} (sid, source, source_table, lsn, op, row, error, at) \
+         VALUES ({}, {}, {}, {}::pg_lsn, {}, {}, {}, now())",
+        qualified(schema, DEADLETTER_TABLE),
+        literal(d.sid),
+        literal(d.source),
+        literal(d.table),
+        literal(&d.lsn.to_string()),
+        literal(d.op),
+        d.row_json,
+        literal(d.error)
+    )
+}
+
 /// The call that refuses a change with `message` (see [`REFUSE_FUNCTION`]).
 pub fn refuse_call(schema: &str, message: &str) -> String {
     format!(

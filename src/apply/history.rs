@@ -27,7 +27,7 @@ use crate::change::{Change, Op, Row, TargetTable, Value};
 use crate::pg::quote::{push_ident, push_literal};
 use crate::pg::timestamp::timestamp_text;
 
-use super::batch::{same_key, Entry, FingerprintMap};
+use super::batch::{entry_key, same_key, Entry, FingerprintMap};
 use super::sql::{all_cols, push_cols, push_key_match, push_sid, push_value, target, Stage};
 
 /// `kvsz_end` of an open version, `kvsz_start` of a first one (SPEC §4), in UTC.
@@ -113,13 +113,21 @@ pub fn plan(entries: &[Entry]) -> Plan<'_> {
         }
         // A loose key's spellings are one key on the destination: chained by the folded
         // text ('Key2' deleted and 'key2' inserted make one history).
+        // Tenants share the group, never a chain: a loose chain is keyed with the sid.
         let (chain, loose) = if c.table.loose_key {
-            (c.stamp_key(false), true)
+            (entry_key(c, c.stamp_key(false)), true)
         } else {
             (e.key, false)
         };
         let list = chains.entry(chain).or_default();
-        let (n, seen) = match list.iter().position(|ch| loose || same_key(ch.key, c)) {
+        let same = |ch: &Chain| {
+            if loose {
+                ch.key.table.sid == c.table.sid
+            } else {
+                same_key(ch.key, c)
+            }
+        };
+        let (n, seen) = match list.iter().position(same) {
             Some(n) => (n, true),
             None => {
                 list.push(Chain {
@@ -609,6 +617,26 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "\\N\tt\t2000-01-01 00:00:00.000005+00\t2\tbig\ts1\t2000-01-01 00:00:00.000006+00\tf\n"
         );
+    }
+
+    #[test]
+    fn tenants_never_share_a_loose_chain() {
+        let loose = |sid: &str| {
+            let mut t = (*history(Some(sid))).clone();
+            t.loose_key = true;
+            t.columns[0].loose = true;
+            Arc::new(t)
+        };
+        let (a, b) = (loose("a"), loose("b"));
+        // Seed 500057: sid b's DELETE of 'key1' closed sid a's version of 'KEY1'.
+        let batch = batch(vec![
+            at(ins(&a, "KEY1", Value::Text("x")), Op::Insert, 5),
+            at(ins(&b, "key1", Value::Null), Op::Delete, 6),
+            at(ins(&a, "KEY1", Value::Text("y")), Op::Update, 7),
+        ]);
+        let p = plan(&batch.groups[0].entries);
+        let ends: Vec<Option<(i64, bool)>> = p.versions.iter().map(|v| v.end).collect();
+        assert_eq!(ends, [Some((7, false)), None]);
     }
 
     #[test]

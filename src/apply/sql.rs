@@ -385,12 +385,14 @@ pub fn insert_staged(
 }
 
 /// Updates the columns present in the staged patches of one `mask`, found by key; None
-/// when the mask leaves every non-key column unchanged (nothing to write).
+/// when the mask leaves every non-key column unchanged (nothing to write). A loose key
+/// takes the patch's spelling too, as an upsert's does: an append target may keep a row
+/// whose respelling the filter left out ('KEY7' kept, the source's row now 'Key7').
 pub fn patch_staged(table: &TargetTable, stage: &Stage, mask: &str) -> Option<String> {
     let present: Vec<usize> = mask
         .bytes()
         .enumerate()
-        .filter(|&(i, b)| b == b'1' && !table.key.contains(&i))
+        .filter(|&(i, b)| b == b'1' && (table.loose_key || !table.key.contains(&i)))
         .map(|(i, _)| i)
         .collect();
     if present.is_empty() {
@@ -841,6 +843,15 @@ mod tests {
              WHERE s.kvsz_mask = '11' AND t.\"id\" = s.\"id\" AND t.\"sid\" = s.\"sid\""
         );
         assert_eq!(patch_staged(&t, &S(), "10"), None);
+        let loose = TargetTable {
+            loose_key: true,
+            ..(*t).clone()
+        };
+        assert_eq!(
+            patch_staged(&loose, &S(), "10").unwrap(),
+            "UPDATE \"public\".\"T x\" AS t SET \"id\" = s.\"id\" FROM pg_temp.kvsz_r3 AS s \
+             WHERE s.kvsz_mask = '10' AND t.\"id\" = s.\"id\" AND t.\"sid\" = s.\"sid\""
+        );
         assert_eq!(
             refuse_missing_patch(&t, &S(), "10", "r('m')"),
             "SELECT r('m') FROM pg_temp.kvsz_r3 AS s WHERE s.kvsz_mask = '10' AND NOT EXISTS \

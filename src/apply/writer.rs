@@ -13,7 +13,7 @@ use log::{debug, error, info, warn};
 use postgres::Statement;
 
 use crate::change::{Change, Position, SourceId, TargetTable, Value};
-use crate::pg::quote::{jsonb_object, literal, qualified};
+use crate::pg::quote::jsonb_object;
 use crate::pg::{describe, Lsn};
 use crate::store::{progress_sql, WriterProgress};
 
@@ -1129,17 +1129,17 @@ impl Writer {
                     )
                 });
                 let row = row_json(c);
-                let stmt = format!(
-                    "INSERT INTO {} (sid, source, source_table, lsn, op, row, error, at) \
-                     VALUES ({}, {}, {}, {}::pg_lsn, {}, {}, {}, now())",
-                    qualified(&self.settings.schema, "kvsz_deadletter"),
-                    literal(&label.sid),
-                    literal(&label.name),
-                    literal(&table),
-                    literal(&c.pos.commit_lsn.to_string()),
-                    literal(&c.op.to_string()),
-                    row,
-                    literal(&message),
+                let stmt = crate::store::deadletter_sql(
+                    &self.settings.schema,
+                    &crate::store::DeadLetter {
+                        sid: &label.sid,
+                        source: &label.name,
+                        table: &table,
+                        lsn: c.pos.commit_lsn,
+                        op: &c.op.to_string(),
+                        row_json: &row,
+                        error: &message,
+                    },
                 );
                 self.client.batch_execute(&stmt).map_err(self.conn_err())
             }

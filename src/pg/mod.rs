@@ -7,6 +7,7 @@ pub mod conninfo;
 pub mod encoding;
 pub mod lsn;
 pub mod pgoutput;
+pub mod pool;
 pub mod quote;
 pub mod replication;
 pub mod session;

@@ -89,7 +89,8 @@ impl StopFlag {
 /// What a source thread shares with the rest of the daemon.
 #[derive(Clone)]
 pub struct SourceEnv {
-    pub dest: crate::pg::connect::Endpoint,
+    /// The destination sessions all sources share (set-ups and short queries).
+    pub sessions: Arc<crate::pg::pool::DestSessions>,
     pub dest_schema: String,
     pub app_name: String,
     pub router: Router,

@@ -19,6 +19,7 @@ use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::Lsn;
 use crate::status::State;
+use crate::store::{self, Phase, SyncState, INS_MARKER};
 
 use super::mapping::HISTORY_COLUMNS;
 use super::sync::{copy_group, CopyOptions, CopyPlan, Deadletter, RateLimiter};
@@ -97,22 +98,6 @@ impl Resolved {
     }
 }
 
-/// One `kvsz_sync_state` row.
-struct SyncState {
-    target: String,
-    state: String,
-    lsn: Option<Lsn>,
-}
-
-/// `kvsz_sync_state.state` of a table `kuvasz-streamer resync` asked to copy again:
-/// not done, so the next set-up of its source copies it (a running source notices it
-/// within 15 seconds and sets up again).
-pub const RESYNC_STATE: &str = "resync";
-
-/// `kvsz_sync_state.source_table` of the row recording where the `_ins` publication
-/// became safe to stream (`lsn`): no source table is named without a schema.
-const INS_MARKER: &str = "";
-
 fn sql_err(
     spec: &SourceSpec,
     context: impl Into<String>,
@@ -166,10 +151,18 @@ fn connect_replication(
 }
 
 /// Opens a destination connection (the same session settings as the writers').
-pub fn connect_dest(spec: &SourceSpec, env: &SourceEnv) -> Result<Client, SourceError> {
-    env.dest
-        .destination()
-        .map_err(sql_err(spec, "connect to the destination"))
+/// Runs `f` on one of the destination sessions streaming sources share for short
+/// queries (see [`crate::pg::pool`]); `context` names the work in an error.
+pub fn on_dest<T>(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    context: &str,
+    f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+) -> Result<T, SourceError> {
+    env.sessions.catalog.with(
+        sql_err(spec, format!("connect to the destination to {context}")),
+        |c| f(c).map_err(sql_err(spec, context)),
+    )
 }
 
 /// Checks what the server must offer before anything is created on it.
@@ -637,61 +630,18 @@ fn sync_states(
     env: &SourceEnv,
     dest: &mut Client,
 ) -> Result<HashMap<String, SyncState>, SourceError> {
-    let rows = dest
-        .query(
-            &format!(
-                "SELECT source_table, target_table, state, lsn::text FROM {} WHERE slot_name = $1",
-                qualified(&env.dest_schema, SYNC_STATE_TABLE)
-            ),
-            &[&spec.slot],
-        )
-        .map_err(sql_err(spec, "read sync state"))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let lsn: Option<String> = r.get(3);
-            (
-                r.get(0),
-                SyncState {
-                    target: r.get(1),
-                    state: r.get(2),
-                    lsn: lsn.and_then(|l| l.parse().ok()),
-                },
-            )
-        })
-        .collect())
+    store::load_sync_states(dest, &env.dest_schema, &spec.slot)
+        .map_err(sql_err(spec, "read sync state"))
 }
 
-fn state_sql(
-    spec: &SourceSpec,
-    env: &SourceEnv,
-    table: &str,
-    target: &str,
-    state: &str,
-    lsn: Option<Lsn>,
-) -> String {
-    let lsn = lsn.map_or("NULL".to_string(), |l| format!("'{l}'"));
-    format!(
-        "INSERT INTO {} (slot_name, source_table, target_table, state, lsn, updated_at) \
-         VALUES ({}, {}, {}, {}, {lsn}, now()) ON CONFLICT (slot_name, source_table) \
-         DO UPDATE SET target_table = EXCLUDED.target_table, state = EXCLUDED.state, \
-         lsn = EXCLUDED.lsn, updated_at = now()",
-        qualified(&env.dest_schema, SYNC_STATE_TABLE),
-        literal(&spec.slot),
-        literal(table),
-        literal(target),
-        literal(state)
-    )
-}
-
-/// Records `state` for `tables` in one destination transaction (after clearing the
+/// Records `phase` for `tables` in one destination transaction (after clearing the
 /// slot's old rows when `clear` is set).
 fn record_states(
     spec: &SourceSpec,
     env: &SourceEnv,
     dest: &mut Client,
     tables: &[&Resolved],
-    state: &str,
+    phase: Phase,
     clear: bool,
 ) -> Result<(), SourceError> {
     if tables.is_empty() && !clear {
@@ -701,16 +651,18 @@ fn record_states(
     if clear {
         // A new slot: its copies, and the positions its writers recorded (another
         // server's LSNs, if it was replaced), start over.
-        for table in [SYNC_STATE_TABLE, crate::store::PROGRESS_TABLE] {
-            batch.push_str(&format!(
-                "DELETE FROM {} WHERE slot_name = {};",
-                qualified(&env.dest_schema, table),
-                literal(&spec.slot)
-            ));
-        }
+        batch.push_str(&store::clear_slot_sql(&env.dest_schema, &spec.slot));
+        batch.push(';');
     }
     for r in tables {
-        batch.push_str(&state_sql(spec, env, &r.key(), &r.recorded(), state, None));
+        batch.push_str(&store::sync_state_sql(
+            &env.dest_schema,
+            &spec.slot,
+            &r.key(),
+            &r.recorded(),
+            phase,
+            None,
+        ));
         batch.push(';');
     }
     batch.push_str("COMMIT");
@@ -768,12 +720,12 @@ fn record_ins_marker(
     dest: &mut Client,
     lsn: Lsn,
 ) -> Result<(), SourceError> {
-    dest.batch_execute(&state_sql(
-        spec,
-        env,
+    dest.batch_execute(&store::sync_state_sql(
+        &env.dest_schema,
+        &spec.slot,
         INS_MARKER,
         &ins_publication(spec),
-        "publication",
+        Phase::Publication,
         Some(lsn),
     ))
     .map_err(sql_err(spec, "record sync state"))
@@ -808,13 +760,26 @@ fn reconcile_publications(
     Ok((added, ins_exists))
 }
 
-/// Prepares the source and returns where to start streaming.
+/// Prepares the source and returns where to start streaming. Holds one of the set-up
+/// sessions of the destination throughout, so that only so many sources set up (create
+/// slots, copy) at once, whatever their number.
 pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceError> {
     env.status.set_state(State::Starting);
+    env.sessions
+        .setup
+        .with(sql_err(spec, "connect to the destination"), |dest| {
+            prepare_with(spec, env, dest)
+        })
+}
+
+fn prepare_with(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    dest: &mut Client,
+) -> Result<StartPoint, SourceError> {
     let mut src = connect_source(spec, env)?;
-    let mut dest = connect_dest(spec, env)?;
     check_prerequisites(spec, &mut src)?;
-    let (tables, excluded) = resolve_tables(spec, &env.dest_schema, &mut src, &mut dest)?;
+    let (tables, excluded) = resolve_tables(spec, &env.dest_schema, &mut src, dest)?;
 
     let mut slot =
         catalog::slot_info(&mut src, &spec.slot).map_err(sql_err(spec, "look up slot"))?;
@@ -868,7 +833,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             // publications exist before the slot, so both may be streamed from its start.
             let (_, ins_exists) = reconcile_publications(spec, &mut src, &tables)?;
             let all: Vec<&Resolved> = tables.iter().collect();
-            record_states(spec, env, &mut dest, &all, "pending", true)?;
+            record_states(spec, env, dest, &all, Phase::Pending, true)?;
             let clock = source_clock(spec, &mut src)?;
             let created = repl.create_slot(&spec.slot).map_err(repl_err(
                 spec,
@@ -884,7 +849,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             // Recorded before the copy: a copy that fails half-way leaves tables copied
             // at this point, which the `_ins` publication must be streamed from.
             if ins_exists {
-                record_ins_marker(spec, env, &mut dest, at)?;
+                record_ins_marker(spec, env, dest, at)?;
                 publications.push(ins_publication(spec));
             }
             let snapshot = Snapshot {
@@ -892,23 +857,15 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 at,
                 clock,
             };
-            copy_pending(
-                spec,
-                env,
-                &mut src,
-                &mut dest,
-                &all,
-                &snapshot,
-                &mut limiter,
-            )?;
+            copy_pending(spec, env, &mut src, dest, &all, &snapshot, &mut limiter)?;
             (at, routes(&tables, &HashMap::new(), at))
         }
         Some(existing) => {
             let confirmed = existing.confirmed_flush.unwrap_or(Lsn::ZERO);
-            let mut states = sync_states(spec, env, &mut dest)?;
+            let mut states = sync_states(spec, env, dest)?;
             // A slot and publication with no sync state at all were made by the Go
             // implementation (or an earlier version): their tables are taken as copied.
-            if states.is_empty() && !copied_elsewhere(spec, env, &mut dest)? {
+            if states.is_empty() && !copied_elsewhere(spec, env, dest)? {
                 let current: BTreeSet<TableName> =
                     catalog::publication_tables(&mut src, &spec.slot)
                         .map_err(sql_err(spec, "list publication tables"))?
@@ -918,17 +875,17 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     .iter()
                     .filter(|r| current.contains(&r.name()))
                     .collect();
-                record_states(spec, env, &mut dest, &adopted, "done", false)?;
+                record_states(spec, env, dest, &adopted, Phase::Done, false)?;
                 info!(
                     "source {}: adopted existing slot {}",
                     spec.label(),
                     spec.slot
                 );
-                states = sync_states(spec, env, &mut dest)?;
+                states = sync_states(spec, env, dest)?;
             }
             let done = |r: &Resolved| {
                 states.get(&r.key()).is_some_and(|s| {
-                    s.state == "done"
+                    s.phase == Some(Phase::Done)
                         && (s.target == r.recorded()
                             // Recorded by an earlier version, without the schema.
                             || (s.target == r.plan.target_table && !s.target.contains('.')))
@@ -936,24 +893,23 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
             };
             // Mark before publishing: a crash between the two still leaves them pending.
             let mut pending = also_pending(&tables, &[], |r| !done(r));
-            record_states(spec, env, &mut dest, &pending, "pending", false)?;
+            record_states(spec, env, dest, &pending, Phase::Pending, false)?;
             let (added, ins_exists) = reconcile_publications(spec, &mut src, &tables)?;
             // A table added to a publication (a table moving between the two lost its
             // updates meanwhile) is copied again.
             let more = also_pending(&tables, &pending, |r| added.contains(&r.name()));
-            record_states(spec, env, &mut dest, &more, "pending", false)?;
+            record_states(spec, env, dest, &more, Phase::Pending, false)?;
             pending.extend(more);
-            let stale: Vec<String> = states
+            let stale: Vec<&str> = states
                 .keys()
                 .filter(|k| k.as_str() != INS_MARKER && !tables.iter().any(|r| &r.key() == *k))
-                .map(|k| literal(k))
+                .map(String::as_str)
                 .collect();
             if !stale.is_empty() {
-                dest.batch_execute(&format!(
-                    "DELETE FROM {} WHERE slot_name = {} AND source_table IN ({})",
-                    qualified(&env.dest_schema, SYNC_STATE_TABLE),
-                    literal(&spec.slot),
-                    stale.join(", ")
+                dest.batch_execute(&store::forget_tables_sql(
+                    &env.dest_schema,
+                    &spec.slot,
+                    &stale,
                 ))
                 .map_err(sql_err(spec, "clear sync state"))?;
             }
@@ -974,7 +930,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                 ))?;
                 copied_at = created.consistent_point;
                 if ins_exists && ins_from.is_none() {
-                    record_ins_marker(spec, env, &mut dest, copied_at)?;
+                    record_ins_marker(spec, env, dest, copied_at)?;
                     ins_from = Some(copied_at);
                 }
                 let snapshot = Snapshot {
@@ -982,15 +938,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
                     at: copied_at,
                     clock,
                 };
-                copy_pending(
-                    spec,
-                    env,
-                    &mut src,
-                    &mut dest,
-                    &pending,
-                    &snapshot,
-                    &mut limiter,
-                )?;
+                copy_pending(spec, env, &mut src, dest, &pending, &snapshot, &mut limiter)?;
                 // Closing the session drops the temporary slot.
                 let _ = tmp.finish();
             }
@@ -1197,7 +1145,16 @@ fn copy_one_target(
     let started = std::time::Instant::now();
     let done: String = group
         .iter()
-        .map(|r| state_sql(spec, env, &r.key(), &r.recorded(), "done", Some(at)))
+        .map(|r| {
+            store::sync_state_sql(
+                &env.dest_schema,
+                &spec.slot,
+                &r.key(),
+                &r.recorded(),
+                Phase::Done,
+                Some(at),
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ");
     let plans: Vec<&CopyPlan> = group.iter().map(|r| &r.plan).collect();
@@ -1206,7 +1163,7 @@ fn copy_one_target(
         since: snapshot.clock.clone(),
         lsn: at,
         deadletter: (env.on_error == RejectPolicy::Deadletter).then(|| Deadletter {
-            table: qualified(&env.dest_schema, "kvsz_deadletter"),
+            schema: env.dest_schema.clone(),
             source: spec.database.clone(),
             sid: spec.sid.to_string(),
         }),

@@ -16,19 +16,16 @@ use crate::expr::TableExprs;
 use crate::mode::Effect;
 use crate::pg::catalog::{self, Column};
 use crate::pg::pgoutput::{Decoder, PgOutput, Relation};
-use crate::pg::quote::{literal, qualified};
 use crate::pg::replication::{ReplicationConnection, ReplicationMessage};
 use crate::pg::Lsn;
 use crate::status::TableCounters;
 use crate::store::{Applied, PROGRESS_TABLE};
 
 use super::mapping::{map_relation, RelationMap, RowExprs};
-use super::setup::{
-    connect_dest, connect_source, tables_changed, Route, StartPoint, TableName, RESYNC_STATE,
-};
+use super::setup::{connect_source, on_dest, tables_changed, Route, StartPoint, TableName};
 use super::spool::{SpoolError, Spools};
 use super::stamps::Stamps;
-use super::{SourceEnv, SourceError, SourceSpec, SYNC_STATE_TABLE};
+use super::{SourceEnv, SourceError, SourceSpec};
 
 /// How often routed progress is announced to the writers.
 const MARK_EVERY: Duration = Duration::from_millis(100);
@@ -102,7 +99,6 @@ struct Streamer<'a> {
     spec: &'a SourceSpec,
     env: &'a SourceEnv,
     repl: ReplicationConnection,
-    dest: Client,
     /// What the writers had applied when this stream started: what it skips (see
     /// [`crate::store`]).
     applied: Applied,
@@ -188,14 +184,12 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
             spec.label()
         );
     }
-    let mut dest = connect_dest(spec, env)?;
-    let applied = Applied::load(&mut dest, &env.dest_schema, &spec.slot).map_err(|error| {
-        SourceError::Sql {
-            source: spec.label(),
-            context: format!("read {}.{PROGRESS_TABLE}", env.dest_schema),
-            error,
-        }
-    })?;
+    let applied = on_dest(
+        spec,
+        env,
+        &format!("read {}.{PROGRESS_TABLE}", env.dest_schema),
+        |dest| Applied::load(dest, &env.dest_schema, &spec.slot),
+    )?;
     env.status.set_state(crate::status::State::Streaming);
     env.status.heard(start);
     env.status.confirmed(start);
@@ -203,7 +197,6 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         spec,
         env,
         repl,
-        dest,
         applied,
         skipped: 0,
         decoder: Decoder::new(),
@@ -938,19 +931,11 @@ impl Streamer<'_> {
     /// `kuvasz-streamer resync` asked for a table of this slot to be copied again (its
     /// sync state says so): set up again, which copies it.
     fn recheck_resync(&mut self) -> Result<(), SourceError> {
-        let sql = format!(
-            "SELECT source_table FROM {} WHERE slot_name = $1 AND state = {}",
-            qualified(&self.env.dest_schema, SYNC_STATE_TABLE),
-            literal(RESYNC_STATE)
-        );
-        let rows = self
-            .dest
-            .query(&sql, &[&self.spec.slot])
-            .map_err(|error| SourceError::Sql {
-                source: self.spec.label(),
-                context: "read resync requests".to_string(),
-                error,
-            })?;
+        let sql = crate::store::resync_requests_sql(&self.env.dest_schema);
+        let slot = &self.spec.slot;
+        let rows = on_dest(self.spec, self.env, "read resync requests", |dest| {
+            dest.query(&sql, &[slot])
+        })?;
         if let Some(row) = rows.first() {
             let table: String = row.get(0);
             info!(
@@ -976,14 +961,14 @@ impl Streamer<'_> {
             };
             let target = m.map.table.name.clone();
             let mapped = m.map.table.columns.len();
-            let columns = catalog::table_info(&mut self.dest, &schema, &target)
-                .map_err(|error| SourceError::Sql {
-                    source: self.label(),
-                    context: format!("look up target {schema}.{target}"),
-                    error,
-                })?
-                .map(|t| t.columns)
-                .unwrap_or_default();
+            let columns = on_dest(
+                self.spec,
+                self.env,
+                &format!("look up target {schema}.{target}"),
+                |dest| catalog::table_info(dest, &schema, &target),
+            )?
+            .map(|t| t.columns)
+            .unwrap_or_default();
             let has_sid = m.map.table.sid.is_some();
             let now = rel
                 .columns
@@ -1030,19 +1015,19 @@ impl Streamer<'_> {
         };
         let t = &route.map;
         let schema = self.env.dest_schema.clone();
-        let target = catalog::table_info(&mut self.dest, &schema, &t.target)
-            .map_err(|error| SourceError::Sql {
-                source: self.label(),
-                context: format!("look up target {schema}.{}", t.target),
-                error,
-            })?
-            .ok_or_else(|| SourceError::Prerequisite {
-                source: self.label(),
-                message: format!(
-                    "target table {schema}.{} does not exist on the destination",
-                    t.target
-                ),
-            })?;
+        let target = on_dest(
+            self.spec,
+            self.env,
+            &format!("look up target {schema}.{}", t.target),
+            |dest| catalog::table_info(dest, &schema, &t.target),
+        )?
+        .ok_or_else(|| SourceError::Prerequisite {
+            source: self.label(),
+            message: format!(
+                "target table {schema}.{} does not exist on the destination",
+                t.target
+            ),
+        })?;
         // A table without a replica identity sends only inserts: every row is distinct,
         // as with REPLICA IDENTITY FULL.
         let whole_row = rel.replica_identity == b'f' || route.insert_only;
@@ -1059,14 +1044,12 @@ impl Streamer<'_> {
                 toastable: false,
             })
             .collect();
-        let unique =
-            catalog::unique_indexes(&mut self.dest, &schema, &t.target).map_err(|error| {
-                SourceError::Sql {
-                    source: self.label(),
-                    context: format!("look up unique indexes of {schema}.{}", t.target),
-                    error,
-                }
-            })?;
+        let unique = on_dest(
+            self.spec,
+            self.env,
+            &format!("look up unique indexes of {schema}.{}", t.target),
+            |dest| catalog::unique_indexes(dest, &schema, &t.target),
+        )?;
         let map = map_relation(
             &source_cols,
             &schema,

@@ -55,10 +55,10 @@ pub struct CopyOptions {
     pub progress: Vec<Arc<TableCounters>>,
 }
 
-/// `kvsz_deadletter` and who writes into it.
+/// Where `kvsz_deadletter` is and who writes into it.
 pub struct Deadletter {
-    /// Qualified table name.
-    pub table: String,
+    /// `database.schema`.
+    pub schema: String,
     pub source: String,
     pub sid: String,
 }
@@ -795,15 +795,17 @@ fn row_json(columns: &[(String, Kind)], texts: &[Option<String>]) -> String {
 
 /// The dead letter of a copied row whose expression failed.
 fn deadletter_sql(dl: &Deadletter, plan: &CopyPlan, lsn: Lsn, row: &str, error: &str) -> String {
-    format!(
-        "INSERT INTO {} (sid, source, source_table, lsn, op, row, error, at) VALUES \
-         ({}, {}, {}, {}::pg_lsn, 'COPY', {row}, {}, now())",
-        dl.table,
-        literal(&dl.sid),
-        literal(&dl.source),
-        literal(&format!("{}.{}", plan.source_schema, plan.source_table)),
-        literal(&lsn.to_string()),
-        literal(error)
+    crate::store::deadletter_sql(
+        &dl.schema,
+        &crate::store::DeadLetter {
+            sid: &dl.sid,
+            source: &dl.source,
+            table: &format!("{}.{}", plan.source_schema, plan.source_table),
+            lsn,
+            op: "COPY",
+            row_json: row,
+            error,
+        },
     )
 }
 
