@@ -38,10 +38,21 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
          ALTER TABLE {0} ADD COLUMN IF NOT EXISTS lsn pg_lsn; \
          CREATE TABLE IF NOT EXISTS {1} (slot_name text NOT NULL, writer int NOT NULL, \
          writers int NOT NULL, commit_lsn pg_lsn NOT NULL, seq bigint NOT NULL, \
-         updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot_name, writer))",
+         updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot_name, writers, writer))",
         qualified(schema, SYNC_STATE_TABLE),
         qualified(schema, PROGRESS_TABLE)
     );
+    // Tables of the release before keyed positions by writer alone, so a pool of
+    // another size overwrote them: keyed by pool size too from now on.
+    let progress = qualified(schema, PROGRESS_TABLE);
+    sql.push_str(&format!(
+        "; DO $kvsz$BEGIN IF (SELECT array_length(conkey, 1) FROM pg_constraint \
+         WHERE conrelid = {lit}::regclass AND contype = 'p') = 2 THEN \
+         ALTER TABLE {progress} DROP CONSTRAINT {pkey}, ADD PRIMARY KEY (slot_name, writers, writer); \
+         END IF; END$kvsz$",
+        lit = literal(&progress),
+        pkey = crate::pg::quote::ident(&format!("{PROGRESS_TABLE}_pkey")),
+    ));
     // Created only when missing: CREATE OR REPLACE by instances starting together would
     // fail with "tuple concurrently updated".
     let refuse = qualified(schema, REFUSE_FUNCTION);
@@ -296,59 +307,62 @@ pub fn progress_sql(schema: &str, rows: &[WriterProgress]) -> String {
         ));
     }
     sql.push_str(
-        " ON CONFLICT (slot_name, writer) DO UPDATE SET writers = EXCLUDED.writers, \
+        " ON CONFLICT (slot_name, writers, writer) DO UPDATE SET \
          commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, updated_at = now()",
     );
     sql
 }
 
 /// What a slot's writers had applied when its source started: the changes a replay
-/// must skip.
+/// must skip. Positions are kept per pool size, since routing depends on it: after a
+/// crash, a change of `num_workers` and another crash, a change was applied if the
+/// writer of any recorded pool size that it was routed to had passed it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
-    /// The pool size the positions were recorded with (routing depends on it).
-    writers: usize,
-    /// `next` by writer index.
-    next: Vec<Option<Position>>,
+    /// (pool size, `next` by writer index).
+    pools: Vec<(usize, Vec<Option<Position>>)>,
     /// The highest `next`: nothing from here on was applied.
     until: Position,
 }
 
 impl Applied {
-    /// From the slot's rows `(writer, writers, next)`. Only the rows of the pool size
-    /// last recorded are used: rows of an older pool size are from before that run,
-    /// which replayed everything they covered.
-    pub fn from_rows(rows: &[(usize, usize, Position, i64)]) -> Applied {
-        let Some(latest) = rows.iter().max_by_key(|r| r.3) else {
-            return Applied::default();
-        };
-        let writers = latest.1;
-        let mut next = vec![None; writers];
-        for &(w, n, pos, _) in rows {
-            if n == writers && w < writers {
-                next[w] = Some(pos);
+    /// From the slot's rows `(writer, writers, next)`.
+    pub fn from_rows(rows: &[(usize, usize, Position)]) -> Applied {
+        let mut pools: Vec<(usize, Vec<Option<Position>>)> = Vec::new();
+        for &(w, n, pos) in rows {
+            if w >= n {
+                continue;
             }
+            let at = match pools.iter().position(|(size, _)| *size == n) {
+                Some(i) => i,
+                None => {
+                    pools.push((n, vec![None; n]));
+                    pools.len() - 1
+                }
+            };
+            pools[at].1[w] = Some(pos);
         }
-        let until = next.iter().flatten().max().copied().unwrap_or_default();
-        Applied {
-            writers,
-            next,
-            until,
-        }
+        pools.sort_by_key(|(n, _)| *n);
+        let until = pools
+            .iter()
+            .flat_map(|(_, next)| next.iter().flatten())
+            .max()
+            .copied()
+            .unwrap_or_default();
+        Applied { pools, until }
     }
 
     /// Reads the slot's rows.
     pub fn load(client: &mut Client, schema: &str, slot: &str) -> Result<Applied, postgres::Error> {
         let rows = client.query(
             format!(
-                "SELECT writer, writers, commit_lsn::text, seq, \
-                 (extract(epoch FROM updated_at) * 1000000)::bigint FROM {} WHERE slot_name = $1",
+                "SELECT writer, writers, commit_lsn::text, seq FROM {} WHERE slot_name = $1",
                 qualified(schema, PROGRESS_TABLE)
             )
             .as_str(),
             &[&slot],
         )?;
-        let rows: Vec<(usize, usize, Position, i64)> = rows
+        let rows: Vec<(usize, usize, Position)> = rows
             .iter()
             .filter_map(|r| {
                 let lsn: String = r.get(2);
@@ -359,7 +373,6 @@ impl Applied {
                         commit_lsn: lsn.parse::<Lsn>().ok()?,
                         seq: u32::try_from(r.get::<_, i64>(3)).ok()?,
                     },
-                    r.get(4),
                 ))
             })
             .collect();
@@ -371,20 +384,26 @@ impl Applied {
         pos < self.until
     }
 
-    /// The pool size to route with when asking [`Applied::covers`].
-    pub fn writers(&self) -> usize {
-        self.writers
+    /// Whether the change at `pos` was applied, given the writer each recorded pool
+    /// size routed it to (`writer_for(pool size)`).
+    pub fn covers(&self, pos: Position, writer_for: impl Fn(usize) -> usize) -> bool {
+        self.pools.iter().any(|(size, next)| {
+            next.get(writer_for(*size))
+                .copied()
+                .flatten()
+                .is_some_and(|next| pos < next)
+        })
     }
+}
 
-    /// Whether the change at `pos`, which the recorded pool routed to `writer`, was
-    /// applied.
-    pub fn covers(&self, pos: Position, writer: usize) -> bool {
-        self.next
-            .get(writer)
-            .copied()
-            .flatten()
-            .is_some_and(|next| pos < next)
-    }
+/// Deletes slot `$1`'s positions that lie before `$2` (the slot's confirmed position,
+/// where its stream starts): the server never sends those changes again. This is how
+/// the rows of a pool size no longer in use go.
+pub fn prune_progress_sql(schema: &str) -> String {
+    format!(
+        "DELETE FROM {} WHERE slot_name = $1 AND commit_lsn < $2::text::pg_lsn",
+        qualified(schema, PROGRESS_TABLE)
+    )
 }
 
 #[cfg(test)]
@@ -400,29 +419,33 @@ mod tests {
 
     #[test]
     fn a_change_is_applied_when_its_writer_passed_it() {
-        let a = Applied::from_rows(&[(0, 2, pos(100, 3), 5), (1, 2, pos(80, 0), 6)]);
-        assert_eq!(a.writers(), 2);
+        let a = Applied::from_rows(&[(0, 2, pos(100, 3)), (1, 2, pos(80, 0))]);
         assert!(a.pending(pos(99, 9)));
         assert!(!a.pending(pos(100, 3)));
-        assert!(a.covers(pos(100, 2), 0));
-        assert!(!a.covers(pos(100, 3), 0));
-        assert!(a.covers(pos(79, 7), 1));
-        assert!(!a.covers(pos(80, 0), 1));
-        assert!(!a.covers(pos(1, 0), 2));
+        assert!(a.covers(pos(100, 2), |_| 0));
+        assert!(!a.covers(pos(100, 3), |_| 0));
+        assert!(a.covers(pos(79, 7), |_| 1));
+        assert!(!a.covers(pos(80, 0), |_| 1));
+        assert!(!a.covers(pos(1, 0), |_| 2));
     }
 
     #[test]
-    fn rows_of_an_older_pool_size_are_ignored() {
+    fn every_recorded_pool_size_counts() {
+        // 4 writers applied up to 500, then the pool became 2 and applied up to 300.
         let a = Applied::from_rows(&[
-            (0, 4, pos(500, 0), 1),
-            (3, 4, pos(500, 0), 1),
-            (0, 2, pos(300, 0), 9),
+            (0, 4, pos(500, 0)),
+            (3, 4, pos(500, 0)),
+            (0, 2, pos(300, 0)),
+            (5, 2, pos(900, 0)),
         ]);
-        assert_eq!(a.writers(), 2);
-        assert!(a.covers(pos(200, 0), 0));
-        assert!(!a.covers(pos(400, 0), 0));
-        assert!(!a.covers(pos(200, 0), 1));
-        assert!(!a.pending(pos(300, 0)));
+        assert!(a.pending(pos(499, 0)));
+        assert!(!a.pending(pos(500, 0)));
+        // Routed to writer 0 of 2 and writer 3 of 4: the 4-pool applied it.
+        let route = |n: usize| if n == 2 { 0 } else { 3 };
+        assert!(a.covers(pos(400, 0), route));
+        // Routed to writer 1 of 2 and writer 1 of 4: neither recorded it.
+        assert!(!a.covers(pos(200, 0), |_| 1));
+        assert!(a.covers(pos(200, 0), |_| 0));
         assert_eq!(Applied::from_rows(&[]), Applied::default());
         assert!(!Applied::default().pending(pos(0, 0)));
     }
@@ -441,9 +464,8 @@ mod tests {
         assert_eq!(
             sql,
             "INSERT INTO \"dw\".\"kvsz_progress\" AS p (slot_name, writer, writers, commit_lsn, seq) \
-             VALUES ('kuvasz_a''b', 1, 4, '1/10', 7) ON CONFLICT (slot_name, writer) DO UPDATE SET \
-             writers = EXCLUDED.writers, commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, \
-             updated_at = now()"
+             VALUES ('kuvasz_a''b', 1, 4, '1/10', 7) ON CONFLICT (slot_name, writers, writer) DO \
+             UPDATE SET commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, updated_at = now()"
         );
     }
 }

@@ -271,7 +271,8 @@ fn loop_workload(src: &support::Cluster, db: &str, done: &AtomicBool) -> i64 {
 
 /// SPEC §4's crash loop: 20 SIGKILLs under a two-source workload on clone, append,
 /// key-less, FULL and history tables, the source server restarted after the 7th and
-/// the destination after the 14th; every target ends exactly equal to its source.
+/// the destination after the 14th, the pool 2, 3 or 4 writers from one life to the
+/// next; every target ends exactly equal to its source.
 #[test]
 fn crash_loop() {
     let version = *support::versions().last().expect("a version");
@@ -325,6 +326,22 @@ fn crash_loop() {
                 14 => dest.restart(),
                 _ => {}
             }
+            // The pool size changes between crashes: routing, and so the positions
+            // each writer records, depend on it.
+            let conf = dir.join("kuvasz-streamer.toml");
+            let text = std::fs::read_to_string(&conf).expect("read config");
+            let workers = [3, 2, 4][n % 3];
+            let text: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("num_workers") {
+                        format!("num_workers = {workers}")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(&conf, text.join("\n") + "\n").expect("write config");
             daemon = Some(Daemon::spawn(dir));
         }
         let at_start = count();
@@ -391,4 +408,57 @@ fn crash_loop() {
         txns.iter().sum::<i64>()
     );
     daemon.expect("a daemon").stop_ok();
+}
+
+/// A deployment of the release before keyed `kvsz_progress` by (slot, writer), so a pool
+/// of another size overwrote positions a replay still needed: the first start re-keys
+/// it by (slot, pool size, writer), keeping its rows, and positions of two pool sizes
+/// then live side by side.
+#[test]
+fn progress_of_the_release_before_is_rekeyed() {
+    let version = *support::versions().last().expect("a version");
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("rk"), unique_name("rkd"), unique_name("rk"));
+    src.create_database(&db);
+    src.execute(&db, SOURCE);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, TARGET);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE kvsz_progress (slot_name text NOT NULL, writer int NOT NULL, \
+         writers int NOT NULL, commit_lsn pg_lsn NOT NULL, seq bigint NOT NULL, \
+         updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot_name, writer)); \
+         INSERT INTO kvsz_progress VALUES ('kuvasz_gone_x', 0, 7, '0/10', 0)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"a\" }} ]\n\
+         [source.tables]\nevents = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 2"]);
+    daemon.wait_streaming(1);
+    src.execute(&db, "INSERT INTO events VALUES (1, 1, 'x')");
+    wait_confirmed(src, &db, &format!("kuvasz_{family}_a"));
+    let key = "SELECT string_agg(a.attname, ', ' ORDER BY k.n) FROM pg_constraint c \
+               CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(att, n) \
+               JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.att \
+               WHERE c.conrelid = 'kvsz_progress'::regclass AND c.contype = 'p'";
+    assert_eq!(
+        dest.query(&ddb, key),
+        [[Some("slot_name, writers, writer".to_string())]]
+    );
+    // The old row kept; this slot's positions recorded with the pool size 2.
+    assert_eq!(
+        dest.query(
+            &ddb,
+            &format!(
+                "SELECT count(*) FILTER (WHERE slot_name = 'kuvasz_gone_x' AND writers = 7)::text, \
+                 bool_and(writers = 2) FILTER (WHERE slot_name = 'kuvasz_{family}_a')::text \
+                 FROM kvsz_progress"
+            )
+        ),
+        [[Some("1".to_string()), Some("true".to_string())]]
+    );
+    daemon.stop_ok();
 }

@@ -188,7 +188,13 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         spec,
         env,
         &format!("read {}.{PROGRESS_TABLE}", env.dest_schema),
-        |dest| Applied::load(dest, &env.dest_schema, &spec.slot),
+        |dest| {
+            dest.execute(
+                crate::store::prune_progress_sql(&env.dest_schema).as_str(),
+                &[&spec.slot, &start.to_string()],
+            )?;
+            Applied::load(dest, &env.dest_schema, &spec.slot)
+        },
     )?;
     env.status.set_state(crate::status::State::Streaming);
     env.status.heard(start);
@@ -791,12 +797,14 @@ impl Streamer<'_> {
             }
             return false;
         }
-        let writer = if alone {
-            0
-        } else {
-            writer_for(c, key_fingerprint(c), self.applied.writers())
-        };
-        let applied = self.applied.covers(c.pos, writer);
+        let key = key_fingerprint(c);
+        let applied = self.applied.covers(c.pos, |writers| {
+            if alone {
+                0
+            } else {
+                writer_for(c, key, writers)
+            }
+        });
         self.skipped += u64::from(applied);
         applied
     }
