@@ -218,6 +218,72 @@ every_major! { held_row_keeps_its_order:
     held_row_keeps_its_order_pg18 => 18,
 }
 
+/// A change applied alone (here a TRUNCATE, which every writer must have committed up
+/// to) never overtakes a change held by `on_error = stop`: a refused INSERT, then a
+/// TRUNCATE and another INSERT; while held, the target keeps its copied rows; after the
+/// fix, it ends as the source, the refused row gone with the TRUNCATE.
+fn held_row_before_a_truncate(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb, family) = (unique_name("et"), unique_name("etd"), unique_name("et"));
+    src.create_database(&db);
+    src.execute(
+        &db,
+        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int); \
+         INSERT INTO t SELECT g, g FROM generate_series(100, 120) g",
+    );
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int CHECK (v >= 0))",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"s\" }} ]\n\
+         [source.tables]\nt = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 3"]);
+    daemon.wait_streaming(1);
+    let slot = format!("kuvasz_{family}_s");
+    let walsender = || {
+        src.query(
+            &db,
+            &format!(
+                "SELECT active_pid::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ),
+        )[0][0]
+            .clone()
+    };
+    let first = walsender();
+    src.execute(&db, "INSERT INTO t VALUES (1, -1)");
+    src.execute(&db, "TRUNCATE t");
+    src.execute(&db, "INSERT INTO t VALUES (2, 5)");
+    // Held: the stream was stopped (and started again, to be refused again).
+    wait_for(
+        "the source held and restarted",
+        Duration::from_secs(30),
+        || {
+            let now = walsender();
+            (now.is_some() && now != first).then_some(())
+        },
+    );
+    let count = || dest.query(&ddb, "SELECT count(*)::text FROM t")[0][0].clone();
+    assert_eq!(
+        count(),
+        Some("21".to_string()),
+        "the TRUNCATE overtook the held row"
+    );
+    dest.execute(&ddb, "ALTER TABLE t DROP CONSTRAINT t_v_check");
+    wait_confirmed(src, &db, &slot);
+    same(src, &db, dest, &ddb, "SELECT id, v FROM t ORDER BY id");
+    daemon.stop_ok();
+}
+
+every_major! { held_row_before_a_truncate:
+    held_row_before_a_truncate_pg12 => 12,
+    held_row_before_a_truncate_pg18 => 18,
+}
+
 const LOOP_SOURCE: &str = "SET ROLE kuvasz; \
     CREATE TABLE acct (id int PRIMARY KEY, v int NOT NULL); \
     CREATE TABLE ledger (id int PRIMARY KEY, v int NOT NULL); \

@@ -5,7 +5,7 @@
 //! acknowledges it once everything queued before it is committed (at once when idle).
 //! The confirmable LSN of a source is the smallest acknowledgement over all writers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -15,6 +15,10 @@ use crate::pg::Lsn;
 pub struct Progress {
     /// acked[source][writer]; grows when a reload adds a source (ids are never reused).
     acked: RwLock<Vec<Vec<AtomicU64>>>,
+    /// held[source]: a writer refused one of its changes (`on_error = stop`), until the
+    /// source starts again. Its stream then routes nothing more: above all no change
+    /// applied alone (a TRUNCATE, a move), which would land before the held one.
+    held: RwLock<Vec<AtomicBool>>,
     writers: usize,
 }
 
@@ -22,6 +26,7 @@ impl Progress {
     pub fn new(sources: usize, writers: usize) -> Progress {
         let p = Progress {
             acked: RwLock::new(Vec::new()),
+            held: RwLock::new(Vec::new()),
             writers,
         };
         p.ensure(sources);
@@ -34,6 +39,31 @@ impl Progress {
         while acked.len() < n {
             acked.push((0..self.writers).map(|_| AtomicU64::new(0)).collect());
         }
+        let mut held = self.held.write();
+        while held.len() < n {
+            held.push(AtomicBool::new(false));
+        }
+    }
+
+    /// A writer refused a change of `source` and holds it.
+    pub fn hold(&self, source: SourceId) {
+        if let Some(h) = self.held.read().get(source) {
+            h.store(true, Ordering::Release);
+        }
+    }
+
+    /// `source` starts again (its replay retries the held change).
+    pub fn resume(&self, source: SourceId) {
+        if let Some(h) = self.held.read().get(source) {
+            h.store(false, Ordering::Release);
+        }
+    }
+
+    pub fn is_held(&self, source: SourceId) -> bool {
+        self.held
+            .read()
+            .get(source)
+            .is_some_and(|h| h.load(Ordering::Acquire))
     }
 
     /// A writer has committed everything of `source` up to `lsn`.
@@ -74,5 +104,9 @@ mod tests {
         p.ack(2, 0, Lsn(4));
         assert_eq!(p.confirmable(2), Lsn(0));
         assert_eq!(p.confirmable(0), Lsn(7));
+        p.hold(2);
+        assert!(p.is_held(2) && !p.is_held(0) && !p.is_held(9));
+        p.resume(2);
+        assert!(!p.is_held(2));
     }
 }

@@ -1111,6 +1111,7 @@ impl Writer {
                     self.held.resize(c.source + 1, false);
                 }
                 self.held[c.source] = true;
+                self.settings.progress.hold(c.source);
                 self.held_at.push((c.source, c.pos));
                 self.markers.retain(|(s, _)| *s != c.source);
                 let _ = self.settings.rejections.send((c.source, report));

@@ -226,6 +226,8 @@ pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
             .map_err(|_| SourceError::PoolClosed {
                 source: spec.label(),
             })?;
+        // Whatever held this source is behind us: its replay retries the held change.
+        env.progress.resume(spec.id);
         let start = setup::prepare(spec, env)?;
         if env.stop.is_set() {
             return Ok(());

@@ -102,6 +102,8 @@ struct Streamer<'a> {
     /// What the writers had applied when this stream started: what it skips (see
     /// [`crate::store`]).
     applied: Applied,
+    /// Held by a refused change (see [`Streamer::apply_alone`]): routes nothing more.
+    held: bool,
     /// Changes skipped as applied already, reported once the replay is over.
     skipped: u64,
     decoder: Decoder,
@@ -204,6 +206,7 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         env,
         repl,
         applied,
+        held: false,
         skipped: 0,
         decoder: Decoder::new(),
         spools: Spools::new(&std::env::temp_dir()),
@@ -812,7 +815,7 @@ impl Streamer<'_> {
     /// Queues a change for its writer. A full queue (a slow destination) blocks the
     /// stream, as it should, while the walsender keeps hearing from us.
     fn route(&mut self, c: Change) -> Result<(), SourceError> {
-        if self.replayed(&c, false) {
+        if self.held || self.replayed(&c, false) {
             return Ok(());
         }
         self.env.status.changes.fetch_add(1, Ordering::Relaxed);
@@ -848,6 +851,14 @@ impl Streamer<'_> {
     }
 
     fn apply_alone(&mut self, c: Change) -> Result<(), SourceError> {
+        // A change the writers refused holds this source (`on_error = stop`; the
+        // barrier before this change waited for its commit): nothing more is routed
+        // until the source starts again and its replay retries that change, or this
+        // one would land before it. The supervisor stops the stream shortly.
+        if self.held || self.env.progress.is_held(self.spec.id) {
+            self.held = true;
+            return Ok(());
+        }
         if self.replayed(&c, true) {
             return Ok(());
         }
