@@ -319,6 +319,13 @@ impl fmt::Display for Op {
 
 /// Where a change stands in the source's history: commit LSN of its transaction and its
 /// index inside it. Unique per source, so a writer can later record what it applied.
+///
+/// A replay numbers a transaction's changes as its first decoding did, whatever changed
+/// meanwhile: the walsender decodes each transaction with the catalog of its time (a
+/// table published later is not sent for it, one unpublished later still is), the
+/// `_ins` publication is asked for only from the position it was recorded safe at, every
+/// change message is counted whether or not it is mapped, and every UPDATE takes two
+/// indexes, split or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Position {
     pub commit_lsn: Lsn,

@@ -479,7 +479,11 @@ impl Streamer<'_> {
                 }
             }
             PgOutput::Update { rel, old, new } => {
+                // Two positions, whether or not the change is split into a DELETE and an
+                // INSERT (which depends on the map): a replay numbers the transaction's
+                // later changes alike whatever the map became meanwhile.
                 let pos = self.pos();
+                let half = self.pos();
                 self.last_delete = None;
                 if let Some(m) = self.mapped(rel)? {
                     let history = m.history;
@@ -543,7 +547,7 @@ impl Streamer<'_> {
                     self.route(first)?;
                     if let Some(mut c) = second {
                         // The insert half of a key move has a position of its own.
-                        c.pos = self.pos();
+                        c.pos = half;
                         let c = self.continued(c, history);
                         self.route(c)?;
                     }

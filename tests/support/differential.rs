@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use postgres::{Client, SimpleQueryMessage};
 
 use super::daemon::Daemon;
-use super::{destination, ident, literal, source, unique_name, versions, Cluster};
+use super::{ident, literal, source, unique_name, versions, Cluster};
 
 /// Generator features the daemon still diverges on (known open): generated only with
 /// `KVSZ_DIFF_ALL=1` and by the time-boxed run, so the fixed seeds stay green. Delete a
@@ -69,7 +69,8 @@ pub enum Feature {
     HistoryFilterReinsert,
     /// Faults while the workload runs (#20): the daemon SIGKILLed or stopped gracefully
     /// and started again, the source's walsender or the daemon's destination sessions
-    /// terminated; the oracle still demands every change exactly once.
+    /// terminated, the destination restarted; the oracle still demands every change
+    /// exactly once.
     Faults,
     /// Append: a key change onto a key the target kept (deleted or truncated on the
     /// source): the UPDATE is rejected as a duplicate key, or with an unchanged TOAST
@@ -471,6 +472,8 @@ pub enum Fault {
     Walsender,
     /// The daemon's destination sessions (writers included) terminated.
     Destination,
+    /// The destination server restarted (the case's own: see [`case_destination`]).
+    Restart,
 }
 
 impl Fault {
@@ -492,6 +495,7 @@ impl Fault {
                     Fault::Stop,
                     Fault::Walsender,
                     Fault::Destination,
+                    Fault::Restart,
                 ]);
                 (delay, fault)
             })
@@ -1651,6 +1655,22 @@ fn show_stamp(us: i64) -> String {
     }
 }
 
+/// The destination of this test thread's cases: a cluster of its own, so that a restart
+/// fault never hits a case another test runs at the same time. Left running (the exit
+/// hook stops it).
+fn case_destination() -> &'static Cluster {
+    static BY_THREAD: std::sync::Mutex<Vec<(thread::ThreadId, &'static Cluster)>> =
+        std::sync::Mutex::new(Vec::new());
+    let me = thread::current().id();
+    let mut all = BY_THREAD.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = all.iter().find(|(t, _)| *t == me) {
+        return c;
+    }
+    let c: &'static Cluster = Box::leak(Box::new(super::private_destination()));
+    all.push((me, c));
+    c
+}
+
 /// Injects `faults`, each after its delay; the daemon is running again at the end.
 fn inject_faults(
     faults: &[(Duration, Fault)],
@@ -1687,6 +1707,7 @@ fn inject_faults(
                     );
                 }
             }
+            Fault::Restart => dest.restart(),
             Fault::Destination => {
                 dest.query(
                     "postgres",
@@ -2073,7 +2094,7 @@ pub fn run_case(seed: u64, features: Features, keep: &Keep) -> Outcome {
     let mut case = Case::generate(seed, features);
     keep.apply(&mut case);
     let src = source(case.version);
-    let dest = destination();
+    let dest = case_destination();
     let family = unique_name(&format!("df{}", seed % 1000));
     let n_dbs = case.sids().len();
     let dbs: Vec<String> = (0..n_dbs)
