@@ -17,13 +17,17 @@ const SOURCE: &str = "SET ROLE kuvasz; \
     CREATE TABLE events (n int, batch int, v text); \
     CREATE TABLE fullrows (n int, v text); ALTER TABLE fullrows REPLICA IDENTITY FULL; \
     CREATE TABLE hist (id int PRIMARY KEY, v int); \
-    INSERT INTO hist SELECT g, 0 FROM generate_series(1, 20) g";
+    INSERT INTO hist SELECT g, 0 FROM generate_series(1, 20) g; \
+    CREATE TABLE moves (id int PRIMARY KEY, doc text); \
+    ALTER TABLE moves ALTER doc SET STORAGE EXTERNAL; \
+    INSERT INTO moves SELECT g, repeat(md5(g::text), 100) FROM generate_series(1, 20) g";
 
 const TARGET: &str = "SET ROLE kuvasz; \
     CREATE TABLE events (n int, batch int, v text); \
     CREATE TABLE fullrows (n int, v text); \
     CREATE TABLE hist (id int, v int, kvsz_start timestamptz, kvsz_end timestamptz, \
-                       kvsz_deleted boolean)";
+                       kvsz_deleted boolean); \
+    CREATE TABLE moves (id int PRIMARY KEY, doc text)";
 
 /// Rows of `sql` on both sides, once the slot has confirmed everything.
 fn same(src: &support::Cluster, db: &str, dest: &support::Cluster, ddb: &str, sql: &str) {
@@ -40,7 +44,8 @@ fn same(src: &support::Cluster, db: &str, dest: &support::Cluster, ddb: &str, sq
 
 /// Four SIGKILLs and two graceful stops (SIGTERM), each once the target has grown since
 /// the last start, while a session commits 50-row inserts into a key-less and a FULL
-/// table and updates history rows.
+/// table, updates history rows, and moves a row whose TOASTed value stays unchanged to
+/// a new key while a new row takes its old one (a move replayed would take that row).
 fn kills_under_load(version: u32) {
     let src = source(version);
     let dest = destination();
@@ -51,7 +56,8 @@ fn kills_under_load(version: u32) {
     dest.execute(&ddb, TARGET);
     let map = format!(
         "[[source]]\ndatabase = \"{family}\"\nurls = [ {{ url = \"{}\", sid = \"s\" }} ]\n\
-         [source.tables]\nevents = {{}}\nfullrows = {{}}\nhist = {{ type = \"history\" }}\n",
+         [source.tables]\nevents = {{}}\nfullrows = {{}}\nhist = {{ type = \"history\" }}\n\
+         moves = {{}}\n",
         src.url(&db)
     );
     let mut daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 2"]);
@@ -70,10 +76,12 @@ fn kills_under_load(version: u32) {
                         "BEGIN; \
                          INSERT INTO events SELECT g, {i}, 'e' FROM generate_series(1, 50) g; \
                          INSERT INTO fullrows SELECT g % 10, 'f{}' FROM generate_series(1, 50) g; \
-                         UPDATE hist SET v = v + 1 WHERE id = {}; \
+                         UPDATE hist SET v = v + 1 WHERE id = {k}; \
+                         UPDATE moves SET id = -{i} WHERE id = {k}; \
+                         INSERT INTO moves VALUES ({k}, repeat(md5('{i}'), 100)); \
                          COMMIT",
                         i % 7,
-                        1 + i % 20
+                        k = 1 + i % 20
                     ))
                     .expect("workload");
             }
@@ -129,6 +137,14 @@ fn kills_under_load(version: u32) {
         dest,
         &ddb,
         "SELECT n, v, count(*) FROM fullrows GROUP BY n, v ORDER BY n, v",
+    );
+    // Each move once: every row at its key with its own value.
+    same(
+        src,
+        &db,
+        dest,
+        &ddb,
+        "SELECT id, md5(doc) FROM moves ORDER BY id",
     );
     // One version per update of each key, the current one with the source's value.
     let versions = dest.query(
