@@ -259,8 +259,8 @@ fn held_row_before_a_truncate(version: u32) {
         src.url(&db)
     );
     let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 3"]);
-    daemon.wait_streaming(1);
     let slot = format!("kuvasz_{family}_s");
+    support::wait_slot_active(src, &db, &slot);
     let walsender = || {
         src.query(
             &db,
@@ -519,7 +519,7 @@ fn progress_of_the_release_before_is_rekeyed() {
         src.url(&db)
     );
     let daemon = Daemon::start(&dest.url(&ddb), &map, &["num_workers = 2"]);
-    daemon.wait_streaming(1);
+    support::wait_slot_active(src, &db, &format!("kuvasz_{family}_a"));
     src.execute(&db, "INSERT INTO events VALUES (1, 1, 'x')");
     wait_confirmed(src, &db, &format!("kuvasz_{family}_a"));
     let key = "SELECT string_agg(a.attname, ', ' ORDER BY k.n) FROM pg_constraint c \

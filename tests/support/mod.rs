@@ -570,6 +570,25 @@ pub fn wait_confirmed(src: &Cluster, db: &str, slot: &str) {
     );
 }
 
+/// Waits until slot `slot` is being streamed (a walsender holds it): the initial copy
+/// is over, and what commits from now on reaches the daemon through the stream.
+pub fn wait_slot_active(src: &Cluster, db: &str, slot: &str) {
+    wait_for(
+        &format!("slot {slot} streamed"),
+        Duration::from_secs(60),
+        || {
+            let r = src.query(
+                db,
+                &format!(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = {}",
+                    literal(slot)
+                ),
+            );
+            (r.first().and_then(|r| r[0].as_deref()) == Some("t")).then_some(())
+        },
+    );
+}
+
 /// Rows of a query, every value in PostgreSQL's text form.
 pub type Rows = Vec<Vec<Option<String>>>;
 
