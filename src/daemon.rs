@@ -13,10 +13,11 @@ use log::{error, info, warn};
 
 use crate::apply::writer::RejectPolicy;
 use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
+use crate::fault::{self, Class, Side};
 use crate::pg::describe;
 use crate::pg::pool::DestSessions;
 use crate::source::{self, SourceEnv, SourceSpec, StopFlag};
-use crate::status::{ErrorClass, State, Status};
+use crate::status::{State, Status};
 
 /// Settings the supervisor needs, taken from the service configuration.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub struct DaemonSettings {
     pub on_error: RejectPolicy,
     pub sync_rate: f64,
     pub sync_burst: u64,
+    /// See [`crate::config::AppConfig::wal_receiver_timeout`].
+    pub wal_receiver_timeout: Duration,
     /// What the HTTP endpoints report (one entry per source, in source id order).
     pub status: Arc<Status>,
     /// Reads configuration and map again (SIGHUP): the sources they now name.
@@ -58,12 +61,15 @@ impl Signals {
 }
 
 enum Event {
-    Source(usize, Result<(), (ErrorClass, String)>),
+    Source(usize, Result<(), (Class, String)>),
     /// The slot and publications of a source removed by a reload are dropped (or the
     /// attempt was given up and logged).
     Retired(usize, Option<usize>),
-    Writer(usize, Result<(), String>),
+    Writer(usize, Result<(), (Class, String)>),
 }
+
+/// Why the writer pool stopped: everything starts again after the class's backoff.
+type PoolFailure = (Class, String);
 
 /// Capped exponential backoff with a little jitter, so many sources failing together do
 /// not reconnect in lockstep.
@@ -75,21 +81,24 @@ enum Event {
 /// source's drain.
 const STOP_GRACE: Duration = Duration::from_secs(9);
 
+/// The wait before a failed thing is tried again, by the policy of its failure's class
+/// ([`Class::policy`]): doubling from the class's minimum to its maximum.
 struct Backoff {
-    next: Duration,
+    next: Option<Duration>,
 }
 
 impl Backoff {
-    const MIN: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(60);
-
     fn new() -> Backoff {
-        Backoff { next: Self::MIN }
+        Backoff { next: None }
     }
 
-    fn step(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+    fn step(&mut self, class: Class) -> Duration {
+        let p = class.policy();
+        let d = self
+            .next
+            .unwrap_or(p.backoff_min)
+            .clamp(p.backoff_min, p.backoff_max);
+        self.next = Some((d * 2).min(p.backoff_max));
         let jitter = Duration::from_millis(u64::from(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -100,7 +109,7 @@ impl Backoff {
     }
 
     fn reset(&mut self) {
-        self.next = Self::MIN;
+        self.next = None;
     }
 }
 
@@ -113,20 +122,23 @@ fn sleep_unless(term: &AtomicBool, d: Duration) {
 }
 
 /// Creates the daemon's own destination tables when missing.
-fn prepare_destination(s: &DaemonSettings) -> Result<(), String> {
+fn prepare_destination(s: &DaemonSettings) -> Result<(), PoolFailure> {
+    let class = |e: &postgres::Error| fault::classify_sql(e, Side::Destination);
     let mut client = s.dest.sql().map_err(|e| {
-        format!(
+        let m = format!(
             "connect to destination {}: {}",
             s.dest.redacted(),
             describe(&e)
-        )
+        );
+        (class(&e), m)
     })?;
     let sql = crate::store::create_sql(&s.dest_schema, s.on_error == RejectPolicy::Deadletter);
     client.batch_execute(&sql).map_err(|e| {
-        format!(
+        let m = format!(
             "create the daemon's tables on the destination: {}",
             describe(&e)
-        )
+        );
+        (class(&e), m)
     })
 }
 
@@ -137,8 +149,9 @@ struct SourceSlot {
     started: Instant,
     restart_at: Option<Instant>,
     backoff: Backoff,
-    /// Why the supervisor stopped it (a rejected row), reported when its thread ends.
-    failure: Option<String>,
+    /// Why the supervisor stopped it (a rejected row, its target's definition), reported
+    /// when its thread ends.
+    failure: Option<(Class, String)>,
     /// What a reload asked of it, done once its thread has ended.
     plan: Plan,
 }
@@ -194,9 +207,9 @@ pub fn run(
         if signals.term.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if let Err(e) = prepare_destination(settings) {
-            destination_down(settings, &e);
-            let d = pool_backoff.step();
+        if let Err((class, e)) = prepare_destination(settings) {
+            destination_down(settings, class, &e);
+            let d = pool_backoff.step(class);
             error!("{e}; retrying in {:.0?}", d);
             sleep_unless(&signals.term, d);
             continue;
@@ -216,13 +229,13 @@ pub fn run(
         let started = Instant::now();
         match generation(settings, &mut fleet, signals) {
             Ok(()) => return Ok(()),
-            Err(e) => {
+            Err((class, e)) => {
                 // A pool that ran for a while failed afresh: start the backoff over.
                 if started.elapsed() > Duration::from_secs(120) {
                     pool_backoff.reset();
                 }
-                destination_down(settings, &e);
-                let d = pool_backoff.step();
+                destination_down(settings, class, &e);
+                let d = pool_backoff.step(class);
                 error!("{e}; restarting all sources and writers in {:.0?}", d);
                 sleep_unless(&signals.term, d);
             }
@@ -230,13 +243,12 @@ pub fn run(
     }
 }
 
-/// The destination failed: every source waits for it (and says so) until it returns.
-fn destination_down(settings: &DaemonSettings, e: &str) {
+/// The writer pool failed: every source waits for it (and says so) until a writer
+/// applies again.
+fn destination_down(settings: &DaemonSettings, class: Class, e: &str) {
+    settings.status.pool_failed(class, e);
     for s in settings.status.live() {
-        s.failed(
-            ErrorClass::Transient,
-            &format!("waiting for the destination: {e}"),
-        );
+        s.failed(class, &format!("waiting for the writer pool: {e}"));
     }
 }
 
@@ -254,7 +266,7 @@ fn spawn_source(slot: &mut SourceSpecSlotArgs, events: &Sender<Event>) {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err((e.class(), e.to_string())),
                 Err(_) => Err((
-                    ErrorClass::Transient,
+                    Class::Bug,
                     format!("source {}: thread panicked", spec.label()),
                 )),
             };
@@ -265,7 +277,7 @@ fn spawn_source(slot: &mut SourceSpecSlotArgs, events: &Sender<Event>) {
         Err(e) => {
             let _ = events.send(Event::Source(
                 id,
-                Err((ErrorClass::Transient, format!("cannot start thread: {e}"))),
+                Err((Class::Transient, format!("cannot start thread: {e}"))),
             ));
         }
     }
@@ -284,13 +296,13 @@ fn generation(
     settings: &DaemonSettings,
     fleet: &mut Fleet,
     signals: &Signals,
-) -> Result<(), String> {
+) -> Result<(), PoolFailure> {
     let n = settings.num_workers.max(1);
     let progress = Arc::new(Progress::new(fleet.specs.len(), n));
     let sessions = Arc::new(DestSessions::new(&settings.dest));
     let inflight = Arc::new(Inflight::new(n));
     let (events_tx, events) = unbounded::<Event>();
-    let (rejections_tx, rejections) = unbounded::<(usize, String)>();
+    let (rejections_tx, rejections) = unbounded::<(usize, Class, String)>();
     let mut writer_txs = Vec::new();
     let mut writers = Vec::new();
     for i in 0..n {
@@ -319,8 +331,8 @@ fn generation(
                 }));
                 let r = match r {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("writer {i}: thread panicked")),
+                    Ok(Err(e)) => Err((e.class(), e.to_string())),
+                    Err(_) => Err((Class::Bug, format!("writer {i}: thread panicked"))),
                 };
                 let failed = r.is_err();
                 let _ = etx.send(Event::Writer(i, r));
@@ -328,7 +340,7 @@ fn generation(
                     for _ in leftover.iter() {}
                 }
             })
-            .map_err(|e| format!("cannot start writer thread: {e}"))?;
+            .map_err(|e| (Class::Transient, format!("cannot start writer thread: {e}")))?;
         writers.push(Some(h));
     }
     let router = Router::new(writer_txs.clone(), inflight.clone());
@@ -370,7 +382,7 @@ fn generation(
                     if !stopping {
                         let why = match (r, slot.failure.take()) {
                             // Logged by the writer that refused the row.
-                            (_, Some(rejected)) => (ErrorClass::RejectedRow, rejected),
+                            (_, Some(held)) => held,
                             (Err((class, e)), None) => {
                                 error!("{e}");
                                 (class, e)
@@ -379,7 +391,7 @@ fn generation(
                                 let e =
                                     format!("source {}: stopped unexpectedly", slot.spec.label());
                                 warn!("{e}");
-                                (ErrorClass::Transient, e)
+                                (Class::Transient, e)
                             }
                         };
                         if let Some(s) = status {
@@ -388,8 +400,13 @@ fn generation(
                         if slot.started.elapsed() > Duration::from_secs(120) {
                             slot.backoff.reset();
                         }
-                        let d = slot.backoff.step();
-                        info!("source {}: restarting in {:.0?}", slot.spec.label(), d);
+                        let d = slot.backoff.step(why.0);
+                        info!(
+                            "source {}: restarting in {:.0?} ({})",
+                            slot.spec.label(),
+                            d,
+                            why.0.policy().reason
+                        );
                         slot.restart_at = Some(Instant::now() + d);
                     } else {
                         if let Err((_, e)) = r {
@@ -407,7 +424,7 @@ fn generation(
                 if !stopping || r.is_err() {
                     break Err(match r {
                         Err(e) => e,
-                        Ok(()) => format!("writer {i} stopped unexpectedly"),
+                        Ok(()) => (Class::Bug, format!("writer {i} stopped unexpectedly")),
                     });
                 }
             }
@@ -420,17 +437,19 @@ fn generation(
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break Err("event channel closed".into()),
+            Err(RecvTimeoutError::Disconnected) => {
+                break Err((Class::Bug, "event channel closed".into()))
+            }
         }
         // A source whose row the destination refused (on_error = stop) stops alone and
         // is started again after its backoff; the others stream on.
-        while let Ok((id, report)) = rejections.try_recv() {
+        while let Ok((id, class, report)) = rejections.try_recv() {
             if let Some(slot) = slots.get_mut(id) {
                 if let Some(s) = settings.status.source(id) {
-                    s.failed(ErrorClass::RejectedRow, &report);
+                    s.failed(class, &report);
                 }
                 if slot.handle.is_some() && slot.failure.is_none() {
-                    slot.failure = Some(report);
+                    slot.failure = Some((class, report));
                     slot.stop.abort();
                 }
             }
@@ -520,6 +539,7 @@ fn source_env(ctx: &Ctx<'_>, id: usize, router: &Router, stop: &Arc<StopFlag>) -
         stop: stop.clone(),
         sync_rate: settings.sync_rate,
         sync_burst: settings.sync_burst,
+        wal_receiver_timeout: settings.wal_receiver_timeout,
         on_error: settings.on_error,
         status: settings
             .status

@@ -12,6 +12,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod expr;
+pub mod fault;
 pub mod http;
 pub mod log_context;
 pub mod memory;

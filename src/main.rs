@@ -313,6 +313,7 @@ fn settings(l: &Loaded, status: Arc<Status>, reload: daemon::Reload) -> DaemonSe
         },
         sync_rate: l.config.app.sync_rate,
         sync_burst: l.config.app.sync_burst,
+        wal_receiver_timeout: l.config.app.wal_receiver_timeout,
         status,
         reload: Some(reload),
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 
 use crate::change::Op;
+use crate::fault::Class;
 use crate::pg::Lsn;
 
 /// Milliseconds since the Unix epoch, now.
@@ -26,31 +27,6 @@ pub fn now_ms() -> i64 {
 /// A pgoutput commit time (µs since 2000-01-01) as Unix milliseconds.
 pub fn pg_time_ms(pg_micros: i64) -> i64 {
     pg_micros / 1000 + 946_684_800_000
-}
-
-/// What kind of failure stopped a source: every kind is retried with backoff, the
-/// kind tells an operator where to look.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// A server unreachable or a connection lost: it passes by itself.
-    Transient,
-    /// The destination (or an expression) refused a row, and `on_error = stop`.
-    RejectedRow,
-    /// A server lacks a setting, privilege or object the daemon needs.
-    Prerequisite,
-    /// The map and the schemas disagree (a target table or column).
-    Configuration,
-}
-
-impl ErrorClass {
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorClass::Transient => "transient",
-            ErrorClass::RejectedRow => "rejected_row",
-            ErrorClass::Prerequisite => "prerequisite",
-            ErrorClass::Configuration => "configuration",
-        }
-    }
 }
 
 /// Where a source is in its life.
@@ -195,14 +171,20 @@ pub struct SourceStatus {
     confirmed: AtomicU64,
     /// Commit time of the oldest received, unconfirmed transaction (0: none).
     oldest_unconfirmed_ms: AtomicI64,
-    /// Last message from the source's server.
+    /// Last standby status sent to the source's server.
     heartbeat_ms: AtomicI64,
+    /// Last message heard from the source's server while streaming (0: not streaming),
+    /// and how long a silence means a dead connection (`app.wal_receiver_timeout`).
+    heard_ms: AtomicI64,
+    silence_limit_ms: AtomicI64,
     pub transactions: AtomicU64,
     pub changes: AtomicU64,
     rejected: AtomicU64,
     commits: Mutex<VecDeque<(Lsn, i64)>>,
     tables: Mutex<Vec<(String, Arc<TableCounters>)>>,
-    last_error: Mutex<Option<(i64, ErrorClass, String)>>,
+    last_error: Mutex<Option<(i64, Class, String)>>,
+    /// Failures by class (index in [`Class::ALL`]).
+    failures: [AtomicU64; Class::ALL.len()],
     last_rejected: Mutex<Option<RejectedRow>>,
     /// Lag samples for the page's sparkline: (Unix ms, lag seconds).
     lag_history: Mutex<VecDeque<(i64, f64)>>,
@@ -225,12 +207,15 @@ impl SourceStatus {
             confirmed: AtomicU64::new(0),
             oldest_unconfirmed_ms: AtomicI64::new(0),
             heartbeat_ms: AtomicI64::new(0),
+            heard_ms: AtomicI64::new(0),
+            silence_limit_ms: AtomicI64::new(0),
             transactions: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             commits: Mutex::new(VecDeque::new()),
             tables: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
+            failures: Default::default(),
             last_rejected: Mutex::new(None),
             lag_history: Mutex::new(VecDeque::new()),
         }
@@ -256,16 +241,42 @@ impl SourceStatus {
         }
         if s == State::Streaming {
             *self.last_error.lock() = None;
+        } else {
+            self.heard_ms.store(0, Ordering::Relaxed);
         }
     }
 
+    /// The stream heard from the server now; silence past `limit` means it is gone.
+    pub fn heard_from_server(&self, limit: Duration) {
+        self.heard_ms.store(now_ms(), Ordering::Relaxed);
+        self.silence_limit_ms
+            .store(limit.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    /// How long a streaming source has heard nothing from its server, when that is past
+    /// its limit: (silent for, limit), in milliseconds.
+    fn silent(&self, now_ms: i64) -> Option<(i64, i64)> {
+        let heard = self.heard_ms.load(Ordering::Relaxed);
+        let limit = self.silence_limit_ms.load(Ordering::Relaxed);
+        let quiet = now_ms - heard;
+        (self.state() == State::Streaming && heard > 0 && limit > 0 && quiet > limit)
+            .then_some((quiet, limit))
+    }
+
     /// The source failed with `message` and will be retried.
-    pub fn failed(&self, class: ErrorClass, message: &str) {
+    pub fn failed(&self, class: Class, message: &str) {
         self.set_state(State::Retrying);
         // Reported under the source's name already: without the repeated prefix.
         let prefix = format!("source {}: ", self.label());
         let message = message.strip_prefix(&prefix).unwrap_or(message);
         *self.last_error.lock() = Some((now_ms(), class, message.to_string()));
+        if let Some(n) = Class::ALL
+            .iter()
+            .position(|c| *c == class)
+            .and_then(|i| self.failures.get(i))
+        {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The counters of source table `name` (`schema.table`), made at first use.
@@ -507,6 +518,10 @@ pub struct Status {
     pub writers: Vec<WriterStatus>,
     /// Anomalies by target table and kind (rare: a lock is fine).
     anomalies: Mutex<std::collections::BTreeMap<(String, Anomaly), u64>>,
+    /// Why the writer pool cannot apply (a full disk, the destination down), until a
+    /// writer commits again; `pool_faulted` lets the hot path skip the lock.
+    pool_fault: Mutex<Option<(i64, Class, String)>>,
+    pool_faulted: AtomicBool,
 }
 
 impl Status {
@@ -526,6 +541,21 @@ impl Status {
                 .map(|_| WriterStatus::default())
                 .collect(),
             anomalies: Mutex::new(std::collections::BTreeMap::new()),
+            pool_fault: Mutex::new(None),
+            pool_faulted: AtomicBool::new(false),
+        }
+    }
+
+    /// The writer pool failed with `message`: every source waits for it.
+    pub fn pool_failed(&self, class: Class, message: &str) {
+        *self.pool_fault.lock() = Some((now_ms(), class, message.to_string()));
+        self.pool_faulted.store(true, Ordering::Release);
+    }
+
+    /// A writer applied something, or has nothing to apply: the pool's fault is over.
+    pub fn pool_ok(&self) {
+        if self.pool_faulted.swap(false, Ordering::AcqRel) {
+            *self.pool_fault.lock() = None;
         }
     }
 
@@ -560,20 +590,35 @@ impl Status {
             .or_default() += n as u64;
     }
 
-    /// Why the daemon is not ready (empty: every source streams).
+    /// Why the daemon is not ready (empty: every source streams and hears from its
+    /// server, and the writers apply).
     pub fn not_ready(&self) -> Vec<String> {
-        self.live()
-            .iter()
-            .filter(|s| s.state() != State::Streaming)
-            .map(|s| {
-                let mut r = format!("source {} is {}", s.label(), s.state().name());
-                if let Some((_, _, e)) = s.last_error.lock().as_ref() {
-                    r.push_str(": ");
-                    r.push_str(e);
-                }
-                r
-            })
-            .collect()
+        let now = now_ms();
+        let mut reasons = Vec::new();
+        if let Some((_, class, e)) = self.pool_fault.lock().as_ref() {
+            reasons.push(format!("{}: {e}", class.policy().reason));
+        }
+        for s in self.live() {
+            if let Some((quiet, limit)) = s.silent(now) {
+                reasons.push(format!(
+                    "source {} has heard nothing from its server for {} s \
+                     (app.wal_receiver_timeout is {} s): the connection is presumed dead",
+                    s.label(),
+                    quiet / 1000,
+                    limit / 1000
+                ));
+                continue;
+            }
+            if s.state() == State::Streaming {
+                continue;
+            }
+            let mut r = format!("source {} is {}", s.label(), s.state().name());
+            if let Some((_, class, e)) = s.last_error.lock().as_ref() {
+                r.push_str(&format!(" ({}): {e}", class.policy().reason));
+            }
+            reasons.push(r);
+        }
+        reasons
     }
 
     /// `/readyz`'s body: `{"ready":…,"reasons":[…]}`.
@@ -593,13 +638,22 @@ impl Status {
         let _ = write!(
             o,
             "{{\"name\":{},\"version\":{},\"started\":{},\"uptime_seconds\":{},\"destination\":{},\
-             \"ready\":{},\"sources\":[",
+             \"ready\":{},\"destination_error\":{},\"sources\":[",
             json_string(&self.name),
             json_string(self.version),
             json_time(self.started_ms),
             (now_ms - self.started_ms).max(0) / 1000,
             json_string(&self.destination),
-            self.not_ready().is_empty()
+            self.not_ready().is_empty(),
+            match self.pool_fault.lock().as_ref() {
+                Some((at, class, e)) => format!(
+                    "{{\"at\":{},\"class\":\"{}\",\"message\":{}}}",
+                    json_time(*at),
+                    class.name(),
+                    json_string(e)
+                ),
+                None => "null".to_string(),
+            }
         );
         for (i, s) in self.live().iter().enumerate() {
             s.sample_lag(now_ms);
@@ -842,6 +896,34 @@ impl Status {
         }
         help(
             &mut o,
+            "kuvasz_source_failures_total",
+            "counter",
+            "Times a source stopped and waited to be tried again, by the failure's class.",
+        );
+        for s in &live {
+            for (class, n) in Class::ALL.iter().zip(&s.failures) {
+                let _ = writeln!(
+                    o,
+                    "kuvasz_source_failures_total{{{},class=\"{}\"}} {}",
+                    src_labels(s),
+                    class.name(),
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        help(
+            &mut o,
+            "kuvasz_destination_available",
+            "gauge",
+            "1 while the writers can apply, 0 while the destination stops them (down, disk full).",
+        );
+        let _ = writeln!(
+            o,
+            "kuvasz_destination_available {}",
+            u8::from(!self.pool_faulted.load(Ordering::Acquire))
+        );
+        help(
+            &mut o,
             "kuvasz_anomalies_total",
             "counter",
             "Changes the destination did not expect, applied anyway: by target table and kind.",
@@ -1032,13 +1114,64 @@ mod tests {
         );
         st.source(0)
             .expect("source")
-            .failed(ErrorClass::Transient, "source shop/eu\"1: connect: refused");
+            .failed(Class::Transient, "source shop/eu\"1: connect: refused");
         assert_eq!(
             st.not_ready(),
-            vec!["source shop/eu\"1 is retrying: connect: refused".to_string()]
+            vec![
+                "source shop/eu\"1 is retrying (retrying after a transient failure): connect: refused"
+                    .to_string()
+            ]
         );
         st.source(0).expect("source").set_state(State::Streaming);
         assert_eq!(st.readiness_json(), "{\"ready\":true,\"reasons\":[]}\n");
+    }
+
+    #[test]
+    fn readiness_names_a_pool_fault_until_a_writer_applies() {
+        let st = one_source();
+        st.source(0).expect("source").set_state(State::Streaming);
+        st.pool_failed(
+            Class::DestinationUnavailable,
+            "writer 0: destination: could not extend file (SQLSTATE 53100)",
+        );
+        assert_eq!(
+            st.not_ready(),
+            vec![
+                "waiting for the destination: writer 0: destination: could not extend file \
+                 (SQLSTATE 53100)"
+                    .to_string()
+            ]
+        );
+        assert!(st
+            .to_json(now_ms())
+            .contains("\"destination_error\":{\"at\":"));
+        st.pool_ok();
+        assert!(st.not_ready().is_empty());
+        assert!(st.to_json(now_ms()).contains("\"destination_error\":null"));
+    }
+
+    #[test]
+    fn readiness_names_a_silent_source() {
+        let st = one_source();
+        let s = st.source(0).expect("source");
+        s.set_state(State::Streaming);
+        s.heard_from_server(Duration::from_secs(5));
+        assert!(st.not_ready().is_empty());
+        s.heard_ms.store(now_ms() - 7_500, Ordering::Relaxed);
+        assert_eq!(
+            st.not_ready(),
+            vec![
+                "source shop/eu\"1 has heard nothing from its server for 7 s \
+                 (app.wal_receiver_timeout is 5 s): the connection is presumed dead"
+                    .to_string()
+            ]
+        );
+        // A source that stopped streaming is reported by its state, not its silence.
+        s.set_state(State::Retrying);
+        assert_eq!(
+            st.not_ready(),
+            vec!["source shop/eu\"1 is retrying".to_string()]
+        );
     }
 
     #[test]
@@ -1058,6 +1191,8 @@ mod tests {
             "streamer_sync_total_bytes{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\"} 100",
             "streamer_jobs_total{channel=\"writer-1\"} 5",
             "kuvasz_source_state{database=\"shop\",sid=\"eu\\\"1\",state=\"starting\"} 1",
+            "kuvasz_source_failures_total{database=\"shop\",sid=\"eu\\\"1\",class=\"table_definition\"} 0",
+            "kuvasz_destination_available 1",
             "kuvasz_writer_batch_size_bucket{writer=\"1\",le=\"10\"} 1",
             "streamer_operations_seconds_bucket{writer=\"1\",le=\"0.005\"} 1",
             "streamer_operations_seconds_count{writer=\"1\"} 1",

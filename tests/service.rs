@@ -4,52 +4,14 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
 use support::daemon::Daemon;
 use support::{destination, source, unique_name, wait_for};
 
-/// The address the daemon logged it listens on (`server.address = 127.0.0.1:0`).
-fn http_address(d: &Daemon) -> String {
-    wait_for(
-        "the HTTP address in the log",
-        Duration::from_secs(30),
-        || {
-            let log = d.log();
-            let at = log.find("HTTP on http://")? + "HTTP on http://".len();
-            let rest = &log[at..];
-            Some(rest[..rest.find('/')?].to_string())
-        },
-    )
-}
-
-/// One request over a fresh connection: status code, headers (lower-cased names), body.
-fn request(addr: &str, method: &str, path: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the daemon's HTTP address");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read answer");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete answer");
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (code, head.to_ascii_lowercase(), body.to_string())
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let (code, _, body) = request(addr, "GET", path);
-    (code, body)
-}
+use support::http::{address as http_address, get, request};
 
 /// The metric line that starts with `prefix` (name and labels), its value.
 fn metric(body: &str, prefix: &str) -> Option<String> {
@@ -93,7 +55,7 @@ fn endpoints_while_a_source_is_down_and_after_it_returns() {
     assert_eq!(
         body,
         format!(
-            "{{\"ready\":false,\"reasons\":[\"source {family}/b is retrying: connect to {}: database \\\"{down}\\\" does not exist (SQLSTATE 3D000)\"]}}\n",
+            "{{\"ready\":false,\"reasons\":[\"source {family}/b is retrying (stopped by the configuration): connect to {}: database \\\"{down}\\\" does not exist (SQLSTATE 3D000)\"]}}\n",
             src.url(&down).replace("kuvasz:kuvasz@", "kuvasz:********@")
         ),
     );
@@ -642,11 +604,12 @@ fn rejected_row_stops_only_its_source() {
     // While a is held at its refused row, b streams on, untouched.
     let body = wait_for("a held at its row", Duration::from_secs(60), || {
         let (code, body) = get(&addr, "/readyz");
-        (code == 503 && body.contains("is retrying: writer")).then_some(body)
+        (code == 503 && body.contains("is retrying (held by a rejected row): writer"))
+            .then_some(body)
     });
     assert!(
         body.starts_with(&format!(
-            "{{\"ready\":false,\"reasons\":[\"source {family}/a is retrying: writer "
+            "{{\"ready\":false,\"reasons\":[\"source {family}/a is retrying (held by a rejected row): writer "
         )),
         "{body}"
     );
@@ -746,8 +709,15 @@ fn destination_outage_pauses_every_source_and_resumes() {
         let (code, body) = get(&addr, "/readyz");
         (code == 503 && body.contains("waiting for the destination")).then_some(body)
     });
+    // The pool's reason first, then each source waiting for it.
     assert!(
-        body.starts_with(&format!("{{\"ready\":false,\"reasons\":[\"source {db}/1 is retrying: waiting for the destination: ")),
+        body.starts_with("{\"ready\":false,\"reasons\":[\"waiting for the destination: "),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "\"source {db}/1 is retrying (waiting for the destination): "
+        )),
         "{body}"
     );
     assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_string()));

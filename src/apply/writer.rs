@@ -13,6 +13,7 @@ use log::{debug, error, info, warn};
 use postgres::Statement;
 
 use crate::change::{Change, Position, SourceId, TargetTable, Value};
+use crate::fault::{self, Class, Side};
 use crate::pg::quote::jsonb_object;
 use crate::pg::{describe, Lsn};
 use crate::store::{progress_sql, WriterProgress};
@@ -90,9 +91,9 @@ pub struct WriterSettings {
     pub pool_size: usize,
     /// Where commits and rejected rows are reported (see [`crate::status`]).
     pub status: Arc<Status>,
-    /// Sources stopped by a rejected row (`on_error = stop`), with the report, for the
-    /// supervisor to restart them.
-    pub rejections: Sender<(SourceId, String)>,
+    /// Sources held by a rejected row (`on_error = stop`) or by their target table's
+    /// definition, with the class and the report, for the supervisor to restart them.
+    pub rejections: Sender<(SourceId, Class, String)>,
 }
 
 #[derive(Debug)]
@@ -106,6 +107,9 @@ pub enum WriterError {
     Rejected(Box<Rejection>),
     /// A table of the batch has no staging table (a bug, reported rather than a panic).
     NoStage { writer: usize, table: String },
+    /// The session went out of step inside a transaction that cannot be given up
+    /// alone (see [`Writer::reconnect`]).
+    OutOfStep { writer: usize },
 }
 
 /// A change the destination refused, with everything an operator needs to find it.
@@ -130,6 +134,12 @@ impl fmt::Display for WriterError {
             WriterError::NoStage { writer, table } => {
                 write!(f, "writer {writer}: no staging table for {table}")
             }
+            WriterError::OutOfStep { writer } => {
+                write!(
+                    f,
+                    "writer {writer}: session out of step after a refused COPY"
+                )
+            }
             WriterError::Rejected(r) => write!(
                 f,
                 "writer {writer}: destination rejected {op} from source {source} (sid {sid}) \
@@ -149,20 +159,21 @@ impl fmt::Display for WriterError {
 
 impl std::error::Error for WriterError {}
 
-/// A statement error that is about the data (not the connection or the server's state).
-fn is_rejection(e: &postgres::Error) -> bool {
-    match e.as_db_error() {
-        None => false,
-        Some(db) => {
-            // Only errors about the row's data: 22 data exception, 23 integrity constraint,
-            // 21 cardinality, P0 raised by a trigger. Everything else (a dropped column, a
-            // revoked privilege, a lost connection) is about the destination, not the row:
-            // the pool restarts and retries rather than dead-lettering every row.
-            let code = db.code().code();
-            ["22", "23", "21", "P0"].iter().any(|c| code.starts_with(c))
+impl WriterError {
+    /// What kind of failure stopped the writer (see [`crate::fault`]).
+    pub fn class(&self) -> Class {
+        match self {
+            WriterError::Connection { error, .. } => fault::classify_sql(error, Side::Destination),
+            WriterError::Rejected(_) => Class::RejectedRow,
+            WriterError::NoStage { .. } => Class::Bug,
+            WriterError::OutOfStep { .. } => Class::Transient,
         }
     }
 }
+
+/// How long a restarted writer must be idle before the pool's fault (a full disk, say)
+/// is no longer reported: the sources restarted with it have routed their replay by then.
+const POOL_SETTLED: Duration = Duration::from_secs(5);
 
 pub struct Writer {
     id: usize,
@@ -185,6 +196,13 @@ pub struct Writer {
     stages: Vec<(Arc<TargetTable>, Stage)>,
     /// Stages written in the open transaction (to be emptied before they are reused).
     dirty: Vec<bool>,
+    /// A COPY failed before its data: the session is out of step (see
+    /// [`Writer::reconnect`]).
+    out_of_step: bool,
+    /// When this writer connected (see [`POOL_SETTLED`]).
+    born: Instant,
+    /// Targets of the batch whose stages could not be made, with the reason.
+    unstaged: Vec<(Arc<TargetTable>, String)>,
     /// Prepared statements by their text: the merge statements of each layout are
     /// planned once per connection, not once per batch.
     prepared: HashMap<String, Statement>,
@@ -218,18 +236,31 @@ enum Failure {
 
 /// What refused a set of entries.
 enum Refusal {
-    /// A statement's error (see [`is_rejection`]).
+    /// A statement's error about its rows or its target (see [`fault::statement_fault`]).
     Server(postgres::Error),
     /// An entry the batch itself knows cannot be applied (a partial update of a key it
     /// deleted before), with the reason.
     Incomplete(String),
+    /// The target's staging tables cannot be made from its definition, with the reason.
+    Unstaged(String),
 }
 
 impl Refusal {
     fn describe(&self) -> String {
         match self {
             Refusal::Server(e) => describe(e),
-            Refusal::Incomplete(m) => m.clone(),
+            Refusal::Incomplete(m) | Refusal::Unstaged(m) => m.clone(),
+        }
+    }
+
+    /// Whether the rows are at fault (the `on_error` policy applies), or their target
+    /// (the sources writing it are held, whatever the policy: nothing is parked that a
+    /// fixed table would take).
+    fn class(&self) -> Class {
+        match self {
+            Refusal::Server(e) => fault::statement_fault(e).unwrap_or(Class::RejectedRow),
+            Refusal::Incomplete(_) => Class::RejectedRow,
+            Refusal::Unstaged(_) => Class::TableDefinition,
         }
     }
 }
@@ -241,17 +272,7 @@ impl Writer {
         settings: WriterSettings,
         rx: Receiver<WriterMsg>,
     ) -> Result<Writer, WriterError> {
-        let conn = |error| WriterError::Connection { writer: id, error };
-        let mut client = settings.dest.destination().map_err(conn)?;
-        // Every statement joins a batch of keys to a possibly huge target: nested loops over
-        // the key index, never a hash join that scans the whole target per batch when the
-        // planner's statistics lag behind a fast-growing table.
-        client
-            .batch_execute(
-                "SET standard_conforming_strings = on; SET synchronous_commit = on; \
-                 SET enable_hashjoin = off; SET enable_mergejoin = off",
-            )
-            .map_err(conn)?;
+        let client = Self::session(id, &settings)?;
         Ok(Writer {
             id,
             client,
@@ -268,6 +289,9 @@ impl Writer {
             flushes: Vec::new(),
             stages: Vec::new(),
             dirty: Vec::new(),
+            unstaged: Vec::new(),
+            out_of_step: false,
+            born: Instant::now(),
             prepared: HashMap::new(),
             copy_buf: Vec::new(),
             trim_due: false,
@@ -275,6 +299,36 @@ impl Writer {
             held_at: Vec::new(),
             slots: Vec::new(),
         })
+    }
+
+    /// A destination session with the writers' settings.
+    fn session(id: usize, settings: &WriterSettings) -> Result<postgres::Client, WriterError> {
+        let conn = |error| WriterError::Connection { writer: id, error };
+        let mut client = settings.dest.destination().map_err(conn)?;
+        // Every statement joins a batch of keys to a possibly huge target: nested loops over
+        // the key index, never a hash join that scans the whole target per batch when the
+        // planner's statistics lag behind a fast-growing table.
+        client
+            .batch_execute(
+                "SET standard_conforming_strings = on; SET synchronous_commit = on; \
+                 SET enable_hashjoin = off; SET enable_mergejoin = off",
+            )
+            .map_err(conn)?;
+        Ok(client)
+    }
+
+    /// Replaces a session the client library left out of step: after a COPY the server
+    /// refused before any data (a privilege, a column missing), it still awaits an
+    /// answer the server already gave. What the session held (its open transaction,
+    /// prepared statements, staging tables) goes with it.
+    fn reconnect(&mut self) -> Result<(), WriterError> {
+        debug!("writer {}: opening a new session", self.id);
+        self.client = Self::session(self.id, &self.settings)?;
+        self.out_of_step = false;
+        self.prepared.clear();
+        self.stages.clear();
+        self.dirty.clear();
+        Ok(())
     }
 
     fn conn_err(&self) -> impl Fn(postgres::Error) -> WriterError {
@@ -318,6 +372,11 @@ impl Writer {
                     Err(RecvTimeoutError::Timeout) => {
                         if let Some(w) = self.settings.status.writers.get(self.id) {
                             w.queued.store(0, Ordering::Relaxed);
+                        }
+                        // Idle a while after (re)starting: nothing waits to be applied,
+                        // so whatever stopped the pool is not stopping anything now.
+                        if self.born.elapsed() >= POOL_SETTLED {
+                            self.settings.status.pool_ok();
                         }
                         if self.trim_due {
                             self.trim_due = false;
@@ -430,6 +489,7 @@ impl Writer {
             }
             self.held_at.clear();
             self.end_txn();
+            self.settings.status.pool_ok();
             if let Some(w) = self.settings.status.writers.get(self.id) {
                 w.committed(batch.changes, started.elapsed());
                 w.queued.store(self.rx.len() as u64, Ordering::Relaxed);
@@ -459,7 +519,7 @@ impl Writer {
     /// records it as done (a dead letter is applied, as far as replays go).
     fn reject_alone(&mut self, c: &Change, message: String) -> Result<(), WriterError> {
         self.begin()?;
-        self.reject(c, message)?;
+        self.reject(c, Class::RejectedRow, message)?;
         let held = self.held.get(c.source).copied().unwrap_or(false);
         let commit = match (held, self.progress_rows_sql(&[(c.source, c.pos.next())])) {
             (false, Some(p)) => format!("{p}; COMMIT"),
@@ -605,7 +665,7 @@ impl Writer {
                 }
                 Ok(true)
             }
-            Err(e) if is_rejection(&e) => {
+            Err(e) if fault::statement_fault(&e).is_some() => {
                 debug!(
                     "writer {}: small batch refused ({}); applying it the staged way",
                     self.id,
@@ -654,9 +714,15 @@ impl Writer {
                     self.id,
                     e.describe()
                 );
-                self.client
-                    .batch_execute("ROLLBACK")
-                    .map_err(self.conn_err())?;
+                if self.out_of_step {
+                    // The transaction ends with the session.
+                    self.reconnect()?;
+                    self.make_stages(batch)?;
+                } else {
+                    self.client
+                        .batch_execute("ROLLBACK")
+                        .map_err(self.conn_err())?;
+                }
                 self.end_txn();
                 self.apply_carefully(batch)
             }
@@ -713,6 +779,24 @@ impl Writer {
     /// Applies `entries` under a savepoint; on a rejection, halves the set until the
     /// offending entry is alone, applies the rest, and hands that entry to the policy.
     fn careful(&mut self, g: &Group, entries: &[Entry]) -> Result<(), WriterError> {
+        // A source held in this pass keeps none of its changes from its hold on: they
+        // are not tried (a table's problem would refuse each of them in turn).
+        let unheld: Vec<Entry>;
+        let entries = if self.held_at.is_empty() {
+            entries
+        } else {
+            unheld = entries
+                .iter()
+                .filter(|e| {
+                    !self
+                        .held_at
+                        .iter()
+                        .any(|&(src, at)| e.change.source == src && e.last >= at)
+                })
+                .cloned()
+                .collect();
+            &unheld
+        };
         if entries.is_empty() {
             return Ok(());
         }
@@ -725,12 +809,17 @@ impl Writer {
                 .batch_execute("RELEASE SAVEPOINT kvsz")
                 .map_err(self.conn_err()),
             Err(Failure::Fatal(e)) => Err(e),
+            // Careful passes copy into staging tables only, which take any row: should
+            // one still leave the session out of step, the pool starts again.
+            Err(Failure::Rejected(_)) if self.out_of_step => {
+                Err(WriterError::OutOfStep { writer: self.id })
+            }
             Err(Failure::Rejected(e)) => {
                 self.client
                     .batch_execute("ROLLBACK TO SAVEPOINT kvsz; RELEASE SAVEPOINT kvsz")
                     .map_err(self.conn_err())?;
                 if entries.len() == 1 {
-                    return self.reject(&entries[0].change, e.describe());
+                    return self.reject(&entries[0].change, e.class(), e.describe());
                 }
                 let (a, b) = entries.split_at(entries.len() / 2);
                 self.careful(g, a)?;
@@ -742,7 +831,7 @@ impl Writer {
     fn fail(&self) -> impl Fn(postgres::Error) -> Failure {
         let writer = self.id;
         move |e| {
-            if is_rejection(&e) {
+            if fault::statement_fault(&e).is_some() {
                 Failure::Rejected(Refusal::Server(e))
             } else {
                 Failure::Fatal(WriterError::Connection { writer, error: e })
@@ -751,8 +840,11 @@ impl Writer {
     }
 
     /// The stage of a layout, made when first needed (outside the batch's transaction:
-    /// a rolled back batch must not take it along).
+    /// a rolled back batch must not take it along). A target whose definition refuses it
+    /// (a missing column, a privilege) is noted in `unstaged`: its changes are refused
+    /// and their sources held, the rest of the batch goes on.
     fn make_stages(&mut self, batch: &Batch) -> Result<(), WriterError> {
+        self.unstaged.clear();
         for g in &batch.groups {
             if self.stage_of(&g.table).is_none() {
                 let stage = Stage::new(self.stages.len());
@@ -761,9 +853,21 @@ impl Writer {
                 } else {
                     sql::create_stage(&g.table, &stage)
                 };
-                self.client.batch_execute(&ddl).map_err(self.conn_err())?;
-                self.stages.push((g.table.clone(), stage));
-                self.dirty.push(false);
+                match self.client.batch_execute(&ddl) {
+                    Ok(()) => {
+                        self.stages.push((g.table.clone(), stage));
+                        self.dirty.push(false);
+                    }
+                    Err(e) if fault::statement_fault(&e).is_some() => {
+                        let why = format!(
+                            "cannot stage changes for {}: {}",
+                            g.table.display(),
+                            describe(&e)
+                        );
+                        self.unstaged.push((g.table.clone(), why));
+                    }
+                    Err(e) => return Err(self.conn_err()(e)),
+                }
             }
         }
         Ok(())
@@ -826,7 +930,9 @@ impl Writer {
             }
             total += rows;
             result = (|| {
-                let mut w = self.client.copy_in(&stmt)?;
+                let mut w = self.client.copy_in(&stmt).inspect_err(|_| {
+                    self.out_of_step = true;
+                })?;
                 // A write error surfaces again, with the server's reason, from finish().
                 let _ = w.write_all(&buf);
                 w.finish().map(|_| ())
@@ -949,6 +1055,9 @@ impl Writer {
             )));
         }
         let Some(id) = self.stage_of(table) else {
+            if let Some((_, why)) = self.unstaged.iter().find(|(t, _)| t.same_layout(table)) {
+                return Err(Failure::Rejected(Refusal::Unstaged(why.clone())));
+            }
             return Err(Failure::Fatal(WriterError::NoStage {
                 writer: self.id,
                 table: table.display(),
@@ -1070,7 +1179,9 @@ impl Writer {
         Ok(())
     }
 
-    fn reject(&mut self, c: &Change, message: String) -> Result<(), WriterError> {
+    /// Hands a refused change to the policy: a row at fault goes by `on_error`; a change
+    /// its target cannot take (`class` is not [`Class::RejectedRow`]) holds its source.
+    fn reject(&mut self, c: &Change, class: Class, message: String) -> Result<(), WriterError> {
         let status = self.settings.status.source(c.source);
         let label = SourceLabel {
             name: status
@@ -1089,7 +1200,11 @@ impl Writer {
                 message: message.clone(),
             });
         }
-        match self.settings.on_error {
+        let policy = match class {
+            Class::RejectedRow => self.settings.on_error,
+            _ => RejectPolicy::Stop,
+        };
+        match policy {
             RejectPolicy::Stop => {
                 // This source stops here, alone: nothing of it past this change is
                 // confirmed by this writer, its queued changes are dropped until it starts
@@ -1105,7 +1220,14 @@ impl Writer {
                     lsn: c.pos.commit_lsn,
                     message,
                 };
-                let report = WriterError::Rejected(Box::new(r)).to_string();
+                let mut report = WriterError::Rejected(Box::new(r)).to_string();
+                if class != Class::RejectedRow {
+                    report.push_str(&format!(
+                        " (a problem of the target table, class {}: the source is held until \
+                         the table is fixed, whatever app.on_error says)",
+                        class.name()
+                    ));
+                }
                 crate::log_context::with_source(&label.name, &label.sid, || error!("{report}"));
                 if self.held.len() <= c.source {
                     self.held.resize(c.source + 1, false);
@@ -1114,7 +1236,7 @@ impl Writer {
                 self.settings.progress.hold(c.source);
                 self.held_at.push((c.source, c.pos));
                 self.markers.retain(|(s, _)| *s != c.source);
-                let _ = self.settings.rejections.send((c.source, report));
+                let _ = self.settings.rejections.send((c.source, class, report));
                 Ok(())
             }
             RejectPolicy::Deadletter => {

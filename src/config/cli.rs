@@ -205,9 +205,9 @@ Usage:
 
   Without a command the daemon runs in the foreground and logs to stderr.
   check validates the configuration and the map, connects to the destination
-  and to every source, reports how each mapped table would be replicated, and
-  exits non-zero on any problem (in this version it does not yet check source
-  prerequisites such as wal_level).
+  and to every source, checks each source's prerequisites (wal_level,
+  replication privilege, slots and senders), reports how each mapped table would
+  be replicated, and exits non-zero on any problem.
   sequences sets each destination sequence of the same name as a sequence owned
   by a mapped table's column to the highest value of all source URLs, plus N
   (default 0), never lowering it: the last step of a switchover, after writes
@@ -245,6 +245,9 @@ Keys (default):
   app.sync_rate       initial-sync rows per second, all sources together (1e9)
   app.sync_burst      rows the initial sync may burst above that rate (1000)
   app.on_error        a row the destination rejects: stop or deadletter (stop)
+  app.wal_receiver_timeout
+                      seconds of silence from a source's server after which its
+                      connection is taken for dead and reconnected; 0: never (60)
 
 Exit status: 0 on success, 2 on a configuration or command-line error, 1 when
 check finds a problem or verify a difference.

@@ -80,6 +80,10 @@ pub struct AppConfig {
     /// Rows the sync may run ahead of `sync_rate`; at least 1.
     pub sync_burst: u64,
     pub on_error: OnError,
+    /// A source whose server sent nothing for this long (not even an answer to a
+    /// keepalive asking for one) is taken for dead and reconnected, as PostgreSQL's own
+    /// walreceiver does; zero turns the check off.
+    pub wal_receiver_timeout: Duration,
 }
 
 /// What to do with a row the destination rejects (SPEC §4).
@@ -138,6 +142,7 @@ impl Default for AppConfig {
             sync_rate: 1e9,
             sync_burst: 1000,
             on_error: OnError::Stop,
+            wal_receiver_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -158,6 +163,14 @@ impl fmt::Display for OnError {
             OnError::Deadletter => "deadletter",
         })
     }
+}
+
+/// A number of seconds that must not be negative.
+fn seconds(f: f64) -> Result<Duration, String> {
+    if f < 0.0 {
+        return Err(format!("must not be negative, found {f}"));
+    }
+    Duration::try_from_secs_f64(f).map_err(|_| format!("not a usable number of seconds: {f}"))
 }
 
 /// The type of a key's value.
@@ -184,6 +197,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("app.sync_rate", Kind::Float),
     ("app.sync_burst", Kind::Int),
     ("app.on_error", Kind::Str),
+    ("app.wal_receiver_timeout", Kind::Float),
 ];
 
 const SECTIONS: &[&str] = &["server", "logs", "database", "app"];
@@ -315,12 +329,9 @@ impl Config {
                     .filter(|&n| n >= 1)
                     .ok_or_else(|| format!("must be at least 1, found {i}"))?;
             }
-            ("app.commit_delay", Typed::Float(f)) => {
-                if f < 0.0 {
-                    return Err(format!("must not be negative, found {f}"));
-                }
-                self.app.commit_delay = Duration::try_from_secs_f64(f)
-                    .map_err(|_| format!("not a usable number of seconds: {f}"))?;
+            ("app.commit_delay", Typed::Float(f)) => self.app.commit_delay = seconds(f)?,
+            ("app.wal_receiver_timeout", Typed::Float(f)) => {
+                self.app.wal_receiver_timeout = seconds(f)?;
             }
             ("app.default_schema", Typed::Str(s)) => self.app.default_schema = non_empty(s)?,
             ("app.sync_rate", Typed::Float(f)) => {

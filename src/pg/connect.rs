@@ -64,7 +64,7 @@ impl Endpoint {
     /// A session that writes target tables (see [`session::prepare_destination`]).
     pub fn destination(&self) -> Result<Client, postgres::Error> {
         let mut client = self.sql()?;
-        session::prepare_destination(&mut client)?;
+        session::prepare_destination(&mut client, &self.info.tcp())?;
         Ok(client)
     }
 

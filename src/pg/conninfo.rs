@@ -237,6 +237,34 @@ impl ConnInfo {
     }
 
     /// The value of an entry of `options`.
+    /// How its TCP connections notice a dead peer: libpq's parameters from the URL, or
+    /// the daemon's defaults (see [`TcpOptions`]).
+    pub fn tcp(&self) -> TcpOptions {
+        let d = TcpOptions::default();
+        // Zero or less means the system's default in libpq; the daemon's is kept then.
+        let secs = |k: &str, or: Duration| match self.option(k).map(parse_secs) {
+            Some(Ok(Some(v))) => v,
+            _ => or,
+        };
+        TcpOptions {
+            keepalives: self
+                .option("keepalives")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_none_or(|n| n != 0),
+            idle: secs("keepalives_idle", d.idle),
+            interval: secs("keepalives_interval", d.interval),
+            count: self
+                .option("keepalives_count")
+                .or_else(|| self.option("keepalives_retries"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(d.count),
+            user_timeout: match self.option("tcp_user_timeout").map(parse_millis) {
+                Some(Ok(v)) => v,
+                _ => d.user_timeout,
+            },
+        }
+    }
+
     pub fn option(&self, key: &str) -> Option<&str> {
         self.options
             .iter()
@@ -316,6 +344,12 @@ impl ConnInfo {
         if let Some(t) = self.connect_timeout {
             cfg.connect_timeout(t);
         }
+        let tcp = self.tcp();
+        cfg.keepalives(tcp.keepalives)
+            .keepalives_idle(tcp.idle)
+            .keepalives_interval(tcp.interval)
+            .keepalives_retries(tcp.count)
+            .tcp_user_timeout(tcp.user_timeout);
         for (k, v) in &self.options {
             // Values were validated by `parse`; a hand-built ConnInfo with a bad value
             // just loses that option.
@@ -366,6 +400,62 @@ fn validate_option(key: &str, value: &str) -> Result<(), ConnInfoError> {
     })
 }
 
+/// TCP keepalives and user timeout of a connection. A partition drops packets without a
+/// FIN or RST: without these, a connection to a vanished peer waits for the kernel's
+/// retransmission timeout (about 15 minutes) while sending, and forever while idle. The
+/// defaults notice a dead peer within about a minute either way; a URL's libpq
+/// parameters (`keepalives`, `keepalives_idle`, `keepalives_interval`,
+/// `keepalives_count`, `tcp_user_timeout` in milliseconds) override them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub keepalives: bool,
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+    /// Longest that sent data may stay unacknowledged (zero: the kernel's default).
+    pub user_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> TcpOptions {
+        TcpOptions {
+            keepalives: true,
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            count: 3,
+            user_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl TcpOptions {
+    /// The server-side counterparts, for a session to set: a backend whose client
+    /// vanished in a partition then dies and releases its locks (see
+    /// [`super::session::prepare_destination`]). Values as the server takes them.
+    pub fn server_settings(&self) -> Vec<(&'static str, String)> {
+        let mut v = Vec::new();
+        if self.keepalives {
+            v.push(("tcp_keepalives_idle", self.idle.as_secs().to_string()));
+            v.push((
+                "tcp_keepalives_interval",
+                self.interval.as_secs().to_string(),
+            ));
+            v.push(("tcp_keepalives_count", self.count.to_string()));
+        }
+        v.push((
+            "tcp_user_timeout",
+            self.user_timeout.as_millis().to_string(),
+        ));
+        v
+    }
+}
+
+/// libpq's `tcp_user_timeout`: milliseconds, zero for the system default.
+fn parse_millis(value: &str) -> Result<Duration, ()> {
+    let n = value.trim().parse::<u64>().map_err(|_| ())?;
+    Ok(Duration::from_millis(n))
+}
+
 fn parse_secs(value: &str) -> Result<Option<Duration>, ()> {
     let n = value.trim().parse::<i64>().map_err(|_| ())?;
     Ok((n > 0).then(|| Duration::from_secs(n.unsigned_abs())))
@@ -401,9 +491,7 @@ fn apply_option(cfg: &mut postgres::Config, key: &str, value: &str) -> Result<()
             cfg.hostaddr(addr);
         }
         "tcp_user_timeout" => {
-            if let Some(d) = parse_secs(value)? {
-                cfg.tcp_user_timeout(d);
-            }
+            cfg.tcp_user_timeout(parse_millis(value)?);
         }
         "keepalives" => {
             let n = value.trim().parse::<u64>().map_err(|_| ())?;
@@ -741,6 +829,43 @@ mod tests {
         assert_eq!(
             c.options,
             vec![("sslmode".to_string(), "disable".to_string())]
+        );
+    }
+
+    #[test]
+    fn dead_peers_are_noticed_by_default_and_as_the_url_says() {
+        let d = parse("postgres://h/db").tcp();
+        assert_eq!(d, TcpOptions::default());
+        assert!(d.keepalives && d.user_timeout == Duration::from_secs(60));
+        let c = parse(
+            "postgres://h/db?keepalives_idle=2&keepalives_interval=1&keepalives_count=4&tcp_user_timeout=5000",
+        )
+        .tcp();
+        assert_eq!(
+            c,
+            TcpOptions {
+                keepalives: true,
+                idle: Duration::from_secs(2),
+                interval: Duration::from_secs(1),
+                count: 4,
+                // libpq's tcp_user_timeout is in milliseconds.
+                user_timeout: Duration::from_millis(5000),
+            }
+        );
+        assert!(!parse("postgres://h/db?keepalives=0").tcp().keepalives);
+        let cfg = parse("postgres://h/db?tcp_user_timeout=5000").to_postgres_config();
+        assert_eq!(
+            cfg.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(5000))
+        );
+        assert_eq!(
+            c.server_settings(),
+            vec![
+                ("tcp_keepalives_idle", "2".to_string()),
+                ("tcp_keepalives_interval", "1".to_string()),
+                ("tcp_keepalives_count", "4".to_string()),
+                ("tcp_user_timeout", "5000".to_string()),
+            ]
         );
     }
 

@@ -19,7 +19,7 @@ use postgres_protocol::authentication::sasl::{
 };
 use postgres_protocol::message::{backend, frontend};
 
-use super::conninfo::ConnInfo;
+use super::conninfo::{ConnInfo, TcpOptions};
 use super::tls::{self, ChannelBindingMode, TlsSetup};
 use super::Lsn;
 
@@ -1224,6 +1224,45 @@ fn negotiate_tls(
     Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))))
 }
 
+/// Keepalives and the user timeout on the walsender's socket (std has no setter for
+/// them; the SQL sessions get the same from `postgres::Config`).
+fn set_tcp_options(s: &TcpStream, tcp: &TcpOptions) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: a valid socket descriptor we own, and a pointer to an int of the size
+        // given, as setsockopt(2) requires.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        libc::c_int::from(tcp.keepalives),
+    )?;
+    if tcp.keepalives {
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(tcp.idle))?;
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(tcp.interval))?;
+        let count = libc::c_int::try_from(tcp.count.max(1)).unwrap_or(libc::c_int::MAX);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count)?;
+    }
+    let ms = libc::c_int::try_from(tcp.user_timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
+}
+
 fn open_stream(info: &ConnInfo, deadline: Instant) -> Result<Stream, PgError> {
     if info.is_unix_socket() {
         let path = format!("{}/.s.PGSQL.{}", info.host.trim_end_matches('/'), info.port);
@@ -1260,6 +1299,7 @@ fn open_stream(info: &ConnInfo, deadline: Instant) -> Result<Stream, PgError> {
         match TcpStream::connect_timeout(&addr, rest) {
             Ok(s) => {
                 s.set_nodelay(true).map_err(io_error)?;
+                set_tcp_options(&s, &info.tcp()).map_err(io_error)?;
                 return Ok(Stream::Tcp(s));
             }
             Err(e) => last = with_place(e),

@@ -7,7 +7,36 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use log::warn;
 use postgres::Client;
 
+use super::conninfo::TcpOptions;
 use super::describe;
+use super::quote::literal;
+
+/// How long a destination session may sit idle inside a transaction: none of the
+/// daemon's does for more than moments, so one that does has lost its client.
+const IDLE_IN_TRANSACTION: &str = "10min";
+
+/// The settings that make a destination backend whose client vanished (a partition: no
+/// FIN, no RST) die and release its row locks, instead of blocking the writers that
+/// reconnect after it: the server's keepalives and user timeout mirror the client's,
+/// `client_connection_check_interval` (14+) checks the client while a query runs, and an
+/// idle transaction ends. Settings the server lacks are skipped.
+pub fn orphan_settings(tcp: &TcpOptions) -> String {
+    let mut values: Vec<(&str, String)> = tcp.server_settings();
+    values.push(("client_connection_check_interval", "10000".to_string()));
+    values.push((
+        "idle_in_transaction_session_timeout",
+        IDLE_IN_TRANSACTION.to_string(),
+    ));
+    let rows: Vec<String> = values
+        .iter()
+        .map(|(k, v)| format!("({}, {})", literal(k), literal(v)))
+        .collect();
+    format!(
+        "SELECT set_config(s.name, v.value, false) FROM (VALUES {}) AS v(name, value) \
+         JOIN pg_settings s ON s.name = v.name",
+        rows.join(", ")
+    )
+}
 
 /// Set once the missing `session_replication_role` privilege has been reported: it is a
 /// property of the role, the same for every session, so one warning says it all.
@@ -20,8 +49,10 @@ pub const STYLES: &str = "SET DateStyle = ISO; SET IntervalStyle = postgres";
 /// `session_replication_role = replica`, as PostgreSQL's own apply worker runs: a
 /// destination built from the source's schema (foreign keys, `last_update` triggers)
 /// then receives the source's values whatever order tables and writers commit in.
-pub fn prepare_destination(client: &mut Client) -> Result<(), postgres::Error> {
+pub fn prepare_destination(client: &mut Client, tcp: &TcpOptions) -> Result<(), postgres::Error> {
     client.batch_execute(STYLES)?;
+    // Rows come back (set_config's values): simple_query, not batch_execute.
+    client.simple_query(&orphan_settings(tcp))?;
     if let Err(e) = client.batch_execute("SET session_replication_role = replica") {
         if !REPLICA_ROLE_WARNED.swap(true, Ordering::AcqRel) {
             warn!(

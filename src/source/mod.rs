@@ -12,6 +12,7 @@ pub mod sync;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::apply::{Progress, Router};
 use crate::change::{Sid, SourceId};
@@ -21,7 +22,7 @@ use crate::pg::pgoutput::DecodeError;
 use crate::pg::replication::PgError;
 use crate::pg::{describe, Lsn};
 
-use crate::status::ErrorClass;
+use crate::fault::{self, Class, Side};
 use mapping::MappingError;
 use sync::CopyError;
 
@@ -98,6 +99,8 @@ pub struct SourceEnv {
     pub stop: Arc<StopFlag>,
     pub sync_rate: f64,
     pub sync_burst: u64,
+    /// See [`crate::config::AppConfig::wal_receiver_timeout`].
+    pub wal_receiver_timeout: Duration,
     /// What a rejected row of an initial copy does (a failing expression).
     pub on_error: crate::apply::writer::RejectPolicy,
     /// What this source reports over HTTP.
@@ -110,6 +113,7 @@ pub enum SourceError {
     Sql {
         source: String,
         context: String,
+        side: Side,
         error: postgres::Error,
     },
     Replication {
@@ -142,6 +146,10 @@ pub enum SourceError {
     },
     /// The writer pool went away under us.
     PoolClosed { source: String },
+    /// Nothing came from the source's server for `after` (`app.wal_receiver_timeout`),
+    /// not even an answer to a keepalive asking for one: the connection is taken for
+    /// dead (a partition drops packets without a FIN or RST).
+    Silent { source: String, after: Duration },
 }
 
 impl fmt::Display for SourceError {
@@ -151,6 +159,7 @@ impl fmt::Display for SourceError {
                 source,
                 context,
                 error,
+                ..
             } => write!(f, "source {source}: {context}: {}", describe(error)),
             SourceError::Replication {
                 source,
@@ -182,6 +191,12 @@ impl fmt::Display for SourceError {
             SourceError::PoolClosed { source } => {
                 write!(f, "source {source}: writer pool stopped")
             }
+            SourceError::Silent { source, after } => write!(
+                f,
+                "source {source}: no message from the server for {:.0?} (app.wal_receiver_timeout), \
+                 not even an answer to a keepalive: the connection is taken for dead; reconnecting",
+                after
+            ),
         }
     }
 }
@@ -189,22 +204,30 @@ impl fmt::Display for SourceError {
 impl std::error::Error for SourceError {}
 
 impl SourceError {
-    /// What kind of failure this is, for the supervisor's report.
-    pub fn class(&self) -> ErrorClass {
+    /// What kind of failure this is (see [`crate::fault`]).
+    pub fn class(&self) -> Class {
         match self {
-            SourceError::Prerequisite { .. } => ErrorClass::Prerequisite,
-            SourceError::Mapping { .. } => ErrorClass::Configuration,
-            SourceError::Sync {
-                error: CopyError::Rejected(_),
-                ..
-            } => ErrorClass::RejectedRow,
-            SourceError::Sql { .. }
-            | SourceError::Replication { .. }
-            | SourceError::Sync { .. }
-            | SourceError::Decode { .. }
-            | SourceError::Spool { .. }
-            | SourceError::PoolClosed { .. } => ErrorClass::Transient,
+            SourceError::Sql { side, error, .. } => fault::classify_sql(error, *side),
+            SourceError::Replication { error, .. } => replication_class(error),
+            SourceError::Prerequisite { .. } => Class::Prerequisite,
+            SourceError::Mapping { .. } => Class::Configuration,
+            SourceError::Sync { error, .. } => error.class(),
+            // The walsender's bytes arrived intact (TCP, TLS): a message that cannot be
+            // decoded is ours to fix, and retrying at once will not help.
+            SourceError::Decode { .. } => Class::Bug,
+            SourceError::Spool { .. }
+            | SourceError::PoolClosed { .. }
+            | SourceError::Silent { .. } => Class::Transient,
         }
+    }
+}
+
+/// The class of a walsender connection's failure.
+fn replication_class(e: &PgError) -> Class {
+    match e {
+        PgError::Server { code, .. } => fault::classify_code(code, Side::Source),
+        PgError::Auth(_) | PgError::Tls(_) => Class::Configuration,
+        PgError::Io(_) | PgError::Protocol(_) | PgError::Timeout => Class::Transient,
     }
 }
 

@@ -14,6 +14,7 @@ use postgres::Client;
 use crate::apply::writer::RejectPolicy;
 use crate::config::TableMap;
 use crate::expr::{Kind, TableExprs};
+use crate::fault::Side;
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::quote::{ident, literal, qualified};
 use crate::pg::replication::ReplicationConnection;
@@ -98,15 +99,33 @@ impl Resolved {
     }
 }
 
+/// An error of a session to the source.
 fn sql_err(
     spec: &SourceSpec,
     context: impl Into<String>,
+) -> impl FnOnce(postgres::Error) -> SourceError {
+    side_err(spec, context, Side::Source)
+}
+
+/// An error of a session to the destination.
+fn dest_err(
+    spec: &SourceSpec,
+    context: impl Into<String>,
+) -> impl FnOnce(postgres::Error) -> SourceError {
+    side_err(spec, context, Side::Destination)
+}
+
+fn side_err(
+    spec: &SourceSpec,
+    context: impl Into<String>,
+    side: Side,
 ) -> impl FnOnce(postgres::Error) -> SourceError {
     let source = spec.label();
     let context = context.into();
     move |error| SourceError::Sql {
         source,
         context,
+        side,
         error,
     }
 }
@@ -160,8 +179,8 @@ pub fn on_dest<T>(
     f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
 ) -> Result<T, SourceError> {
     env.sessions.catalog.with(
-        sql_err(spec, format!("connect to the destination to {context}")),
-        |c| f(c).map_err(sql_err(spec, context)),
+        dest_err(spec, format!("connect to the destination to {context}")),
+        |c| f(c).map_err(dest_err(spec, context)),
     )
 }
 
@@ -403,7 +422,7 @@ fn resolve_one(
     let name = format!("{}.{}", info.schema, info.name);
     let target_name = format!("{}.{}", dest_schema, t.target);
     let Some(target) = catalog::table_info(dest, dest_schema, &t.target)
-        .map_err(sql_err(spec, format!("look up target {target_name}")))?
+        .map_err(dest_err(spec, format!("look up target {target_name}")))?
     else {
         exclude(format!(
             "its target table {target_name} does not exist on the destination"
@@ -631,7 +650,7 @@ fn sync_states(
     dest: &mut Client,
 ) -> Result<HashMap<String, SyncState>, SourceError> {
     store::load_sync_states(dest, &env.dest_schema, &spec.slot)
-        .map_err(sql_err(spec, "read sync state"))
+        .map_err(dest_err(spec, "read sync state"))
 }
 
 /// Records `phase` for `tables` in one destination transaction (after clearing the
@@ -667,7 +686,7 @@ fn record_states(
     }
     batch.push_str("COMMIT");
     dest.batch_execute(&batch)
-        .map_err(sql_err(spec, "record sync state"))
+        .map_err(dest_err(spec, "record sync state"))
 }
 
 /// Whether another schema of the destination records copies of this slot: then
@@ -684,7 +703,7 @@ fn copied_elsewhere(
               WHERE c.relname = $1 AND c.relkind = 'r' AND n.nspname <> $2",
             &[&SYNC_STATE_TABLE, &env.dest_schema],
         )
-        .map_err(sql_err(spec, "look for other sync states"))?
+        .map_err(dest_err(spec, "look for other sync states"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -728,7 +747,7 @@ fn record_ins_marker(
         Phase::Publication,
         Some(lsn),
     ))
-    .map_err(sql_err(spec, "record sync state"))
+    .map_err(dest_err(spec, "record sync state"))
 }
 
 /// Name of the publication of tables without a replica identity (SPEC §5).
@@ -767,7 +786,7 @@ pub fn prepare(spec: &SourceSpec, env: &SourceEnv) -> Result<StartPoint, SourceE
     env.status.set_state(State::Starting);
     env.sessions
         .setup
-        .with(sql_err(spec, "connect to the destination"), |dest| {
+        .with(dest_err(spec, "connect to the destination"), |dest| {
             prepare_with(spec, env, dest)
         })
 }
@@ -911,7 +930,7 @@ fn prepare_with(
                     &spec.slot,
                     &stale,
                 ))
-                .map_err(sql_err(spec, "clear sync state"))?;
+                .map_err(dest_err(spec, "clear sync state"))?;
             }
             let mut ins_from = states.get(INS_MARKER).and_then(|s| s.lsn);
             let mut copied_at = Lsn::ZERO;

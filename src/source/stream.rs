@@ -147,6 +147,11 @@ struct Streamer<'a> {
     confirmed: Lsn,
     last_mark: Instant,
     last_status: Instant,
+    /// Whether a message came since the last check, and when one last came.
+    heard: bool,
+    last_heard: Instant,
+    /// When a status asking the server for a reply was sent into the silence.
+    pinged: Option<Instant>,
     last_recheck: Instant,
     /// See [`SHAPE_RECHECK`].
     last_shape_check: Instant,
@@ -230,6 +235,9 @@ pub fn stream(spec: &SourceSpec, env: &SourceEnv, start: StartPoint) -> Result<E
         confirmed: start,
         last_mark: Instant::now(),
         last_status: Instant::now(),
+        heard: true,
+        last_heard: Instant::now(),
+        pinged: None,
         last_recheck: Instant::now(),
         last_shape_check: Instant::now(),
     };
@@ -275,6 +283,7 @@ impl Streamer<'_> {
                 .repl
                 .recv(Duration::from_millis(100))
                 .map_err(self.repl_err("receive"))?;
+            self.heard |= received.is_some();
             // Whether this was one of a transaction's changes (ordinary or streamed).
             let mid_changes = match received {
                 Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
@@ -324,6 +333,7 @@ impl Streamer<'_> {
             self.unchecked += 1;
             if !mid_changes || self.unchecked >= CHECK_EVERY {
                 self.unchecked = 0;
+                self.check_silence()?;
                 self.mark()?;
                 self.send_status(false)?;
             }
@@ -360,6 +370,46 @@ impl Streamer<'_> {
             return true;
         }
         false
+    }
+
+    /// Takes the connection for dead when the server has sent nothing for
+    /// `wal_receiver_timeout`: a partition drops packets without a FIN or RST, and the
+    /// kernel would notice only after its retransmission timeout, or never on an idle
+    /// stream. Halfway through the silence a status asks the server for a reply (the
+    /// walsender answers one at once), so an idle but healthy stream is never silent.
+    fn check_silence(&mut self) -> Result<(), SourceError> {
+        let limit = self.env.wal_receiver_timeout;
+        if std::mem::take(&mut self.heard) {
+            self.last_heard = Instant::now();
+            self.pinged = None;
+            self.env.status.heard_from_server(limit);
+            return Ok(());
+        }
+        if limit.is_zero() {
+            return Ok(());
+        }
+        let quiet = self.last_heard.elapsed();
+        match self.pinged {
+            None if quiet >= limit / 2 => {
+                debug!(
+                    "source {}: nothing from the server for {quiet:.0?}; asking for a reply",
+                    self.label()
+                );
+                self.repl
+                    .send_standby_status(self.received, self.confirmed, self.confirmed, true)
+                    .map_err(self.repl_err("send standby status"))?;
+                self.pinged = Some(Instant::now());
+            }
+            // The reply had half the limit to come, whatever else the stream waited on.
+            Some(at) if quiet >= limit && at.elapsed() >= limit / 2 => {
+                return Err(SourceError::Silent {
+                    source: self.label(),
+                    after: quiet,
+                });
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Announces routed progress to the writers (at most every MARK_EVERY).
@@ -932,6 +982,7 @@ impl Streamer<'_> {
         let now = catalog::identities(src, &names).map_err(|error| SourceError::Sql {
             source: self.spec.label(),
             context: "look up replica identities".to_string(),
+            side: crate::fault::Side::Source,
             error,
         })?;
         for ((schema, table), has_identity) in now {

@@ -380,6 +380,26 @@ impl std::fmt::Display for CopyError {
     }
 }
 
+impl CopyError {
+    /// What kind of failure this is (see [`crate::fault`]).
+    pub fn class(&self) -> crate::fault::Class {
+        use crate::fault::{classify_sql, Class, Side};
+        match self {
+            CopyError::Source(e) => classify_sql(e, Side::Source),
+            CopyError::Destination(e) => classify_sql(e, Side::Destination),
+            CopyError::Io(e) => match e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<postgres::Error>())
+            {
+                Some(pg) => classify_sql(pg, Side::Destination),
+                None => Class::Transient,
+            },
+            CopyError::Stopped => Class::Transient,
+            CopyError::Rejected(_) => Class::RejectedRow,
+        }
+    }
+}
+
 /// Copies the source tables of one target. The source must already be inside the
 /// snapshot's transaction; the destination work (a clone target's rows of this sid
 /// cleared once, every COPY, `done_sql`) commits as one transaction, so the tables are

@@ -1,9 +1,11 @@
 //! The daemon binary as a child process with its own config and map in a temp dir.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::netns::Netns;
 
 /// A running `kuvasz-streamer`. Killed (SIGKILL) on drop if still running.
 pub struct Daemon {
@@ -47,28 +49,63 @@ impl Daemon {
         logs_extra: &str,
     ) -> Daemon {
         let dir = work_dir();
-        fs::write(dir.join(map_name), map).expect("write map");
-        let mut conf = format!(
-            "[server]\naddress = \"127.0.0.1:0\"\n[logs]\nlevel = \"info\"\n{logs_extra}\n[database]\nurl = \"{dest_url}\"\n\
-             {database_extra}\n[app]\nmap_file = \"{}\"\ncommit_delay = 0.2\n",
-            dir.join(map_name).display()
+        write_files(
+            &dir,
+            "127.0.0.1:0",
+            dest_url,
+            database_extra,
+            map_name,
+            map,
+            extra_app,
+            logs_extra,
         );
-        for line in extra_app {
-            conf.push_str(line);
-            conf.push('\n');
-        }
-        fs::write(dir.join("kuvasz-streamer.toml"), conf).expect("write config");
         Self::spawn(dir)
+    }
+
+    /// Writes the files [`Daemon::start`] writes, with the HTTP server on
+    /// `server_address` (e.g. a namespace's address, port 0), into a new directory,
+    /// without starting anything: its path, for [`Daemon::spawn_in_netns`].
+    pub fn write_config(
+        server_address: &str,
+        dest_url: &str,
+        map: &str,
+        extra_app: &[&str],
+    ) -> PathBuf {
+        let dir = work_dir();
+        write_files(
+            &dir,
+            server_address,
+            dest_url,
+            "",
+            "map.toml",
+            map,
+            extra_app,
+            "",
+        );
+        dir
+    }
+
+    /// Starts the binary on the files of `dir` inside network namespace `ns`, logging to
+    /// the same `daemon.log`. `ip netns exec` execs the binary, so the child's pid is
+    /// the daemon's own: kill on drop, signals and [`Daemon::pid`] reach it.
+    pub fn spawn_in_netns(dir: PathBuf, ns: &Netns) -> Daemon {
+        let cmd = ns.command(env!("CARGO_BIN_EXE_kuvasz-streamer"));
+        Self::spawn_command(cmd, dir)
     }
 
     /// Starts the binary again on the files of an earlier daemon.
     pub fn spawn(dir: PathBuf) -> Daemon {
+        Self::spawn_command(Command::new(env!("CARGO_BIN_EXE_kuvasz-streamer")), dir)
+    }
+
+    /// Runs `cmd` (the binary, or a wrapper that execs it) with `--conf` of `dir`.
+    fn spawn_command(mut cmd: Command, dir: PathBuf) -> Daemon {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("daemon.log"))
             .expect("open log");
-        let child = Command::new(env!("CARGO_BIN_EXE_kuvasz-streamer"))
+        let child = cmd
             .arg("--conf")
             .arg(dir.join("kuvasz-streamer.toml"))
             .current_dir(&dir)
@@ -187,6 +224,34 @@ impl Daemon {
             None => false,
         }
     }
+}
+
+/// `kuvasz-streamer.toml` (HTTP on `server_address`, destination URL, map path, a fast
+/// commit delay and `extra_app` lines appended to `[app]`) and the map, in `dir`.
+#[allow(clippy::too_many_arguments)]
+fn write_files(
+    dir: &Path,
+    server_address: &str,
+    dest_url: &str,
+    database_extra: &str,
+    map_name: &str,
+    map: &str,
+    extra_app: &[&str],
+    logs_extra: &str,
+) {
+    fs::write(dir.join(map_name), map).expect("write map");
+    // KVSZ_TEST_LOG_LEVEL=debug shows what a failing test's daemon did.
+    let level = std::env::var("KVSZ_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let mut conf = format!(
+        "[server]\naddress = \"{server_address}\"\n[logs]\nlevel = \"{level}\"\n{logs_extra}\n[database]\nurl = \"{dest_url}\"\n\
+         {database_extra}\n[app]\nmap_file = \"{}\"\ncommit_delay = 0.2\n",
+        dir.join(map_name).display()
+    );
+    for line in extra_app {
+        conf.push_str(line);
+        conf.push('\n');
+    }
+    fs::write(dir.join("kuvasz-streamer.toml"), conf).expect("write config");
 }
 
 impl Drop for Daemon {

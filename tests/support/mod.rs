@@ -16,6 +16,8 @@
 
 pub mod daemon;
 pub mod differential;
+pub mod http;
+pub mod netns;
 mod process;
 
 use std::fmt::Write as _;
@@ -175,6 +177,11 @@ pub fn scratch_dir(prefix: &str) -> PathBuf {
     dir
 }
 
+/// Hands `path` to the user the servers run as (a tablespace's directory).
+pub fn give_to_server(path: &Path) {
+    process::give_to_server_user(path);
+}
+
 /// Calls `f` every 100 ms until it returns `Some`; panics naming `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -198,6 +205,37 @@ impl Cluster {
     /// URL of `user` with `password` (both used verbatim) for database `db`.
     pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
         format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// URL of role `kuvasz` for database `db` through address `addr` (a namespace
+    /// link's host side, see [`Cluster::listen_on`]).
+    pub fn url_via(&self, addr: std::net::Ipv4Addr, db: &str) -> String {
+        format!("postgres://kuvasz:kuvasz@{addr}:{}/{db}", self.port)
+    }
+
+    /// Makes the server also listen on `addrs` (besides 127.0.0.1, same port) and lets
+    /// role `kuvasz` in from 10.0.0.0/8 with its password, for SQL and replication;
+    /// restarts it. The addresses must exist (a [`netns::Netns`] link's host side).
+    /// Only for clusters the test owns.
+    pub fn listen_on(&self, addrs: &[std::net::Ipv4Addr]) {
+        let list: Vec<String> = std::iter::once("127.0.0.1".to_string())
+            .chain(addrs.iter().map(|a| a.to_string()))
+            .collect();
+        self.execute(
+            "postgres",
+            &format!(
+                "ALTER SYSTEM SET listen_addresses = {}",
+                literal(&list.join(","))
+            ),
+        );
+        append(
+            &self.data_dir.join("pg_hba.conf"),
+            "host all kuvasz 10.0.0.0/8 scram-sha-256\n\
+             host replication kuvasz 10.0.0.0/8 scram-sha-256\n",
+        );
+        self.restart();
+        let listening = self.query("postgres", "SHOW listen_addresses");
+        assert_eq!(listening, vec![vec![Some(list.join(","))]], "{}", self.name);
     }
 
     /// URL of the `postgres` superuser (trust authentication) for database `db`.

@@ -1,0 +1,303 @@
+//! A fault's class decides its scope (see `src/fault.rs`): a target table the
+//! destination will not let the daemon write holds only the sources that write it, never
+//! the writer pool, whatever `on_error` says; a full disk under a target holds the pool,
+//! parks no row, is named by `/readyz`, and passes once there is room.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::daemon::Daemon;
+use support::{destination, http, source, unique_name, wait_for};
+
+/// Rows of `sql` on `db` of `c`, as text.
+fn rows(c: &support::Cluster, db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    c.query(db, sql)
+}
+
+fn walsender(src: &support::Cluster, db: &str, slot: &str) -> Option<String> {
+    rows(
+        src,
+        db,
+        &format!("SELECT active_pid::text FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+    )
+    .first()
+    .and_then(|r| r[0].clone())
+}
+
+fn table_error_holds_only_its_sources(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (fa, fb) = (unique_name("sca"), unique_name("scb"));
+    let dbs = [unique_name("sa"), unique_name("sb"), unique_name("sc")];
+    for db in &dbs {
+        src.create_database(db);
+        src.execute(
+            db,
+            "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int)",
+        );
+    }
+    src.execute(
+        &dbs[0],
+        "SET ROLE kuvasz; CREATE TABLE bad (id int PRIMARY KEY, v int)",
+    );
+    let ddb = unique_name("scd");
+    dest.create_database(&ddb);
+    // bad belongs to the superuser: the daemon writes it by a grant an operator revokes.
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE t (sid text, id int, v int, PRIMARY KEY (sid, id)); \
+         RESET ROLE; CREATE TABLE bad (sid text, id int, v int, PRIMARY KEY (sid, id)); \
+         GRANT ALL ON bad TO kuvasz",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{fa}\"\nurls = [ {{ url = \"{}\", sid = \"a\" }} ]\n\
+         [source.tables]\nt = {{}}\nbad = {{}}\n\
+         [[source]]\ndatabase = \"{fb}\"\nurls = [ {{ url = \"{}\", sid = \"b\" }}, \
+         {{ url = \"{}\", sid = \"c\" }} ]\n[source.tables]\nt = {{}}\n",
+        src.url(&dbs[0]),
+        src.url(&dbs[1]),
+        src.url(&dbs[2])
+    );
+    let daemon = Daemon::start(
+        &dest.url(&ddb),
+        &map,
+        &["on_error = \"deadletter\"", "num_workers = 2"],
+    );
+    let addr = http::address(&daemon);
+    let slots = [
+        format!("kuvasz_{fa}_a"),
+        format!("kuvasz_{fb}_b"),
+        format!("kuvasz_{fb}_c"),
+    ];
+    for (db, slot) in dbs.iter().zip(&slots) {
+        support::wait_slot_active(src, db, slot);
+    }
+    let pids: Vec<Option<String>> = dbs
+        .iter()
+        .zip(&slots)
+        .map(|(db, slot)| walsender(src, db, slot))
+        .collect();
+    let target = |sql: &str| {
+        rows(dest, &ddb, sql)
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(Option::unwrap_or_default)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+    };
+    for db in &dbs {
+        src.execute(db, "INSERT INTO t VALUES (1, 1)");
+    }
+    src.execute(&dbs[0], "INSERT INTO bad VALUES (1, 1)");
+    wait_for("the first rows", Duration::from_secs(60), || {
+        (target("SELECT sid, id FROM t ORDER BY sid, id") == ["a 1", "b 1", "c 1"]
+            && target("SELECT sid, id FROM bad") == ["a 1"])
+        .then_some(())
+    });
+
+    dest.execute(&ddb, "REVOKE INSERT, UPDATE, DELETE ON bad FROM kuvasz");
+    src.execute(
+        &dbs[0],
+        "BEGIN; INSERT INTO bad VALUES (2, 2); INSERT INTO t VALUES (2, 2); COMMIT",
+    );
+    src.execute(&dbs[0], "INSERT INTO t VALUES (3, 3)");
+    let refused = Instant::now();
+    // a is held at its refused change; b and c stream on, untouched.
+    let status = wait_for("a held by its table", Duration::from_secs(60), || {
+        let (_, status) = http::get(&addr, "/api/status");
+        status
+            .contains("\"class\":\"table_definition\"")
+            .then_some(status)
+    });
+    assert!(
+        status.contains("permission denied for table bad (SQLSTATE 42501)"),
+        "{status}"
+    );
+    eprintln!("held after {:.1?}", refused.elapsed());
+    for i in 10..15 {
+        src.execute(&dbs[1], &format!("INSERT INTO t VALUES ({i}, {i})"));
+        src.execute(&dbs[2], &format!("INSERT INTO t VALUES ({i}, {i})"));
+        let want = format!("{i}");
+        wait_for("b and c streaming on", Duration::from_secs(20), || {
+            let got = target(&format!("SELECT sid FROM t WHERE id = {want} ORDER BY sid"));
+            (got == ["b", "c"]).then_some(())
+        });
+    }
+    // Held: the refused change is not applied (nor parked, below).
+    assert_eq!(target("SELECT id FROM bad ORDER BY id"), ["1"]);
+    // A table's problem parks nothing, whatever on_error says.
+    assert_eq!(
+        target("SELECT count(*) FROM kvsz_deadletter"),
+        ["0"],
+        "a row was parked for its table's fault"
+    );
+    assert_eq!(
+        walsender(src, &dbs[1], &slots[1]),
+        pids[1],
+        "b was restarted"
+    );
+    assert_eq!(
+        walsender(src, &dbs[2], &slots[2]),
+        pids[2],
+        "c was restarted"
+    );
+    let (code, ready) = http::get(&addr, "/readyz");
+    assert_eq!(code, 503, "{ready}");
+    assert!(
+        ready.contains(&format!(
+            "source {fa}/a is retrying (held by a target table's definition): writer "
+        )),
+        "{ready}"
+    );
+
+    dest.execute(&ddb, "GRANT ALL ON bad TO kuvasz");
+    support::wait_confirmed(src, &dbs[0], &slots[0]);
+    wait_for("a applied after the fix", Duration::from_secs(60), || {
+        (target("SELECT sid, id FROM t WHERE sid = 'a' ORDER BY id") == ["a 1", "a 2", "a 3"]
+            && target("SELECT sid, id, v FROM bad ORDER BY id") == ["a 1 1", "a 2 2"])
+        .then_some(())
+    });
+    assert_eq!(target("SELECT count(*) FROM kvsz_deadletter"), ["0"]);
+    assert_eq!(
+        walsender(src, &dbs[1], &slots[1]),
+        pids[1],
+        "b was restarted"
+    );
+    assert!(
+        !daemon.log().contains("restarting all sources"),
+        "the pool restarted:\n{}",
+        daemon.log()
+    );
+    daemon.stop_ok();
+}
+
+every_major! { table_error_holds_only_its_sources:
+    table_error_holds_only_its_sources_pg12 => 12,
+    table_error_holds_only_its_sources_pg18 => 18,
+}
+
+/// A tmpfs mounted for the test, unmounted when dropped (after the server using it).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = support::scratch_dir("tmpfs");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mount a tmpfs on {}", dir.display());
+        support::give_to_server(&dir);
+        Tmpfs(dir)
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "resize the tmpfs on {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_parks_nothing() {
+    let src = source(*support::versions().last().expect("a version"));
+    let disk = Tmpfs::mount("3m");
+    let dest = support::private_destination();
+    let (db, ddb) = (unique_name("fd"), unique_name("fdd"));
+    src.create_database(&db);
+    src.execute(
+        &db,
+        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v text)",
+    );
+    dest.create_database(&ddb);
+    dest.execute(
+        "postgres",
+        &format!("CREATE TABLESPACE small LOCATION '{}'", disk.0.display()),
+    );
+    dest.execute("postgres", "GRANT CREATE ON TABLESPACE small TO kuvasz");
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE t (id int, v text, \
+         PRIMARY KEY (id) USING INDEX TABLESPACE small) TABLESPACE small",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n\
+         [source.tables]\nt = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["on_error = \"deadletter\""]);
+    let addr = http::address(&daemon);
+    let slot = format!("kuvasz_{db}_1");
+    support::wait_slot_active(src, &db, &slot);
+    wait_for("ready", Duration::from_secs(60), || {
+        (http::get(&addr, "/readyz").0 == 200).then_some(())
+    });
+    // About 6 MB of rows for a 3 MB disk, in transactions of 500.
+    for b in 0..12 {
+        src.execute(
+            &db,
+            &format!(
+                "INSERT INTO t SELECT g, repeat(md5(g::text), 30) \
+                 FROM generate_series({}, {}) g",
+                b * 500 + 1,
+                b * 500 + 500
+            ),
+        );
+    }
+    let full = Instant::now();
+    let ready = wait_for("the full disk named", Duration::from_secs(90), || {
+        let (code, body) = http::get(&addr, "/readyz");
+        (code == 503 && body.contains("SQLSTATE 53100")).then_some(body)
+    });
+    eprintln!("full disk reported after {:.1?}", full.elapsed());
+    assert!(
+        ready.starts_with("{\"ready\":false,\"reasons\":[\"waiting for the destination: writer "),
+        "{ready}"
+    );
+    let deadletters =
+        || dest.query(&ddb, "SELECT count(*)::text FROM kvsz_deadletter")[0][0].clone();
+    assert_eq!(
+        deadletters(),
+        Some("0".to_string()),
+        "a row was parked for a full disk"
+    );
+    let (_, status) = http::get(&addr, "/api/status");
+    assert!(
+        status.contains("\"destination_error\":{\"at\":")
+            && status.contains("\"class\":\"destination_unavailable\""),
+        "{status}"
+    );
+
+    disk.resize("64m");
+    let room = Instant::now();
+    let count = || dest.query(&ddb, "SELECT count(*)::text FROM t")[0][0].clone();
+    wait_for(
+        "every row after room was made",
+        Duration::from_secs(120),
+        || (count() == Some("6000".to_string())).then_some(()),
+    );
+    eprintln!("converged {:.1?} after room was made", room.elapsed());
+    let body = wait_for("ready again", Duration::from_secs(60), || {
+        let (code, body) = http::get(&addr, "/readyz");
+        (code == 200).then_some(body)
+    });
+    assert_eq!(body, "{\"ready\":true,\"reasons\":[]}\n");
+    assert_eq!(deadletters(), Some("0".to_string()));
+    daemon.stop_ok();
+    drop(dest);
+}
