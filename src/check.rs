@@ -95,13 +95,43 @@ impl Report {
         out
     }
 
+    /// URLs and `password=` values redacted by their structure, then each password
+    /// where it stands as a word of its own (a server's message may quote one): not
+    /// inside other words, which a short password would otherwise eat.
     fn mask(&self, text: &str) -> String {
-        let mut t = text.to_string();
+        let mut t = crate::pg::conninfo::redact_url(text);
         for s in &self.secrets {
-            t = t.replace(s.as_str(), "********");
+            t = mask_word(&t, s);
         }
         t
     }
+}
+
+/// `text` with every occurrence of `word` that no letter, digit or `_` touches on either
+/// side replaced by the mask.
+fn mask_word(text: &str, word: &str) -> String {
+    let inner = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut before: Option<char> = None;
+    while let Some(i) = rest.find(word) {
+        let (head, tail) = rest.split_at(i);
+        let prev = head
+            .chars()
+            .next_back()
+            .or(if head.is_empty() { before } else { None });
+        let next = tail[word.len()..].chars().next();
+        out.push_str(head);
+        if inner(prev) || inner(next) {
+            out.push_str(word);
+        } else {
+            out.push_str("********");
+        }
+        before = word.chars().next_back();
+        rest = &tail[word.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What the probes read of a source server.
@@ -744,6 +774,18 @@ mod tests {
                         .into()
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn a_short_password_is_masked_by_structure_not_inside_words() {
+        let mut r = Report::new(vec!["p".into()]);
+        r.push(0, Line::Ok("source postgres://u:p@h/db: ok".into()));
+        r.push(0, Line::Problem("server said: bad password p".into()));
+        assert_eq!(
+            r.render(),
+            "source postgres://u:********@h/db: ok\n\
+             PROBLEM: server said: bad password ********\n1 problem found\n"
         );
     }
 

@@ -218,7 +218,9 @@ fn is_go_key(section: &str, param: &str) -> bool {
                     "max_goroutines" | "max_header_bytes" | "pprof" | "start_delay"
                 )
         }
-        "logs" => param == "source",
+        // Its logs went to the console or a file; here they go to stderr (the journal
+        // under systemd).
+        "logs" => matches!(param, "source" | "output" | "file"),
         "database" => param == "origin",
         "app" => param == "map_database" || prefixed(&["maintenance", "jwt", "auth", "cors"]),
         _ => false,
@@ -954,6 +956,27 @@ mod tests {
         assert!(c.warnings.iter().any(|w| w.contains("[cors]")));
         assert!(c.warnings.iter().any(|w| w.contains("KUVASZ_AUTH_TTL")));
         assert!(c.warnings.iter().all(|w| !w.contains("hunter2")));
+    }
+
+    /// The keys of the Go implementation's own test configuration, as it writes them.
+    #[test]
+    fn the_go_test_configuration_starts() {
+        let text = "[server]\nname = \"kuvasz-streamer\"\naddress = \":8001\"\n\
+            max_goroutines = 100\nread_timeout = 30\nread_header_timeout = 30\n\
+            write_timeout = 30\nidle_timeout = 30\nmax_header_bytes = 1000\n\n\
+            [maintenance]\npprof = \"127.0.0.1:6060\"\nstart_delay = 5\n\n\
+            [logs]\noutput=\"console\"\nlevel=\"debug\"\nformat=\"text\"\nsource=false\n\n\
+            [database]\nurl = \"postgres://kuvasz:kuvasz@127.0.0.1:6012/dest?application_name=x\"\n\n\
+            [app]\nmap_file = \"./conf/map.yaml\"\nnum_workers = 2\ncommit_delay = 1.0";
+        let f = temp_file("go-test-conf", text);
+        let c = Config::load(&args(&f, &[]), &env(&[])).unwrap();
+        assert_eq!(c.logs.level, "debug");
+        assert_eq!(c.app.num_workers, 2);
+        assert!(
+            c.warnings.iter().any(|w| w.contains("logs.output")),
+            "{:#?}",
+            c.warnings
+        );
     }
 
     #[test]
