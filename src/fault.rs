@@ -163,11 +163,22 @@ fn classify_state(state: &SqlState, side: Side) -> Class {
         SqlState::INDETERMINATE_DATATYPE,
         SqlState::AMBIGUOUS_COLUMN,
         SqlState::AMBIGUOUS_PARAMETER,
-        SqlState::PROTOCOL_VIOLATION,
     ]
     .contains(state)
     {
         return Class::Bug;
+    }
+    if *state == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE {
+        // A target without a replica identity on a destination that publishes its
+        // updates; on a source, wal_level or an invalidated slot.
+        return match side {
+            Side::Source => Class::Prerequisite,
+            Side::Destination => Class::TableDefinition,
+        };
+    }
+    if *state == SqlState::READ_ONLY_SQL_TRANSACTION {
+        // A standby, or a primary not yet promoted after a failover: it passes.
+        return unreachable_on(side);
     }
     if [
         SqlState::INVALID_CATALOG_NAME,
@@ -179,9 +190,16 @@ fn classify_state(state: &SqlState, side: Side) -> Class {
         return Class::Configuration;
     }
     match &state.code()[..2.min(state.code().len())] {
-        // Data exceptions, integrity constraints, cardinality, a trigger's RAISE, and
-        // limits one row exceeds (an index entry too big): the row's own fault.
-        "22" | "23" | "21" | "P0" | "54" => Class::RejectedRow,
+        // Data exceptions, integrity constraints, cardinality, a trigger's RAISE, limits
+        // one row exceeds (an index entry too big), a CASE without ELSE, a triggered
+        // action, a view's check option: the row's own fault.
+        "22" | "23" | "21" | "P0" | "54" | "20" | "27" | "44" | "09" => Class::RejectedRow,
+        // A target's trigger or function that cannot run (no RETURN, an external
+        // routine's error): the table's.
+        "2F" | "38" | "39" => match side {
+            Side::Source => Class::Prerequisite,
+            Side::Destination => Class::TableDefinition,
+        },
         // Connection exceptions; operator intervention (shutdown, cannot connect now);
         // transaction rollback (serialization, deadlock); lock not available.
         "08" | "57" | "40" | "55" => match side {
@@ -204,7 +222,13 @@ fn classify_state(state: &SqlState, side: Side) -> Class {
         "3D" | "3F" => Class::Configuration,
         // Invalid transaction state, internal errors: ours or the server's bug.
         "25" | "XX" | "26" | "34" => Class::Bug,
-        _ => unreachable_on(side),
+        // Any other error a server answered a statement with: on a source, retried; on
+        // the destination, about what the statement touched, so its sources are held,
+        // never the pool, and nothing is parked.
+        _ => match side {
+            Side::Source => Class::Transient,
+            Side::Destination => Class::TableDefinition,
+        },
     }
 }
 
@@ -255,6 +279,20 @@ mod tests {
         assert_eq!(c("55006", Side::Source), Class::Prerequisite);
         assert_eq!(c("42601", Side::Destination), Class::Bug);
         assert_eq!(c("XX000", Side::Destination), Class::Bug);
+        assert_eq!(c("55000", Side::Source), Class::Prerequisite);
+        assert_eq!(c("55000", Side::Destination), Class::TableDefinition);
+    }
+
+    #[test]
+    fn a_triggers_or_a_views_refusal_is_never_the_pools() {
+        for code in ["44000", "20000", "27000", "09000"] {
+            assert_eq!(c(code, Side::Destination), Class::RejectedRow, "{code}");
+        }
+        for code in ["2F005", "38000", "39P01", "HV000", "72000"] {
+            assert_eq!(c(code, Side::Destination), Class::TableDefinition, "{code}");
+        }
+        assert_eq!(c("25006", Side::Destination), Class::DestinationUnavailable);
+        assert_eq!(c("08P01", Side::Destination), Class::DestinationUnavailable);
     }
 
     #[test]

@@ -552,7 +552,17 @@ impl Status {
         self.pool_faulted.store(true, Ordering::Release);
     }
 
-    /// A writer applied something, or has nothing to apply: the pool's fault is over.
+    /// Whether nothing waits to be applied: every live source streams and has
+    /// confirmed all it received.
+    pub fn caught_up(&self) -> bool {
+        self.live().iter().all(|s| {
+            s.state() == State::Streaming
+                && s.confirmed.load(Ordering::Relaxed) >= s.received.load(Ordering::Relaxed)
+        })
+    }
+
+    /// A writer applied something, or nothing waits to be applied: the pool's fault is
+    /// over.
     pub fn pool_ok(&self) {
         if self.pool_faulted.swap(false, Ordering::AcqRel) {
             *self.pool_fault.lock() = None;

@@ -24,6 +24,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "sync_rate",
             "sync_burst",
             "on_error",
+            "wal_receiver_timeout",
         ],
     ),
 ];

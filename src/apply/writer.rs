@@ -171,8 +171,8 @@ impl WriterError {
     }
 }
 
-/// How long a restarted writer must be idle before the pool's fault (a full disk, say)
-/// is no longer reported: the sources restarted with it have routed their replay by then.
+/// How long a restarted writer waits before it may clear the pool's fault (a full
+/// disk, say) without applying anything: only when every source has caught up.
 const POOL_SETTLED: Duration = Duration::from_secs(5);
 
 pub struct Writer {
@@ -373,9 +373,9 @@ impl Writer {
                         if let Some(w) = self.settings.status.writers.get(self.id) {
                             w.queued.store(0, Ordering::Relaxed);
                         }
-                        // Idle a while after (re)starting: nothing waits to be applied,
-                        // so whatever stopped the pool is not stopping anything now.
-                        if self.born.elapsed() >= POOL_SETTLED {
+                        // Idle a while after (re)starting, and nothing waits to be
+                        // applied: whatever stopped the pool is not stopping anything.
+                        if self.born.elapsed() >= POOL_SETTLED && self.settings.status.caught_up() {
                             self.settings.status.pool_ok();
                         }
                         if self.trim_due {
@@ -930,16 +930,31 @@ impl Writer {
             }
             total += rows;
             result = (|| {
-                let mut w = self.client.copy_in(&stmt).inspect_err(|_| {
-                    self.out_of_step = true;
-                })?;
+                let mut w = self.client.copy_in(&stmt)?;
                 // A write error surfaces again, with the server's reason, from finish().
                 let _ = w.write_all(&buf);
                 w.finish().map(|_| ())
             })();
         }
         self.copy_buf = buf;
+        if result.is_err() && !self.in_step() {
+            self.out_of_step = true;
+        }
         result.map(|()| total)
+    }
+
+    /// Whether the session still answers in step after a failed COPY. One refused
+    /// before the server read the client's first Sync (a privilege, a column, a
+    /// statement trigger) is answered twice, and the client library takes the second
+    /// answer for the next statement's: a probe whose row does not come back shows it.
+    /// Inside the failed transaction the probe's own error is the in-step answer.
+    fn in_step(&mut self) -> bool {
+        match self.client.simple_query("SELECT 'kvsz in step'") {
+            Ok(msgs) => msgs
+                .iter()
+                .any(|m| matches!(m, postgres::SimpleQueryMessage::Row(_))),
+            Err(e) => e.as_db_error().is_some(),
+        }
     }
 
     /// Applies one segment of a history group: its versions and closings staged, then

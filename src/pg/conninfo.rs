@@ -236,7 +236,6 @@ impl ConnInfo {
         })
     }
 
-    /// The value of an entry of `options`.
     /// How its TCP connections notice a dead peer: libpq's parameters from the URL, or
     /// the daemon's defaults (see [`TcpOptions`]).
     pub fn tcp(&self) -> TcpOptions {
@@ -265,6 +264,7 @@ impl ConnInfo {
         }
     }
 
+    /// The value of an entry of `options`.
     pub fn option(&self, key: &str) -> Option<&str> {
         self.options
             .iter()

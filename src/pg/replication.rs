@@ -1247,12 +1247,23 @@ fn set_tcp_options(s: &TcpStream, tcp: &TcpOptions) -> io::Result<()> {
             Err(io::Error::last_os_error())
         }
     };
-    let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
     set(
         libc::SOL_SOCKET,
         libc::SO_KEEPALIVE,
         libc::c_int::from(tcp.keepalives),
     )?;
+    #[cfg(target_os = "linux")]
+    set_linux_tcp_options(set, tcp)?;
+    Ok(())
+}
+
+/// The keepalive timings and the user timeout, as Linux names them.
+#[cfg(target_os = "linux")]
+fn set_linux_tcp_options(
+    set: impl Fn(libc::c_int, libc::c_int, libc::c_int) -> io::Result<()>,
+    tcp: &TcpOptions,
+) -> io::Result<()> {
+    let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
     if tcp.keepalives {
         set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(tcp.idle))?;
         set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(tcp.interval))?;

@@ -12,8 +12,9 @@ use super::describe;
 use super::quote::literal;
 
 /// How long a destination session may sit idle inside a transaction: none of the
-/// daemon's does for more than moments, so one that does has lost its client.
-const IDLE_IN_TRANSACTION: &str = "10min";
+/// daemon's does for long (an initial copy's waits for its source included), so one
+/// that does has lost its client.
+const IDLE_IN_TRANSACTION: &str = "1h";
 
 /// The settings that make a destination backend whose client vanished (a partition: no
 /// FIN, no RST) die and release its row locks, instead of blocking the writers that

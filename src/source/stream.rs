@@ -891,9 +891,14 @@ impl Streamer<'_> {
         ) -> Result<T, Wait<SourceError>>,
     ) -> Result<T, SourceError> {
         let router = self.env.router.clone();
+        let (status, limit) = (self.env.status.clone(), self.env.wal_receiver_timeout);
         // Called every IDLE_EVERY while blocked: one status message each time, well
-        // within any sensible wal_sender_timeout.
-        let result = f(&router, &mut || self.send_status(true));
+        // within any sensible wal_sender_timeout. The stream waits for the writers, not
+        // for its server: that is no silence of the server's.
+        let result = f(&router, &mut || {
+            status.heard_from_server(limit);
+            self.send_status(true)
+        });
         result.map_err(|w| match w {
             Wait::Closed => self.closed()(PoolClosed),
             Wait::Idle(e) => e,
