@@ -1,10 +1,12 @@
-//! The Go implementation's `map.yaml`, read unchanged (SPEC §3): a small block-style
-//! YAML subset (sequences, mappings, plain and quoted scalars, comments, empty values,
-//! `{}`/`[]` and flat flow mappings), turned into the same tree the TOML map is checked
-//! from, with byte offsets, so every error names the file, line and key as for TOML.
-//! Written by hand: the subset is tiny and a YAML crate would be a dependency for it.
+//! The Go implementation's `map.yaml`, read unchanged (SPEC §3), in any valid YAML
+//! (block and flow collections, quoted and block scalars, anchors and aliases): parsed
+//! by saphyr-parser's events, which carry positions, into the same tree the TOML map is
+//! checked from, so every error names the file, line and key as for TOML.
 
+use std::collections::HashMap;
 use std::path::Path;
+
+use saphyr_parser::{Event, Parser, ScalarStyle, ScanError, Span};
 
 use super::error::ConfigError;
 use super::tree::{Key, Node, Value};
@@ -26,290 +28,140 @@ impl Y {
     }
 }
 
-/// One meaningful line: indentation, content without comment, offset of the content.
-struct Line<'a> {
-    indent: usize,
-    text: &'a str,
-    offset: usize,
-    number: usize,
-}
-
-struct Parser<'a> {
-    lines: Vec<Line<'a>>,
-    pos: usize,
+/// Builds [`Y`] values from the parser's events.
+struct Builder<'a> {
+    events: Parser<'a, saphyr_parser::StrInput<'a>>,
     file: &'a Path,
+    /// Byte offset of each character (the parser counts characters), and the end.
+    bytes: Vec<usize>,
+    /// Anchored values by anchor id, for the aliases after them.
+    anchors: HashMap<usize, Y>,
 }
 
-/// The content of a line without its comment (a `#` at the start or after a space,
-/// outside quotes), right-trimmed.
-fn strip_comment(line: &str) -> &str {
-    let mut quote: Option<char> = None;
-    let mut prev = ' ';
-    for (i, c) in line.char_indices() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == '#' && (prev == ' ' || prev == '\t') => return line[..i].trim_end(),
-            None => {}
-        }
-        prev = c;
-    }
-    line.trim_end()
-}
-
-/// Splits `key: value` at the first `:` followed by a space or the end, outside quotes.
-fn split_key(text: &str) -> Option<(&str, &str)> {
-    let mut quote: Option<char> = None;
-    for (i, c) in text.char_indices() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if (c == '"' || c == '\'') && i == 0 => quote = Some(c),
-            None if c == ':' => {
-                let rest = &text[i + 1..];
-                if rest.is_empty() || rest.starts_with(' ') {
-                    return Some((text[..i].trim_end(), rest.trim_start()));
-                }
-            }
-            None => {}
-        }
-    }
-    None
-}
-
-impl<'a> Parser<'a> {
-    fn new(text: &'a str, file: &'a Path) -> Parser<'a> {
-        let mut lines = Vec::new();
-        let mut offset = 0;
-        for (n, raw) in text.split_inclusive('\n').enumerate() {
-            let line = raw.trim_end_matches(['\n', '\r']);
-            let content = strip_comment(line);
-            let indent = content.len() - content.trim_start_matches(' ').len();
-            let body = &content[indent..];
-            if !body.is_empty() && body != "---" {
-                lines.push(Line {
-                    indent,
-                    text: body,
-                    offset: offset + indent,
-                    number: n + 1,
-                });
-            }
-            offset += raw.len();
-        }
-        Parser {
-            lines,
-            pos: 0,
-            file,
-        }
-    }
-
-    fn error(&self, number: usize, message: impl Into<String>) -> ConfigError {
+impl<'a> Builder<'a> {
+    fn error(&self, line: usize, message: impl Into<String>) -> ConfigError {
         ConfigError::Syntax {
             file: self.file.to_path_buf(),
-            line: Some(number),
+            line: Some(line),
             column: None,
             key: None,
             message: message.into(),
         }
     }
 
-    /// The block starting at the current line, whose lines are indented `indent`.
-    fn block(&mut self, indent: usize) -> Result<Y, ConfigError> {
-        let Some(first) = self.lines.get(self.pos) else {
-            return Ok(Y::Null(0));
-        };
-        if first.text == "-" || first.text.starts_with("- ") {
-            self.sequence(indent)
-        } else {
-            self.mapping(indent, None)
+    fn scan_error(&self, e: &ScanError) -> ConfigError {
+        ConfigError::Syntax {
+            file: self.file.to_path_buf(),
+            line: Some(e.marker().line()),
+            column: Some(e.marker().col() + 1),
+            key: None,
+            message: e.info().to_string(),
         }
     }
 
-    fn sequence(&mut self, indent: usize) -> Result<Y, ConfigError> {
-        let start = self.lines[self.pos].offset;
-        let mut items = Vec::new();
-        while let Some(line) = self.lines.get(self.pos) {
-            if line.indent < indent {
-                break;
-            }
-            if line.indent > indent {
-                return Err(self.error(line.number, "unexpected indentation"));
-            }
-            let Some(rest) = line.text.strip_prefix('-') else {
-                break;
-            };
-            let (number, offset) = (line.number, line.offset);
-            let body = rest.trim_start();
-            let body_indent = indent + (line.text.len() - body.len());
-            self.pos += 1;
-            if body.is_empty() {
-                items.push(self.nested(indent, offset)?);
-            } else if split_key(body).is_some() && !body.starts_with(['"', '\'', '{', '[']) {
-                // `- key: value` opens a mapping whose keys line up with `key`.
-                let first = (body, offset + (body_indent - indent), number);
-                items.push(self.mapping(body_indent, Some(first))?);
-            } else {
-                items.push(self.scalar(body, offset + (body_indent - indent), number)?);
-            }
-        }
-        Ok(Y::Seq(items, start))
-    }
-
-    /// The value of a key or item with nothing after it: a deeper block, a sequence at
-    /// the same indentation (`key:` then `- item`), or null.
-    fn nested(&mut self, indent: usize, offset: usize) -> Result<Y, ConfigError> {
-        match self.lines.get(self.pos) {
-            Some(next) if next.indent > indent => {
-                let i = next.indent;
-                self.block(i)
-            }
-            Some(next)
-                if next.indent == indent && (next.text == "-" || next.text.starts_with("- ")) =>
-            {
-                self.sequence(indent)
-            }
-            _ => Ok(Y::Null(offset)),
+    fn next(&mut self) -> Result<(Event<'a>, Span), ConfigError> {
+        match self.events.next() {
+            Some(Ok(ev)) => Ok(ev),
+            Some(Err(e)) => Err(self.scan_error(&e)),
+            None => Err(self.error(1, "unexpected end of the document")),
         }
     }
 
-    fn mapping(
-        &mut self,
-        indent: usize,
-        first: Option<(&'a str, usize, usize)>,
-    ) -> Result<Y, ConfigError> {
-        let mut entries = Vec::new();
-        let start = first.map_or_else(|| self.lines[self.pos].offset, |f| f.1);
-        let mut pending = first;
-        loop {
-            let (text, offset, number) = match pending.take() {
-                Some(f) => f,
-                None => {
-                    let Some(line) = self.lines.get(self.pos) else {
-                        break;
-                    };
-                    if line.indent < indent {
+    fn offset(&self, span: &Span) -> usize {
+        let i = span.start.index();
+        self.bytes.get(i).copied().unwrap_or(i)
+    }
+
+    /// The value whose first event is `ev`.
+    fn value(&mut self, ev: Event<'a>, span: Span) -> Result<Y, ConfigError> {
+        let at = self.offset(&span);
+        let (y, anchor) = match ev {
+            Event::Scalar(text, style, anchor, _) => {
+                // A plain empty, `~` or `null` value is YAML's null: an entry with no
+                // body, as in `t0:`.
+                let null = style == ScalarStyle::Plain
+                    && matches!(text.as_ref(), "" | "~" | "null" | "Null" | "NULL");
+                let y = if null {
+                    Y::Null(at)
+                } else {
+                    Y::Scalar(text.into_owned(), at)
+                };
+                (y, anchor)
+            }
+            Event::SequenceStart(anchor, _) => {
+                let mut items = Vec::new();
+                loop {
+                    let (ev, span) = self.next()?;
+                    if ev == Event::SequenceEnd {
                         break;
                     }
-                    if line.indent > indent {
-                        return Err(self.error(line.number, "unexpected indentation"));
-                    }
-                    if line.text.starts_with("- ") || line.text == "-" {
-                        break;
-                    }
-                    let f = (line.text, line.offset, line.number);
-                    self.pos += 1;
-                    f
+                    items.push(self.value(ev, span)?);
                 }
-            };
-            let Some((key, value)) = split_key(text) else {
-                return Err(self.error(number, format!("expected key: value, found {text:?}")));
-            };
-            let key = unquote(key).map_err(|m| self.error(number, m))?;
-            if entries
-                .iter()
-                .any(|(k, _, _): &(String, usize, Y)| *k == key)
-            {
-                return Err(self.error(number, format!("key {key:?} appears twice")));
+                (Y::Seq(items, at), anchor)
             }
-            let value = if value.is_empty() {
-                self.nested(indent, offset)?
-            } else {
-                let at = offset + (text.len() - value.len());
-                self.scalar(value, at, number)?
-            };
-            entries.push((key, offset, value));
-        }
-        Ok(Y::Map(entries, start))
-    }
-
-    /// A scalar, `{}`, `[]` or a flat flow mapping `{ a: b, c: "d" }`.
-    fn scalar(&self, text: &str, offset: usize, number: usize) -> Result<Y, ConfigError> {
-        if text == "[]" {
-            return Ok(Y::Seq(Vec::new(), offset));
-        }
-        if let Some(inner) = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
-            let mut entries = Vec::new();
-            for part in split_flow(inner) {
-                let part = part.trim();
-                if part.is_empty() {
-                    continue;
-                }
-                let (k, v) = split_key(part).ok_or_else(|| {
-                    self.error(number, format!("expected key: value in {text:?}"))
+            Event::MappingStart(anchor, _) => (self.mapping(at)?, anchor),
+            Event::Alias(id) => {
+                let y = self.anchors.get(&id).cloned().ok_or_else(|| {
+                    self.error(
+                        span.start.line(),
+                        "an alias of an anchor not defined before it",
+                    )
                 })?;
-                let k = unquote(k).map_err(|m| self.error(number, m))?;
-                let v = unquote(v).map_err(|m| self.error(number, m))?;
-                entries.push((k, offset, Y::Scalar(v, offset)));
+                return Ok(y);
             }
-            return Ok(Y::Map(entries, offset));
+            other => {
+                return Err(self.error(span.start.line(), format!("unexpected {other:?}")));
+            }
+        };
+        if anchor > 0 {
+            self.anchors.insert(anchor, y.clone());
         }
-        if text == "~" || text == "null" {
-            return Ok(Y::Null(offset));
-        }
-        let s = unquote(text).map_err(|m| self.error(number, m))?;
-        Ok(Y::Scalar(s, offset))
+        Ok(y)
     }
-}
 
-/// Splits a flow mapping's body at commas outside quotes.
-fn split_flow(inner: &str) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut quote: Option<char> = None;
-    let mut start = 0;
-    for (i, c) in inner.char_indices() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == ',' => {
-                parts.push(&inner[start..i]);
-                start = i + 1;
+    /// A mapping's entries up to its end; keys are strings, each once.
+    fn mapping(&mut self, at: usize) -> Result<Y, ConfigError> {
+        let mut entries: Vec<(String, usize, Y)> = Vec::new();
+        loop {
+            let (ev, span) = self.next()?;
+            if ev == Event::MappingEnd {
+                break;
             }
-            None => {}
+            let line = span.start.line();
+            let key = match self.value(ev, span)? {
+                Y::Scalar(k, o) => (k, o),
+                Y::Null(o) => (String::new(), o),
+                _ => return Err(self.error(line, "a key must be a plain string")),
+            };
+            if entries.iter().any(|(k, _, _)| *k == key.0) {
+                return Err(self.error(line, format!("duplicate key {:?}", key.0)));
+            }
+            let (ev, span) = self.next()?;
+            let v = self.value(ev, span)?;
+            entries.push((key.0, key.1, v));
         }
+        Ok(Y::Map(entries, at))
     }
-    parts.push(&inner[start..]);
-    parts
-}
 
-/// A plain, 'single' or "double" quoted scalar's text.
-fn unquote(text: &str) -> Result<String, String> {
-    let text = text.trim();
-    if let Some(inner) = text.strip_prefix('\'') {
-        let inner = inner
-            .strip_suffix('\'')
-            .ok_or_else(|| format!("unterminated quoted string {text}"))?;
-        return Ok(inner.replace("''", "'"));
-    }
-    if let Some(inner) = text.strip_prefix('"') {
-        let inner = inner
-            .strip_suffix('"')
-            .ok_or_else(|| format!("unterminated quoted string {text}"))?;
-        let mut out = String::new();
-        let mut chars = inner.chars();
-        while let Some(c) = chars.next() {
-            if c != '\\' {
-                out.push(c);
-                continue;
-            }
-            match chars.next() {
-                Some('n') => out.push('\n'),
-                Some('t') => out.push('\t'),
-                Some('\\') => out.push('\\'),
-                Some('"') => out.push('"'),
-                Some('/') => out.push('/'),
-                other => {
-                    return Err(format!(
-                        "unsupported escape \\{} in {text}",
-                        other.unwrap_or(' ')
-                    ))
+    /// The document's root (null for an empty file); one document only.
+    fn document(&mut self) -> Result<Y, ConfigError> {
+        let mut root = None;
+        loop {
+            let (ev, span) = self.next()?;
+            match ev {
+                Event::StreamStart | Event::DocumentEnd | Event::Nothing => {}
+                Event::StreamEnd => return Ok(root.unwrap_or(Y::Null(0))),
+                Event::DocumentStart(_) if root.is_some() => {
+                    return Err(self.error(span.start.line(), "one YAML document only"));
                 }
+                Event::DocumentStart(_) => {
+                    let (ev, span) = self.next()?;
+                    root = Some(self.value(ev, span)?);
+                }
+                other => return Err(self.error(span.start.line(), format!("unexpected {other:?}"))),
             }
         }
-        return Ok(out);
     }
-    Ok(text.to_string())
 }
 
 fn node(offset: usize, value: Value) -> Node {
@@ -369,11 +221,17 @@ fn convert(y: Y, place: Place) -> Node {
 
 /// Parses a Go `map.yaml` into the map tree (`{ source = [ … ] }`).
 pub fn parse(text: &str, file: &Path) -> Result<Node, ConfigError> {
-    let mut p = Parser::new(text, file);
-    let root = p.block(0)?;
-    if let Some(line) = p.lines.get(p.pos) {
-        return Err(p.error(line.number, format!("unexpected {:?}", line.text)));
-    }
+    let mut b = Builder {
+        events: Parser::new_from_str(text),
+        file,
+        bytes: text
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([text.len()])
+            .collect(),
+        anchors: HashMap::new(),
+    };
+    let root = b.document()?;
     let offset = root.offset();
     let families = match root {
         Y::Seq(..) => convert(root, Place::Other),
@@ -453,6 +311,46 @@ mod tests {
         let t2 = get(tables, "t2");
         let line = text[..t2.span.clone().unwrap().start].matches('\n').count() + 1;
         assert_eq!(line, 9);
+    }
+
+    #[test]
+    fn any_valid_yaml() {
+        // Flow collections, a folded block scalar, an anchor and its alias.
+        let text = "- database: db1\n  urls: [{url: \"postgres://h/a\", sid: a}, {url: 'postgres://h/b', sid: 7}]\n  tables:\n    t1: &common\n      filter: >-\n        a > 1\n        && b < 2\n    t2: *common\n    t3: {target: x}\n";
+        let root = parse(text, Path::new("m.yaml")).unwrap();
+        let Value::Array(fams) = &get(&root, "source").value else {
+            panic!()
+        };
+        let Value::Array(urls) = &get(&fams[0], "urls").value else {
+            panic!()
+        };
+        assert_eq!(s(get(&urls[0], "url")), "postgres://h/a");
+        assert_eq!(s(get(&urls[1], "sid")), "7");
+        let tables = get(&fams[0], "tables");
+        assert_eq!(s(get(get(tables, "t1"), "filter")), "a > 1 && b < 2");
+        assert_eq!(s(get(get(tables, "t2"), "filter")), "a > 1 && b < 2");
+        assert_eq!(s(get(get(tables, "t3"), "target")), "x");
+        // Byte offsets, whatever characters come before.
+        let root = parse(
+            "# é\n- database: ü\n  tables:\n    t: {}\n",
+            Path::new("m.yaml"),
+        )
+        .unwrap();
+        let Value::Array(fams) = &get(&root, "source").value else {
+            panic!()
+        };
+        let t = get(get(&fams[0], "tables"), "t");
+        let at = t.span.clone().unwrap().start;
+        assert_eq!(
+            &"# é\n- database: ü\n  tables:\n    t: {}\n"[at..at + 2],
+            "{}"
+        );
+    }
+
+    #[test]
+    fn an_empty_map_has_no_sources() {
+        let root = parse("# nothing yet\n", Path::new("m.yaml")).unwrap();
+        assert_eq!(get(&root, "source").value, Value::Array(vec![]));
     }
 
     #[test]
