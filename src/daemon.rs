@@ -32,6 +32,8 @@ pub struct DaemonSettings {
     pub sync_burst: u64,
     /// See [`crate::config::AppConfig::wal_receiver_timeout`].
     pub wal_receiver_timeout: Duration,
+    /// See [`crate::config::AppConfig::on_slot_lost`].
+    pub on_slot_lost: crate::config::OnSlotLost,
     /// What the HTTP endpoints report (one entry per source, in source id order).
     pub status: Arc<Status>,
     /// Reads configuration and map again (SIGHUP): the sources they now name.
@@ -540,6 +542,7 @@ fn source_env(ctx: &Ctx<'_>, id: usize, router: &Router, stop: &Arc<StopFlag>) -
         sync_rate: settings.sync_rate,
         sync_burst: settings.sync_burst,
         wal_receiver_timeout: settings.wal_receiver_timeout,
+        on_slot_lost: settings.on_slot_lost,
         on_error: settings.on_error,
         status: settings
             .status

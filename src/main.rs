@@ -314,6 +314,7 @@ fn settings(l: &Loaded, status: Arc<Status>, reload: daemon::Reload) -> DaemonSe
         sync_rate: l.config.app.sync_rate,
         sync_burst: l.config.app.sync_burst,
         wal_receiver_timeout: l.config.app.wal_receiver_timeout,
+        on_slot_lost: l.config.app.on_slot_lost,
         status,
         reload: Some(reload),
     }

@@ -177,6 +177,10 @@ pub struct SourceStatus {
     /// and how long a silence means a dead connection (`app.wal_receiver_timeout`).
     heard_ms: AtomicI64,
     silence_limit_ms: AtomicI64,
+    /// WAL the slot keeps on the source, and how much more may come before the server
+    /// invalidates the slot (`safe_wal_size`); -1: unknown or no limit.
+    slot_retained: AtomicI64,
+    slot_safe: AtomicI64,
     pub transactions: AtomicU64,
     pub changes: AtomicU64,
     rejected: AtomicU64,
@@ -209,6 +213,8 @@ impl SourceStatus {
             heartbeat_ms: AtomicI64::new(0),
             heard_ms: AtomicI64::new(0),
             silence_limit_ms: AtomicI64::new(0),
+            slot_retained: AtomicI64::new(-1),
+            slot_safe: AtomicI64::new(-1),
             transactions: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -244,6 +250,12 @@ impl SourceStatus {
         } else {
             self.heard_ms.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// What the source says of the slot's WAL (see [`crate::pg::catalog::slot_wal`]).
+    pub fn slot_wal(&self, retained: i64, safe: Option<i64>) {
+        self.slot_retained.store(retained, Ordering::Relaxed);
+        self.slot_safe.store(safe.unwrap_or(-1), Ordering::Relaxed);
     }
 
     /// The stream heard from the server now; silence past `limit` means it is gone.
@@ -506,6 +518,9 @@ impl Anomaly {
         }
     }
 }
+
+/// A per-source gauge of the slot: name, help text, value (negative: not reported).
+type SlotGauge = (&'static str, &'static str, fn(&SourceStatus) -> i64);
 
 /// Everything the HTTP endpoints report.
 pub struct Status {
@@ -919,6 +934,27 @@ impl Status {
                     class.name(),
                     n.load(Ordering::Relaxed)
                 );
+            }
+        }
+        let slot_gauges: [SlotGauge; 2] = [
+            (
+                "kuvasz_slot_retained_wal_bytes",
+                "WAL the source keeps for the slot (from its restart_lsn to the server's position).",
+                |s: &SourceStatus| s.slot_retained.load(Ordering::Relaxed),
+            ),
+            (
+                "kuvasz_slot_safe_wal_bytes",
+                "WAL the source may still write before it invalidates the slot (safe_wal_size; absent: no limit).",
+                |s: &SourceStatus| s.slot_safe.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, text, pick) in slot_gauges {
+            help(&mut o, name, "gauge", text);
+            for s in &live {
+                let v = pick(s);
+                if v >= 0 {
+                    let _ = writeln!(o, "{name}{{{}}} {v}", src_labels(s));
+                }
             }
         }
         help(

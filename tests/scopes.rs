@@ -301,3 +301,88 @@ fn full_disk_parks_nothing() {
     daemon.stop_ok();
     drop(dest);
 }
+
+/// A slot the source invalidated (it kept more WAL than `max_slot_wal_keep_size`) holds
+/// its source, named with what to do; `app.on_slot_lost = "recopy"` drops it and copies
+/// the source's tables again.
+#[test]
+fn invalidated_slot_is_held_or_recopied_pg18() {
+    let src = support::private_source(18);
+    src.execute(
+        "postgres",
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+    );
+    src.execute("postgres", "SELECT pg_reload_conf()");
+    let dest = destination();
+    let (db, ddb) = (unique_name("sl"), unique_name("sld"));
+    src.create_database(&db);
+    src.execute(
+        &db,
+        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int); \
+         CREATE TABLE junk (n int); INSERT INTO t SELECT g, g FROM generate_series(1, 10) g",
+    );
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int)",
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n\
+         [source.tables]\nt = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
+    let slot = format!("kuvasz_{db}_1");
+    support::wait_slot_active(&src, &db, &slot);
+    let count = || dest.query(&ddb, "SELECT count(*)::text FROM t")[0][0].clone();
+    wait_for("the first copy", Duration::from_secs(60), || {
+        (count() == Some("10".to_string())).then_some(())
+    });
+    let dir = daemon.stop_ok();
+
+    // Changes the slot will never give, then WAL past its limit.
+    src.execute(
+        &db,
+        "INSERT INTO t SELECT g, g FROM generate_series(11, 20) g",
+    );
+    wait_for("the slot invalidated", Duration::from_secs(60), || {
+        src.execute(
+            &db,
+            "INSERT INTO junk SELECT generate_series(1, 1000); SELECT pg_switch_wal(); CHECKPOINT",
+        );
+        let status = src.query(
+            &db,
+            &format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        );
+        (status == vec![vec![Some("lost".to_string())]]).then_some(())
+    });
+
+    let daemon = Daemon::spawn(dir);
+    let addr = http::address(&daemon);
+    let ready = wait_for("the lost slot named", Duration::from_secs(60), || {
+        let (code, body) = http::get(&addr, "/readyz");
+        (code == 503 && body.contains("was invalidated by the source")).then_some(body)
+    });
+    assert!(
+        ready.contains("(waiting for a prerequisite)") && ready.contains("on_slot_lost"),
+        "{ready}"
+    );
+    assert_eq!(count(), Some("10".to_string()));
+    let dir = daemon.stop_ok();
+
+    let conf = dir.join("kuvasz-streamer.toml");
+    let mut text = std::fs::read_to_string(&conf).expect("config");
+    text.push_str("on_slot_lost = \"recopy\"\n");
+    std::fs::write(&conf, text).expect("config");
+    let daemon = Daemon::spawn(dir);
+    let addr = http::address(&daemon);
+    wait_for("copied again", Duration::from_secs(60), || {
+        (count() == Some("20".to_string())).then_some(())
+    });
+    src.execute(&db, "INSERT INTO t VALUES (21, 21)");
+    wait_for("streaming again", Duration::from_secs(60), || {
+        (count() == Some("21".to_string())).then_some(())
+    });
+    assert_eq!(http::get(&addr, "/readyz").0, 200);
+    daemon.stop_ok();
+}

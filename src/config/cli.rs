@@ -248,6 +248,7 @@ Keys (default):
   app.wal_receiver_timeout
                       seconds of silence from a source's server after which its
                       connection is taken for dead and reconnected; 0: never (60)
+  app.on_slot_lost    a slot the source invalidated: hold or recopy (hold)
 
 Exit status: 0 on success, 2 on a configuration or command-line error, 1 when
 check finds a problem or verify a difference.

@@ -13,5 +13,6 @@ pub use cli::{parse_cli, usage, Args, Command};
 pub use error::{ConfigError, Origin};
 pub use map::{Map, Mode, SourceMap, SourceUrl, TableMap};
 pub use service::{
-    AppConfig, Config, DatabaseConfig, LogFormat, LogsConfig, OnError, ServerConfig, SEARCH_PATH,
+    AppConfig, Config, DatabaseConfig, LogFormat, LogsConfig, OnError, OnSlotLost, ServerConfig,
+    SEARCH_PATH,
 };

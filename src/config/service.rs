@@ -84,6 +84,19 @@ pub struct AppConfig {
     /// keepalive asking for one) is taken for dead and reconnected, as PostgreSQL's own
     /// walreceiver does; zero turns the check off.
     pub wal_receiver_timeout: Duration,
+    /// A slot the source invalidated (its WAL removed): hold the source, or drop the slot
+    /// and copy its tables again.
+    pub on_slot_lost: OnSlotLost,
+}
+
+/// What to do when a source invalidated the daemon's slot (`max_slot_wal_keep_size`,
+/// `idle_replication_slot_timeout`): the changes since its confirmed position are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSlotLost {
+    /// Report it and wait for an operator.
+    Hold,
+    /// Drop the slot and copy every table of the source again.
+    Recopy,
 }
 
 /// What to do with a row the destination rejects (SPEC §4).
@@ -143,6 +156,7 @@ impl Default for AppConfig {
             sync_burst: 1000,
             on_error: OnError::Stop,
             wal_receiver_timeout: Duration::from_secs(60),
+            on_slot_lost: OnSlotLost::Hold,
         }
     }
 }
@@ -198,6 +212,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("app.sync_burst", Kind::Int),
     ("app.on_error", Kind::Str),
     ("app.wal_receiver_timeout", Kind::Float),
+    ("app.on_slot_lost", Kind::Str),
 ];
 
 const SECTIONS: &[&str] = &["server", "logs", "database", "app"];
@@ -347,6 +362,13 @@ impl Config {
                     .ok()
                     .filter(|&n| n >= 1)
                     .ok_or_else(|| format!("must be at least 1, found {i}"))?;
+            }
+            ("app.on_slot_lost", Typed::Str(s)) => {
+                self.app.on_slot_lost = match s.to_ascii_lowercase().as_str() {
+                    "hold" => OnSlotLost::Hold,
+                    "recopy" => OnSlotLost::Recopy,
+                    _ => return Err(format!("expected \"hold\" or \"recopy\", found {s:?}")),
+                };
             }
             ("app.on_error", Typed::Str(s)) => {
                 self.app.on_error = match s.to_ascii_lowercase().as_str() {

@@ -314,12 +314,19 @@ pub struct SlotInfo {
     pub database: Option<String>,
     pub active_pid: Option<i32>,
     pub confirmed_flush: Option<Lsn>,
+    /// Why the server invalidated it (its WAL removed, idle too long…), if it did.
+    pub invalidated: Option<String>,
 }
 
 pub fn slot_info(client: &mut Client, name: &str) -> Result<Option<SlotInfo>, postgres::Error> {
+    // wal_status (13+) and invalidation_reason (17+) through to_jsonb: one query for
+    // every major.
     let rows = client.query(
-        "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text \
-           FROM pg_replication_slots WHERE slot_name = $1",
+        "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
+                CASE WHEN j->>'wal_status' = 'lost' \
+                     THEN coalesce(j->>'invalidation_reason', 'wal_removed') \
+                     ELSE j->>'invalidation_reason' END \
+           FROM pg_replication_slots s, to_jsonb(s) j WHERE slot_name = $1",
         &[&name],
     )?;
     Ok(rows.first().map(|r| {
@@ -329,6 +336,25 @@ pub fn slot_info(client: &mut Client, name: &str) -> Result<Option<SlotInfo>, po
             database: r.get(1),
             active_pid: r.get(2),
             confirmed_flush: lsn.and_then(|l| l.parse().ok()),
+            invalidated: r.get(4),
         }
     }))
+}
+
+/// How much WAL the slot keeps on the source, and how much more may be written before
+/// the server invalidates it (`safe_wal_size`, 13+; None: no limit or unknown).
+pub fn slot_wal(
+    client: &mut Client,
+    name: &str,
+) -> Result<Option<(i64, Option<i64>)>, postgres::Error> {
+    let rows = client.query(
+        "SELECT pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                                     ELSE pg_current_wal_lsn() END, restart_lsn)::bigint, \
+                (j->>'safe_wal_size')::bigint \
+           FROM pg_replication_slots s, to_jsonb(s) j WHERE slot_name = $1",
+        &[&name],
+    )?;
+    Ok(rows
+        .first()
+        .and_then(|r| Some((r.get::<_, Option<i64>>(0)?, r.get(1)))))
 }

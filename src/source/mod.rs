@@ -101,6 +101,8 @@ pub struct SourceEnv {
     pub sync_burst: u64,
     /// See [`crate::config::AppConfig::wal_receiver_timeout`].
     pub wal_receiver_timeout: Duration,
+    /// See [`crate::config::AppConfig::on_slot_lost`].
+    pub on_slot_lost: crate::config::OnSlotLost,
     /// What a rejected row of an initial copy does (a failing expression).
     pub on_error: crate::apply::writer::RejectPolicy,
     /// What this source reports over HTTP.

@@ -826,6 +826,32 @@ fn prepare_with(
             ));
         }
     }
+    if let Some(why) = slot.as_ref().and_then(|s| s.invalidated.clone()) {
+        let drop = format!("SELECT pg_drop_replication_slot({})", literal(&spec.slot));
+        if env.on_slot_lost != crate::config::OnSlotLost::Recopy {
+            return Err(prerequisite(
+                spec,
+                format!(
+                    "replication slot {} was invalidated by the source ({why}: it kept more WAL \
+                     than max_slot_wal_keep_size allows, or was idle past \
+                     idle_replication_slot_timeout); the changes since its confirmed position \
+                     are gone. To copy this source's tables again, set app.on_slot_lost = \
+                     \"recopy\" or drop the slot ({drop}); raise max_slot_wal_keep_size to \
+                     keep it from happening again",
+                    spec.slot
+                ),
+            ));
+        }
+        warn!(
+            "source {}: replication slot {} was invalidated by the source ({why}): dropping it \
+             and copying every table again (app.on_slot_lost = \"recopy\")",
+            spec.label(),
+            spec.slot
+        );
+        src.execute("SELECT pg_drop_replication_slot($1)", &[&spec.slot])
+            .map_err(sql_err(spec, "drop the invalidated slot"))?;
+        slot = None;
+    }
     let pub_exists = catalog::publication_exists(&mut src, &spec.slot)
         .map_err(sql_err(spec, "look up publication"))?;
     if slot.is_some() && !pub_exists {

@@ -983,6 +983,10 @@ impl Streamer<'_> {
         let Some(src) = self.src.as_mut() else {
             return Ok(());
         };
+        // Reported for operators to alert on before the source invalidates the slot.
+        if let Ok(Some((retained, safe))) = catalog::slot_wal(src, &self.spec.slot) {
+            self.env.status.slot_wal(retained, safe);
+        }
         let names: Vec<TableName> = self.routes.keys().cloned().collect();
         let now = catalog::identities(src, &names).map_err(|error| SourceError::Sql {
             source: self.spec.label(),

@@ -11,6 +11,9 @@ use super::netns::Netns;
 pub struct Daemon {
     child: Option<Child>,
     pub dir: PathBuf,
+    /// Length of `daemon.log` when this process started (earlier runs in `dir` wrote
+    /// before it).
+    log_start: usize,
 }
 
 /// A fresh directory for one daemon's files, removed when the test process exits.
@@ -100,6 +103,7 @@ impl Daemon {
 
     /// Runs `cmd` (the binary, or a wrapper that execs it) with `--conf` of `dir`.
     fn spawn_command(mut cmd: Command, dir: PathBuf) -> Daemon {
+        let log_start = fs::metadata(dir.join("daemon.log")).map_or(0, |m| m.len() as usize);
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -117,6 +121,7 @@ impl Daemon {
         Daemon {
             child: Some(child),
             dir,
+            log_start,
         }
     }
 
@@ -153,6 +158,12 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// What this process wrote to the log (not earlier runs in the same directory).
+    pub fn own_log(&self) -> String {
+        let log = self.log();
+        log.get(self.log_start..).unwrap_or_default().to_string()
     }
 
     fn signal(&self, sig: i32) {

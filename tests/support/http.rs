@@ -13,7 +13,8 @@ pub fn address(d: &Daemon) -> String {
         "the HTTP address in the log",
         Duration::from_secs(30),
         || {
-            let log = d.log();
+            // This process's: a daemon started again in the same directory appends.
+            let log = d.own_log();
             let at = log.find("HTTP on http://")? + "HTTP on http://".len();
             let rest = &log[at..];
             Some(rest[..rest.find('/')?].to_string())
