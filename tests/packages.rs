@@ -259,3 +259,27 @@ fn rpm_has_the_same_files() {
         "{scripts}"
     );
 }
+
+/// The .deb passes lintian (installed by .ci/run) without an error or a warning: a
+/// maintainer address, a Debian changelog and a copyright notice, as Debian wants.
+#[test]
+fn deb_passes_lintian() {
+    build();
+    let deb = package("target/debian", "deb");
+    let out = Command::new("lintian")
+        .args(["--tag-display-limit", "0"])
+        .arg(&deb)
+        .output()
+        .expect("run lintian (installed by .ci/run)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tags: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+        .collect();
+    assert!(tags.is_empty(), "lintian {}:\n{text}", deb.display());
+    assert!(
+        out.status.success(),
+        "lintian failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
