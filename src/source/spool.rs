@@ -69,6 +69,14 @@ impl std::fmt::Display for SpoolError {
                 f,
                 "the server continues streamed transaction {xid}, whose start was never received"
             ),
+            // The daemon's own disk: nothing is lost (the source replays the
+            // transaction once there is room), but the operator must make room.
+            SpoolError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => write!(
+                f,
+                "spool file: {e}: the directory of large transactions ({}, TMPDIR) is \
+                 full; the source waits and replays the transaction once there is room",
+                std::env::temp_dir().display()
+            ),
             SpoolError::Io(e) => write!(f, "spool file: {e}"),
         }
     }
@@ -254,6 +262,12 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_spool_says_so() {
+        let e = SpoolError::Io(io::Error::from_raw_os_error(libc::ENOSPC)).to_string();
+        assert!(e.contains("TMPDIR) is full; the source waits"), "{e}");
+    }
 
     fn msg(tag: u8, sub: u32, body: &[u8]) -> Vec<u8> {
         let mut m = vec![tag];
