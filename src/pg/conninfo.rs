@@ -450,6 +450,10 @@ impl TcpOptions {
     }
 }
 
+/// The largest keepalive time and interval, and probe count, Linux accepts.
+const MAX_KEEPALIVE_SECS: u64 = 32767;
+const MAX_KEEPALIVE_PROBES: u32 = 127;
+
 /// libpq's `tcp_user_timeout`: milliseconds, zero for the system default.
 fn parse_millis(value: &str) -> Result<Duration, ()> {
     let n = value.trim().parse::<u64>().map_err(|_| ())?;
@@ -491,24 +495,35 @@ fn apply_option(cfg: &mut postgres::Config, key: &str, value: &str) -> Result<()
             cfg.hostaddr(addr);
         }
         "tcp_user_timeout" => {
-            cfg.tcp_user_timeout(parse_millis(value)?);
+            let d = parse_millis(value)?;
+            if d.as_millis() > i32::MAX as u128 {
+                return Err(());
+            }
+            cfg.tcp_user_timeout(d);
         }
         "keepalives" => {
             let n = value.trim().parse::<u64>().map_err(|_| ())?;
             cfg.keepalives(n != 0);
         }
-        "keepalives_idle" => {
+        // Linux takes at most 32767 s and 127 probes; a larger value would fail every
+        // connection, so it is refused with the URL.
+        "keepalives_idle" | "keepalives_interval" => {
             if let Some(d) = parse_secs(value)? {
-                cfg.keepalives_idle(d);
-            }
-        }
-        "keepalives_interval" => {
-            if let Some(d) = parse_secs(value)? {
-                cfg.keepalives_interval(d);
+                if d.as_secs() > MAX_KEEPALIVE_SECS {
+                    return Err(());
+                }
+                if key == "keepalives_idle" {
+                    cfg.keepalives_idle(d);
+                } else {
+                    cfg.keepalives_interval(d);
+                }
             }
         }
         "keepalives_count" | "keepalives_retries" => {
             let n = value.trim().parse::<u32>().map_err(|_| ())?;
+            if n > MAX_KEEPALIVE_PROBES {
+                return Err(());
+            }
             cfg.keepalives_retries(n);
         }
         "target_session_attrs" => {
@@ -853,6 +868,19 @@ mod tests {
             }
         );
         assert!(!parse("postgres://h/db?keepalives=0").tcp().keepalives);
+        // What the kernel would refuse is refused with the URL, naming the key.
+        for bad in [
+            "keepalives_idle=40000",
+            "keepalives_interval=99999",
+            "keepalives_count=500",
+            "tcp_user_timeout=9999999999",
+        ] {
+            let e = ConnInfo::parse_with_env(&format!("postgres://h/db?{bad}"), &env_user)
+                .unwrap_err()
+                .to_string();
+            let key = bad.split('=').next().unwrap_or_default();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
         let cfg = parse("postgres://h/db?tcp_user_timeout=5000").to_postgres_config();
         assert_eq!(
             cfg.get_tcp_user_timeout(),
