@@ -412,6 +412,10 @@ pub struct DestinationFacts {
     pub may_create: bool,
     /// `has_parameter_privilege(…, 'session_replication_role', 'SET')` (15+).
     pub may_set_replica_role: bool,
+    /// `has_database_privilege(current_database(), 'TEMP')`: the writers stage batches
+    /// in temporary tables.
+    pub may_create_temp: bool,
+    pub database: String,
 }
 
 pub fn judge_destination(f: &DestinationFacts, schema: &str) -> Vec<Line> {
@@ -433,6 +437,21 @@ pub fn judge_destination(f: &DestinationFacts, schema: &str) -> Vec<Line> {
              kvsz_progress, kvsz_deadletter): GRANT CREATE ON SCHEMA {} TO {}",
             f.user,
             sql_name(schema),
+            sql_name(&f.user)
+        ))
+    });
+    out.push(if f.superuser || f.may_create_temp {
+        Line::Ok(format!(
+            "database {}: role {} may create the temporary tables batches are staged in",
+            f.database, f.user
+        ))
+    } else {
+        Line::Problem(format!(
+            "role {} may not create temporary tables in database {}, where the writers stage \
+             their batches: GRANT TEMP ON DATABASE {} TO {}",
+            f.user,
+            f.database,
+            sql_name(&f.database),
             sql_name(&f.user)
         ))
     });
@@ -470,7 +489,8 @@ pub fn probe_destination(
         format!(
             "SELECT current_user::text, rolsuper, to_regnamespace($1) IS NOT NULL, \
                     CASE WHEN to_regnamespace($1) IS NULL THEN false \
-                         ELSE has_schema_privilege($1, 'CREATE') END, {param} \
+                         ELSE has_schema_privilege($1, 'CREATE') END, {param}, \
+                    has_database_privilege(current_database(), 'TEMP'), current_database()::text \
                FROM pg_roles WHERE rolname = current_user"
         )
         .as_str(),
@@ -483,6 +503,8 @@ pub fn probe_destination(
         schema_exists: r.get(2),
         may_create: r.get(3),
         may_set_replica_role: r.get(4),
+        may_create_temp: r.get(5),
+        database: r.get(6),
     })
 }
 
@@ -756,6 +778,7 @@ mod tests {
             version: 150000,
             user: "kv".into(),
             schema_exists: true,
+            database: "wh".into(),
             ..DestinationFacts::default()
         };
         let lines = judge_destination(&f, "dw");
@@ -765,6 +788,11 @@ mod tests {
                 Line::Problem(
                     "role kv may not create tables in schema dw (kvsz_sync_state, \
                      kvsz_progress, kvsz_deadletter): GRANT CREATE ON SCHEMA dw TO kv"
+                        .into()
+                ),
+                Line::Problem(
+                    "role kv may not create temporary tables in database wh, where the writers \
+                     stage their batches: GRANT TEMP ON DATABASE wh TO kv"
                         .into()
                 ),
                 Line::Warning(

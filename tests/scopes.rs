@@ -386,3 +386,53 @@ fn invalidated_slot_is_held_or_recopied_pg18() {
     assert_eq!(http::get(&addr, "/readyz").0, 200);
     daemon.stop_ok();
 }
+
+/// A role that may not create temporary tables cannot stage any batch: a prerequisite
+/// of the pool, named once with what to grant, not a hold of every table.
+#[test]
+fn no_temp_privilege_is_the_pools_prerequisite() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let table = "CREATE TABLE t (id int PRIMARY KEY, v int)";
+    let (db, ddb) = support::database_pair(src, dest, "tp", table, table);
+    dest.execute(
+        "postgres",
+        &format!("REVOKE TEMP ON DATABASE {ddb} FROM PUBLIC, kuvasz"),
+    );
+    let map = format!(
+        "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n\
+         [source.tables]\nt = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &[]);
+    let addr = http::address(&daemon);
+    support::wait_slot_active(src, &db, &format!("kuvasz_{db}_1"));
+    // A batch too big for literal statements: it is staged.
+    src.execute(
+        &db,
+        "INSERT INTO t SELECT g, g FROM generate_series(1, 5000) g",
+    );
+    let ready = wait_for(
+        "the missing privilege named",
+        Duration::from_secs(60),
+        || {
+            let (code, body) = http::get(&addr, "/readyz");
+            (code == 503 && body.contains("GRANT TEMP ON DATABASE")).then_some(body)
+        },
+    );
+    assert!(
+        ready.starts_with("{\"ready\":false,\"reasons\":[\"waiting for a prerequisite: writer "),
+        "{ready}"
+    );
+    dest.execute(
+        "postgres",
+        &format!("GRANT TEMP ON DATABASE {ddb} TO kuvasz"),
+    );
+    let count = || dest.query(&ddb, "SELECT count(*)::text FROM t")[0][0].clone();
+    wait_for(
+        "every row once TEMP is granted",
+        Duration::from_secs(120),
+        || (count() == Some("5000".to_string())).then_some(()),
+    );
+    daemon.stop_ok();
+}

@@ -110,6 +110,8 @@ pub enum WriterError {
     /// The session went out of step inside a transaction that cannot be given up
     /// alone (see [`Writer::reconnect`]).
     OutOfStep { writer: usize },
+    /// The role lacks what every batch needs (its staging tables), with what to grant.
+    Prerequisite { writer: usize, message: String },
 }
 
 /// A change the destination refused, with everything an operator needs to find it.
@@ -140,6 +142,9 @@ impl fmt::Display for WriterError {
                     "writer {writer}: session out of step after a refused COPY"
                 )
             }
+            WriterError::Prerequisite { writer, message } => {
+                write!(f, "writer {writer}: {message}")
+            }
             WriterError::Rejected(r) => write!(
                 f,
                 "writer {writer}: destination rejected {op} from source {source} (sid {sid}) \
@@ -167,6 +172,7 @@ impl WriterError {
             WriterError::Rejected(_) => Class::RejectedRow,
             WriterError::NoStage { .. } => Class::Bug,
             WriterError::OutOfStep { .. } => Class::Transient,
+            WriterError::Prerequisite { .. } => Class::Prerequisite,
         }
     }
 }
@@ -858,6 +864,18 @@ impl Writer {
                         self.stages.push((g.table.clone(), stage));
                         self.dirty.push(false);
                     }
+                    Err(e) if !self.may_create_temp() => {
+                        return Err(WriterError::Prerequisite {
+                            writer: self.id,
+                            message: format!(
+                                "cannot stage changes for {} ({}): the role may not create \
+                                 temporary tables in the destination database: GRANT TEMP ON \
+                                 DATABASE <database> TO <role>",
+                                g.table.display(),
+                                describe(&e)
+                            ),
+                        });
+                    }
                     Err(e) if fault::statement_fault(&e).is_some() => {
                         let why = format!(
                             "cannot stage changes for {}: {}",
@@ -871,6 +889,17 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Whether the role may create temporary tables here (asked after a stage could not
+    /// be made: a missing TEMP privilege is every target's problem, not one table's).
+    fn may_create_temp(&mut self) -> bool {
+        self.client
+            .query_one(
+                "SELECT has_database_privilege(current_database(), 'TEMP')",
+                &[],
+            )
+            .map_or(true, |r| r.get::<_, bool>(0))
     }
 
     /// The call that refuses a change of `mask` whose row the target does not have.
