@@ -468,7 +468,13 @@ pub struct WriterStatus {
     last_commit_micros: AtomicU64,
     pub batch_size: Histogram,
     pub commit_seconds: Histogram,
+    /// When the batch being applied started (0: none), to tell a writer stuck on the
+    /// destination (a lock held by an orphaned session, say) from a slow one.
+    applying_since_ms: AtomicI64,
 }
+
+/// A writer applying one batch for longer than this makes the daemon not ready.
+pub const STUCK_AFTER_MS: i64 = 120_000;
 
 impl Default for WriterStatus {
     fn default() -> Self {
@@ -480,12 +486,19 @@ impl Default for WriterStatus {
             last_commit_micros: AtomicU64::new(0),
             batch_size: Histogram::new(BATCH_BUCKETS),
             commit_seconds: Histogram::new(COMMIT_BUCKETS),
+            applying_since_ms: AtomicI64::new(0),
         }
     }
 }
 
 impl WriterStatus {
     /// A batch of `changes` was committed in `took`.
+    /// A batch starts being applied (`true`) or is done with (`false`).
+    pub fn applying(&self, on: bool) {
+        let at = if on { now_ms() } else { 0 };
+        self.applying_since_ms.store(at, Ordering::Relaxed);
+    }
+
     pub fn committed(&self, changes: usize, took: Duration) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.changes.fetch_add(changes as u64, Ordering::Relaxed);
@@ -622,6 +635,16 @@ impl Status {
         let mut reasons = Vec::new();
         if let Some((_, class, e)) = self.pool_fault.lock().as_ref() {
             reasons.push(format!("{}: {e}", class.policy().reason));
+        }
+        for (i, w) in self.writers.iter().enumerate() {
+            let since = w.applying_since_ms.load(Ordering::Relaxed);
+            if since > 0 && now - since > STUCK_AFTER_MS {
+                reasons.push(format!(
+                    "writer {i} has been applying one batch for {} s: the destination may be \
+                     holding it (a lock; see pg_stat_activity)",
+                    (now - since) / 1000
+                ));
+            }
         }
         for s in self.live() {
             if let Some((quiet, limit)) = s.silent(now) {
@@ -1194,6 +1217,27 @@ mod tests {
         st.pool_ok();
         assert!(st.not_ready().is_empty());
         assert!(st.to_json(now_ms()).contains("\"destination_error\":null"));
+    }
+
+    #[test]
+    fn readiness_names_a_stuck_writer() {
+        let st = one_source();
+        st.source(0).expect("source").set_state(State::Streaming);
+        st.writers[1].applying(true);
+        assert!(st.not_ready().is_empty());
+        st.writers[1]
+            .applying_since_ms
+            .store(now_ms() - STUCK_AFTER_MS - 5_000, Ordering::Relaxed);
+        assert_eq!(
+            st.not_ready(),
+            vec![
+                "writer 1 has been applying one batch for 125 s: the destination may be holding \
+                 it (a lock; see pg_stat_activity)"
+                    .to_string()
+            ]
+        );
+        st.writers[1].applying(false);
+        assert!(st.not_ready().is_empty());
     }
 
     #[test]

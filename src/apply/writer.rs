@@ -490,9 +490,14 @@ impl Writer {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
             let started = Instant::now();
-            if !self.apply_literal(&batch)? {
-                self.apply_batch(&batch)?;
-            }
+            self.applying(true);
+            let applied = match self.apply_literal(&batch) {
+                Ok(true) => Ok(()),
+                Ok(false) => self.apply_batch(&batch),
+                Err(e) => Err(e),
+            };
+            self.applying(false);
+            applied?;
             self.held_at.clear();
             self.end_txn();
             self.settings.status.pool_ok();
@@ -519,6 +524,13 @@ impl Writer {
             let _ = tx.send(());
         }
         Ok(())
+    }
+
+    /// Tells the status a batch is being applied (see [`crate::status::STUCK_AFTER_MS`]).
+    fn applying(&self, on: bool) {
+        if let Some(w) = self.settings.status.writers.get(self.id) {
+            w.applying(on);
+        }
     }
 
     /// A change the source refused, reported in a transaction of its own that also
