@@ -364,7 +364,13 @@ fn source_partition_is_noticed_pg18() {
             1 + i % 100
         )
     });
-    thread::sleep(Duration::from_millis(500));
+    // The workload's first row has streamed through: the stream is live when cut.
+    wait_for("the workload streaming", Duration::from_secs(30), || {
+        let n = r
+            .dest
+            .query(&r.db_dst, "SELECT count(*) FROM t WHERE id >= 1000");
+        (n[0][0].as_deref() != Some("0")).then_some(())
+    });
     r.ns().cut("source");
     let cut_at = Instant::now();
     let limit = Duration::from_secs_f64(WAL_RECEIVER_TIMEOUT + 10.0);
