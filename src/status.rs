@@ -131,6 +131,14 @@ impl TableCounters {
         }
     }
 
+    /// The copy starts over (its careful pass): its progress counts from zero again.
+    pub fn copy_restarted(&self) {
+        if let Some(c) = self.copy.lock().as_mut() {
+            c.rows = 0;
+            c.bytes = 0;
+        }
+    }
+
     pub fn copy_done(&self) {
         if let Some(c) = self.copy.lock().as_mut() {
             c.finished_ms = Some(now_ms());
@@ -190,6 +198,9 @@ pub struct SourceStatus {
     /// Failures by class (index in [`Class::ALL`]).
     failures: [AtomicU64; Class::ALL.len()],
     last_rejected: Mutex<Option<RejectedRow>>,
+    /// Where a writer held this source (the refused change's commit LSN) and why: started
+    /// again, it replays up to that change and is not ready until it has confirmed it.
+    held: Mutex<Option<(Lsn, Class, String)>>,
     /// Lag samples for the page's sparkline: (Unix ms, lag seconds).
     lag_history: Mutex<VecDeque<(i64, f64)>>,
 }
@@ -223,6 +234,7 @@ impl SourceStatus {
             last_error: Mutex::new(None),
             failures: Default::default(),
             last_rejected: Mutex::new(None),
+            held: Mutex::new(None),
             lag_history: Mutex::new(VecDeque::new()),
         }
     }
@@ -273,6 +285,24 @@ impl SourceStatus {
         let quiet = now_ms - heard;
         (self.state() == State::Streaming && heard > 0 && limit > 0 && quiet > limit)
             .then_some((quiet, limit))
+    }
+
+    /// A writer held the source at the change committed at `lsn` (see [`Self::held`]).
+    pub fn held_at(&self, lsn: Lsn, class: Class, report: &str) {
+        *self.held.lock() = Some((lsn, class, report.to_string()));
+    }
+
+    /// The hold the source has not yet confirmed past (its change applied): (LSN, class,
+    /// report).
+    fn still_held(&self) -> Option<(Lsn, Class, String)> {
+        let mut held = self.held.lock();
+        if held
+            .as_ref()
+            .is_some_and(|(lsn, _, _)| self.confirmed_lsn() > *lsn)
+        {
+            *held = None;
+        }
+        held.clone()
     }
 
     /// The source failed with `message` and will be retried.
@@ -658,6 +688,15 @@ impl Status {
                 continue;
             }
             if s.state() == State::Streaming {
+                // Streaming again after a hold, up to the change it was held at: still
+                // the same problem until that change is applied.
+                if let Some((lsn, class, e)) = s.still_held() {
+                    reasons.push(format!(
+                        "source {} is retrying ({}): {e} (replaying up to LSN {lsn})",
+                        s.label(),
+                        class.policy().reason
+                    ));
+                }
                 continue;
             }
             let mut r = format!("source {} is {}", s.label(), s.state().name());
@@ -1192,6 +1231,30 @@ mod tests {
             ]
         );
         st.source(0).expect("source").set_state(State::Streaming);
+        assert_eq!(st.readiness_json(), "{\"ready\":true,\"reasons\":[]}\n");
+    }
+
+    #[test]
+    fn a_held_source_streaming_again_is_ready_once_past_its_change() {
+        let st = one_source();
+        let s = st.source(0).expect("source");
+        s.held_at(
+            Lsn(500),
+            Class::RejectedRow,
+            "writer 0: destination rejected INSERT",
+        );
+        s.failed(Class::RejectedRow, "writer 0: destination rejected INSERT");
+        s.set_state(State::Streaming);
+        s.confirmed(Lsn(400));
+        assert_eq!(
+            st.not_ready(),
+            vec![
+                "source shop/eu\"1 is retrying (held by a rejected row): writer 0: destination \
+                 rejected INSERT (replaying up to LSN 0/1F4)"
+                    .to_string()
+            ]
+        );
+        s.confirmed(Lsn(600));
         assert_eq!(st.readiness_json(), "{\"ready\":true,\"reasons\":[]}\n");
     }
 

@@ -436,3 +436,184 @@ fn no_temp_privilege_is_the_pools_prerequisite() {
     );
     daemon.stop_ok();
 }
+
+/// The source side of the copy tests: `t` with 3,000 rows (three the destination
+/// refuses: two break its CHECK, one is too long for its varchar); `u`, whose
+/// append target already holds a row of this sid, so its copy is merged (two rows
+/// refused there); `h`, whose history target holds a version of this sid, so its copy is
+/// merged into the versions (two rows refused there).
+const COPY_SRC: &str = "CREATE TABLE t (id int PRIMARY KEY, v int, name text); \
+     INSERT INTO t SELECT g, CASE WHEN g IN (17, 2999) THEN -1 ELSE g END, \
+     CASE WHEN g = 1500 THEN 'toolong' ELSE 'n' || (g % 100) END FROM generate_series(1, 3000) g; \
+     CREATE TABLE u (id int PRIMARY KEY, v int); \
+     INSERT INTO u SELECT g, CASE WHEN g IN (5, 900) THEN -1 ELSE g END FROM generate_series(1, 1000) g; \
+     CREATE TABLE h (id int PRIMARY KEY, v int); \
+     INSERT INTO h SELECT g, CASE WHEN g IN (7, 300) THEN -1 ELSE g END FROM generate_series(1, 500) g";
+const COPY_DEST: &str =
+    "CREATE TABLE t (sid text, id int, v int CONSTRAINT v_ok CHECK (v >= 0), name varchar(5), \
+     PRIMARY KEY (sid, id)); \
+     CREATE TABLE u (sid text, id int, v int CONSTRAINT u_ok CHECK (v >= 0), PRIMARY KEY (sid, id)); \
+     INSERT INTO u VALUES ('1', 0, 0); \
+     CREATE TABLE h (sid text, id int, v int CONSTRAINT h_ok CHECK (v >= 0), kvsz_start timestamptz, \
+     kvsz_end timestamptz, kvsz_deleted boolean, PRIMARY KEY (sid, id, kvsz_start)); \
+     INSERT INTO h VALUES ('1', 0, 0, '1900-01-01 00:00:00+00', '9999-01-01 00:00:00+00', false)";
+
+fn copy_map(src: &support::Cluster, db: &str) -> String {
+    format!(
+        "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n\
+         [source.tables]\nt = {{}}\nu = {{ type = \"append\" }}\nh = {{ type = \"history\" }}\n",
+        src.url(db)
+    )
+}
+
+/// Rows the destination refuses in the initial copy go by `on_error` like streamed
+/// ones: with `deadletter` each is kept in `kvsz_deadletter` (op COPY, its values, the
+/// server's message) and every other row lands, in a direct copy and a merged one alike.
+fn copy_refusals_are_deadlettered(version: u32) {
+    let src = source(version);
+    let dest = destination();
+    let (db, ddb) = support::database_pair(src, dest, "cr", COPY_SRC, COPY_DEST);
+    let daemon = Daemon::start(
+        &dest.url(&ddb),
+        &copy_map(src, &db),
+        &["on_error = \"deadletter\""],
+    );
+    let addr = http::address(&daemon);
+    support::wait_slot_active(src, &db, &format!("kuvasz_{db}_1"));
+    src.execute(
+        &db,
+        "INSERT INTO t VALUES (3001, 1, 'x'); INSERT INTO u VALUES (1001, 1)",
+    );
+    let count =
+        |t: &str| dest.query(&ddb, &format!("SELECT count(*)::text FROM {t}"))[0][0].clone();
+    wait_for(
+        "the good rows and a streamed one",
+        Duration::from_secs(60),
+        || {
+            (count("t") == Some("2998".into())
+                && count("u") == Some("1000".into())
+                && count("h") == Some("499".into()))
+            .then_some(())
+        },
+    );
+    let expected = src.query(
+        &db,
+        "SELECT id::text, v::text, name FROM t WHERE v >= 0 AND length(name) <= 5 ORDER BY id",
+    );
+    assert_eq!(
+        dest.query(
+            &ddb,
+            "SELECT id::text, v::text, name::text FROM t ORDER BY id"
+        ),
+        expected
+    );
+    let dead = dest.query(
+        &ddb,
+        "SELECT source_table, op, row->>'id', row->>'v', row->>'name', sid, \
+         CASE WHEN error LIKE '%v_ok%' OR error LIKE '%u_ok%' OR error LIKE '%h_ok%' THEN 'check' \
+         WHEN error LIKE '%value too long%' THEN 'long' ELSE error END \
+         FROM kvsz_deadletter ORDER BY source_table, (row->>'id')::int",
+    );
+    let s = |v: &str| Some(v.to_string());
+    let row = |t: &str, id: &str, v: &str, name: Option<&str>, why: &str| {
+        vec![
+            s(t),
+            s("COPY"),
+            s(id),
+            s(v),
+            name.map(String::from),
+            s("1"),
+            s(why),
+        ]
+    };
+    assert_eq!(
+        dead,
+        vec![
+            row("public.h", "7", "-1", None, "check"),
+            row("public.h", "300", "-1", None, "check"),
+            row("public.t", "17", "-1", Some("n17"), "check"),
+            row("public.t", "1500", "1500", Some("toolong"), "long"),
+            row("public.t", "2999", "-1", Some("n99"), "check"),
+            row("public.u", "5", "-1", None, "check"),
+            row("public.u", "900", "-1", None, "check"),
+        ]
+    );
+    let (_, status) = http::get(&addr, "/api/status");
+    assert!(status.contains("\"rejected\":7,"), "{status}");
+    // The version of a key the source no longer has is closed; the others are open.
+    assert_eq!(
+        dest.query(
+            &ddb,
+            "SELECT count(*) FILTER (WHERE kvsz_deleted AND id = 0)::text, \
+             count(*) FILTER (WHERE kvsz_end = '9999-01-01 00:00:00+00')::text FROM h"
+        ),
+        vec![vec![s("1"), s("498")]]
+    );
+    assert_eq!(http::get(&addr, "/readyz").0, 200);
+    daemon.stop_ok();
+}
+
+#[test]
+fn copy_refusals_are_deadlettered_pg12() {
+    copy_refusals_are_deadlettered(12);
+}
+
+#[test]
+fn copy_refusals_are_deadlettered_pg18() {
+    copy_refusals_are_deadlettered(18);
+}
+
+/// With `on_error = stop` a row the copy cannot write holds its source, named with its
+/// table, key and the server's message; nothing of the copy lands until the operator
+/// fixes the cause, then everything does.
+#[test]
+fn copy_refusal_stops_with_its_key() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let (db, ddb) = support::database_pair(src, dest, "cs", COPY_SRC, COPY_DEST);
+    let daemon = Daemon::start(&dest.url(&ddb), &copy_map(src, &db), &[]);
+    let addr = http::address(&daemon);
+    let ready = wait_for("the refused row named", Duration::from_secs(60), || {
+        let (code, body) = http::get(&addr, "/readyz");
+        (code == 503 && body.contains("key (id)=(")).then_some(body)
+    });
+    assert!(
+        ready.contains("destination rejected COPY of public.t key (id)=(17) at LSN ")
+            && ready.contains("v_ok"),
+        "{ready}"
+    );
+    let (_, status) = http::get(&addr, "/api/status");
+    assert!(
+        status.contains("\"last_rejected\":{") && status.contains("\"key\":\"(id)=(17)\""),
+        "{status}"
+    );
+    let count =
+        |t: &str| dest.query(&ddb, &format!("SELECT count(*)::text FROM {t}"))[0][0].clone();
+    assert_eq!(
+        (count("t"), count("u")),
+        (Some("0".into()), Some("1".into()))
+    );
+    dest.execute(
+        &ddb,
+        "ALTER TABLE t DROP CONSTRAINT v_ok; ALTER TABLE t ALTER name TYPE text; \
+         ALTER TABLE u DROP CONSTRAINT u_ok; ALTER TABLE h DROP CONSTRAINT h_ok",
+    );
+    wait_for("every row once fixed", Duration::from_secs(120), || {
+        (count("t") == Some("3000".into())
+            && count("u") == Some("1001".into())
+            && count("h") == Some("501".into()))
+        .then_some(())
+    });
+    wait_for("ready again", Duration::from_secs(30), || {
+        (http::get(&addr, "/readyz").0 == 200).then_some(())
+    });
+    // Nothing parked: with `stop` the dead-letter table is never even made.
+    assert_eq!(
+        dest.query(
+            &ddb,
+            "SELECT (to_regclass('kvsz_deadletter') IS NULL)::text"
+        ),
+        vec![vec![Some("true".to_string())]]
+    );
+    daemon.stop_ok();
+}

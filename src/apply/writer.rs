@@ -1292,6 +1292,9 @@ impl Writer {
                 self.settings.progress.hold(c.source);
                 self.held_at.push((c.source, c.pos));
                 self.markers.retain(|(s, _)| *s != c.source);
+                if let Some(s) = self.settings.status.source(c.source) {
+                    s.held_at(c.pos.commit_lsn, class, &report);
+                }
                 let _ = self.settings.rejections.send((c.source, class, report));
                 Ok(())
             }

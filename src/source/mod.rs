@@ -1,6 +1,7 @@
 //! One thread per source URL: prerequisites, publication and slot lifecycle, initial
 //! sync, and the streaming loop that turns decoded rows into routed Changes.
 
+pub mod careful;
 pub mod mapping;
 pub mod retire;
 pub mod setup;

@@ -22,8 +22,9 @@ use crate::pg::Lsn;
 use crate::status::State;
 use crate::store::{self, Phase, SyncState, INS_MARKER};
 
+use super::careful::RefusedRow;
 use super::mapping::HISTORY_COLUMNS;
-use super::sync::{copy_group, CopyOptions, CopyPlan, Deadletter, RateLimiter};
+use super::sync::{copy_group, CopyError, CopyOptions, CopyPlan, Deadletter, RateLimiter};
 use super::{SourceEnv, SourceError, SourceSpec, SYNC_STATE_TABLE};
 
 /// Source table name as `(schema, table)`.
@@ -1080,6 +1081,19 @@ fn routes(
         .collect()
 }
 
+/// A copied row the destination refused, counted and shown in `/api/status` as a
+/// streamed change's is.
+fn report_refused(env: &SourceEnv, row: &RefusedRow) {
+    env.status.rejected(crate::status::RejectedRow {
+        at_ms: crate::status::now_ms(),
+        table: row.table.clone(),
+        op: "COPY".to_string(),
+        key: row.key.clone(),
+        lsn: row.lsn,
+        message: row.message.clone(),
+    });
+}
+
 /// The snapshot copies are taken from.
 struct Snapshot<'a> {
     /// The exported snapshot's name (None: a fresh REPEATABLE READ transaction).
@@ -1216,15 +1230,27 @@ fn copy_one_target(
     };
     let result = copy_group(src, dest, &plans, &done, &opts, limiter, &stop);
     let _ = src.batch_execute("COMMIT");
-    let counts = result.map_err(|error| SourceError::Sync {
-        source: spec.label(),
-        table: name.clone(),
-        error,
-    })?;
+    let copied = match result {
+        Ok(copied) => copied,
+        Err(error) => {
+            if let CopyError::Refused(row) = &error {
+                report_refused(env, row);
+            }
+            return Err(SourceError::Sync {
+                source: spec.label(),
+                table: name.clone(),
+                error,
+            });
+        }
+    };
+    for row in &copied.refused {
+        report_refused(env, row);
+        warn!("source {}: {row}; written to kvsz_deadletter", spec.label());
+    }
     for t in &tables {
         t.copy_done();
     }
-    for (r, (rows, bytes)) in group.iter().zip(counts) {
+    for (r, (rows, bytes)) in group.iter().zip(copied.counts) {
         info!(
             "source {}: copied {} → {}: {rows} rows, {bytes} bytes in {:.1}s",
             spec.label(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use log::debug;
 use postgres::Client;
 
 use crate::apply::history::{FIRST_START, OPEN_END, OPEN_FROM};
@@ -17,6 +18,8 @@ use crate::pg::encoding::NotUtf8;
 use crate::pg::quote::{ident, jsonb_object, literal, push_copy_field, qualified};
 use crate::pg::Lsn;
 use crate::status::TableCounters;
+
+use super::careful::{self, Careful, RefusedRow, Sink};
 
 /// What to copy: the shared columns of one source table into its target.
 #[derive(Clone, Debug)]
@@ -173,23 +176,17 @@ impl CopyPlan {
     fn merge_sql(&self) -> String {
         let t = qualified(&self.target_schema, &self.target_table);
         let cols = self.target_columns();
-        let mut key: Vec<String> = self.key.iter().map(|c| ident(c)).collect();
-        let matches = if key.is_empty() {
+        let (key, matches) = if self.key.is_empty() {
             // No key (inserts only): a row already there, compared by its text form (any
             // type, NULLs alike), is not added again.
-            key = cols.clone();
-            key.iter()
+            let same = cols
+                .iter()
                 .map(|k| format!("t.{k}::text IS NOT DISTINCT FROM s.{k}::text"))
                 .collect::<Vec<_>>()
-                .join(" AND ")
+                .join(" AND ");
+            (cols.clone(), same)
         } else {
-            if self.sid.is_some() {
-                key.push(ident("sid"));
-            }
-            key.iter()
-                .map(|k| format!("t.{k} = s.{k}"))
-                .collect::<Vec<_>>()
-                .join(" AND ")
+            (self.key_with_sid(), self.key_on("t", "s"))
         };
         let sets: Vec<String> = cols
             .iter()
@@ -221,17 +218,18 @@ impl CopyPlan {
     /// 1900-01-01 when its key has no version at all). A re-copy of unchanged rows
     /// changes nothing.
     fn history_merge_sql(&self, since: &str) -> String {
+        format!(
+            "{}; {}; {}",
+            self.history_close_sql(since),
+            self.history_open_sql(since, None),
+            self.drop_stage_sql()
+        )
+    }
+
+    /// Closes the open versions the copy ends: see
+    /// [`history_merge_sql`](Self::history_merge_sql).
+    pub(super) fn history_close_sql(&self, since: &str) -> String {
         let t = qualified(&self.target_schema, &self.target_table);
-        let mut key: Vec<String> = self.key.iter().map(|c| ident(c)).collect();
-        if self.sid.is_some() {
-            key.push(ident("sid"));
-        }
-        let on = |a: &str, b: &str| {
-            key.iter()
-                .map(|k| format!("{a}.{k} = {b}.{k}"))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
         let same: String = self
             .row_columns()
             .iter()
@@ -243,31 +241,91 @@ impl CopyPlan {
             Some(sid) => format!(" AND t.{} = {}", ident("sid"), literal(sid.as_str())),
             None => String::new(),
         };
+        let key_ts = self.key_on("t", "s");
         let only_changed = if self.shared {
-            format!(
-                " AND EXISTS (SELECT 1 FROM {STAGE} s WHERE {})",
-                on("t", "s")
-            )
+            format!(" AND EXISTS (SELECT 1 FROM {STAGE} s WHERE {key_ts})")
         } else {
             String::new()
         };
-        let cols = self.row_columns();
-        let picked: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
         format!(
             "ANALYZE {STAGE}; \
              UPDATE {t} t SET kvsz_end = {since}, kvsz_deleted = NOT EXISTS \
              (SELECT 1 FROM {STAGE} s WHERE {key_ts}) WHERE t.kvsz_end >= {open} AND \
              t.kvsz_start < {since}{mine}{only_changed} AND NOT EXISTS (SELECT 1 FROM {STAGE} s \
-             WHERE {key_ts}{same}); \
-             INSERT INTO {t} ({list}, kvsz_start, kvsz_end, kvsz_deleted) SELECT {picked}, \
+             WHERE {key_ts}{same})"
+        )
+    }
+
+    /// The target's key columns, quoted: the source's key, then `sid`.
+    fn key_with_sid(&self) -> Vec<String> {
+        let mut key: Vec<String> = self.key.iter().map(|c| ident(c)).collect();
+        if self.sid.is_some() {
+            key.push(ident("sid"));
+        }
+        key
+    }
+
+    /// Rows `a` and `b` have the same key (sid included).
+    fn key_on(&self, a: &str, b: &str) -> String {
+        self.key_with_sid()
+            .iter()
+            .map(|k| format!("{a}.{k} = {b}.{k}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// Opens a version for every staged row (of `lines`, a range of
+    /// [`number_stage_sql`](Self::number_stage_sql)'s numbers, when given) whose key has
+    /// no open one: see [`history_merge_sql`](Self::history_merge_sql).
+    pub(super) fn history_open_sql(&self, since: &str, lines: Option<(i64, i64)>) -> String {
+        let t = qualified(&self.target_schema, &self.target_table);
+        let cols = self.row_columns();
+        let picked: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
+        let key_xs = self.key_on("x", "s");
+        let within = lines.map_or_else(String::new, |(from, to)| {
+            format!(" AND s.kvsz_line >= {from} AND s.kvsz_line < {to}")
+        });
+        format!(
+            "INSERT INTO {t} ({list}, kvsz_start, kvsz_end, kvsz_deleted) SELECT {picked}, \
              CASE WHEN EXISTS (SELECT 1 FROM {t} x WHERE {key_xs}) THEN {since} ELSE \
              s.kvsz_start END, s.kvsz_end, s.kvsz_deleted FROM {STAGE} s WHERE NOT EXISTS \
-             (SELECT 1 FROM {t} x WHERE {key_xs} AND x.kvsz_end >= {open}); DROP TABLE {STAGE}",
-            key_ts = on("t", "s"),
-            key_xs = on("x", "s"),
+             (SELECT 1 FROM {t} x WHERE {key_xs} AND x.kvsz_end >= {open}){within}",
             list = cols.join(", "),
             picked = picked.join(", "),
+            since = literal(since),
+            open = literal(OPEN_FROM),
         )
+    }
+
+    /// Numbers the staged rows from 0 (a column `kvsz_line`), so ranges of them can be
+    /// merged apart; returns how many there are.
+    pub(super) fn number_stage_sql(&self) -> String {
+        format!(
+            "ALTER TABLE {STAGE} ADD COLUMN kvsz_line bigint GENERATED ALWAYS AS IDENTITY \
+             (MINVALUE 0 START WITH 0)"
+        )
+    }
+
+    pub(super) fn count_stage_sql(&self) -> String {
+        format!("SELECT count(*) FROM {STAGE}")
+    }
+
+    /// The row columns of the staged row numbered `$1`, as text.
+    pub(super) fn staged_row_sql(&self) -> String {
+        let cols: Vec<String> = self
+            .columns
+            .iter()
+            .chain(&self.set_extra)
+            .map(|c| format!("{}::text", ident(c)))
+            .collect();
+        format!(
+            "SELECT {} FROM {STAGE} WHERE kvsz_line = $1",
+            cols.join(", ")
+        )
+    }
+
+    pub(super) fn drop_stage_sql(&self) -> String {
+        format!("DROP TABLE {STAGE}")
     }
 
     /// Clears what an earlier copy of this source left in the target, so a re-sync
@@ -358,6 +416,9 @@ pub enum CopyError {
     /// A row's filter or set expression failed and `on_error = stop`: the copy is rolled
     /// back and retried.
     Rejected(String),
+    /// The destination refused a row and `on_error = stop`: the copy is rolled back and
+    /// retried.
+    Refused(Box<RefusedRow>),
 }
 
 impl std::fmt::Display for CopyError {
@@ -376,6 +437,7 @@ impl std::fmt::Display for CopyError {
             },
             CopyError::Stopped => f.write_str("stopped before the copy finished"),
             CopyError::Rejected(m) => write!(f, "a row was rejected: {m}"),
+            CopyError::Refused(r) => write!(f, "{r}"),
         }
     }
 }
@@ -395,15 +457,33 @@ impl CopyError {
                 None => Class::Transient,
             },
             CopyError::Stopped => Class::Transient,
-            CopyError::Rejected(_) => Class::RejectedRow,
+            CopyError::Rejected(_) | CopyError::Refused(_) => Class::RejectedRow,
         }
     }
+
+    /// The destination's error, when the destination refused something.
+    pub fn server_error(&self) -> Option<&postgres::Error> {
+        match self {
+            CopyError::Destination(e) => Some(e),
+            CopyError::Io(e) => e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<postgres::Error>()),
+            _ => None,
+        }
+    }
+}
+
+/// What a copy did: rows and bytes per plan, and the rows the destination refused that
+/// went to `kvsz_deadletter`.
+pub struct Copied {
+    pub counts: Vec<(u64, u64)>,
+    pub refused: Vec<RefusedRow>,
 }
 
 /// Copies the source tables of one target. The source must already be inside the
 /// snapshot's transaction; the destination work (a clone target's rows of this sid
 /// cleared once, every COPY, `done_sql`) commits as one transaction, so the tables are
-/// either all copied and marked done, or not at all. Returns rows and bytes per plan.
+/// either all copied and marked done, or not at all.
 pub fn copy_group(
     src: &mut Client,
     dest: &mut Client,
@@ -412,13 +492,20 @@ pub fn copy_group(
     opts: &CopyOptions,
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
-) -> Result<Vec<(u64, u64)>, CopyError> {
+) -> Result<Copied, CopyError> {
     let mut tx = dest.transaction().map_err(CopyError::Destination)?;
+    // A deferred constraint is checked by the statement that breaks it, inside its
+    // table's savepoint, so its rows can be found and the rest kept.
+    tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+        .map_err(CopyError::Destination)?;
     if let Some(first) = plans.first().filter(|p| p.clears()) {
         tx.batch_execute(&first.clear_sql())
             .map_err(CopyError::Destination)?;
     }
-    let mut counts = Vec::with_capacity(plans.len());
+    let mut copied = Copied {
+        counts: Vec::with_capacity(plans.len()),
+        refused: Vec::new(),
+    };
     // Every other encoding is converted to UTF-8 by the source itself. A SQL_ASCII one
     // has nothing to convert from, and asked for UTF8 it fails the whole COPY at the
     // first value that is not: its bytes are taken as they are and checked here.
@@ -447,6 +534,11 @@ pub fn copy_group(
         tx.batch_execute(&p.stage_sql())
             .map_err(CopyError::Destination)?;
     }
+    let pass = Pass {
+        check_utf8,
+        lsn: opts.lsn,
+        deadletter: opts.deadletter.as_ref(),
+    };
     for (i, plan) in plans.iter().enumerate() {
         let progress = opts.progress.get(i).map(Arc::as_ref);
         let merge = history_merge
@@ -456,30 +548,20 @@ pub fn copy_group(
                     .query_one(plan.any_rows_sql().as_str(), &[])
                     .map_err(CopyError::Destination)?
                     .get::<_, bool>(0));
-        let into = if merge {
-            if history.is_none() {
-                tx.batch_execute(&plan.stage_sql())
-                    .map_err(CopyError::Destination)?;
-            }
-            format!(
-                "COPY {STAGE} ({}) FROM STDIN",
-                plan.target_columns().join(", ")
-            )
-        } else {
-            plan.copy_in_sql()
-        };
         let mut rejected = Vec::new();
-        counts.push(pipe(
+        let (counts, refused) = copy_plan(
             src,
             &mut tx,
             plan,
-            &into,
-            check_utf8,
+            (merge, history.is_some()),
+            &pass,
             limiter,
             stop,
             &mut rejected,
             progress,
-        )?);
+        )?;
+        copied.counts.push(counts);
+        copied.refused.extend(refused);
         if !rejected.is_empty() {
             let Some(dl) = &opts.deadletter else {
                 return Err(CopyError::Rejected(rejected.swap_remove(0).1));
@@ -489,35 +571,151 @@ pub fn copy_group(
                     .map_err(CopyError::Destination)?;
             }
         }
-        if merge && history.is_none() {
-            tx.batch_execute(&plan.merge_sql())
-                .map_err(CopyError::Destination)?;
-        }
     }
-    if let (Some(p), true) = (history, history_merge) {
-        tx.batch_execute(&p.history_merge_sql(&opts.since))
-            .map_err(CopyError::Destination)?;
+    if history_merge {
+        let refused = merge_history(&mut tx, plans, &opts.since, &pass)?;
+        copied.refused.extend(refused);
     }
     tx.batch_execute(done_sql).map_err(CopyError::Destination)?;
     tx.commit().map_err(CopyError::Destination)?;
-    Ok(counts)
+    Ok(copied)
 }
 
-/// COPY out of the source into `into` on the destination, the sid appended to each row;
-/// with expressions, rows parsed, filtered and computed, and those whose expression
+/// Merges a history target's stage in one statement, or when the destination refused a
+/// row of it, a range of rows at a time (see [`careful::history_merge`]).
+fn merge_history(
+    tx: &mut postgres::Transaction<'_>,
+    plans: &[&CopyPlan],
+    since: &str,
+    pass: &Pass,
+) -> Result<Vec<RefusedRow>, CopyError> {
+    let Some(plan) = plans.first() else {
+        return Ok(Vec::new());
+    };
+    let merge = plan.history_merge_sql(since);
+    let refusal = careful::attempt(tx, |tx| {
+        tx.batch_execute(&merge).map_err(CopyError::Destination)
+    })?;
+    match refusal {
+        None => Ok(Vec::new()),
+        Some(r) => {
+            debug!(
+                "history merge into {}.{} refused a row ({}): merging again a range at a time",
+                plan.target_schema, plan.target_table, r.message
+            );
+            careful::history_merge(tx, plans, since, pass.lsn, pass.deadletter)
+        }
+    }
+}
+
+/// What every plan of a copy is read and refused with.
+struct Pass<'a> {
+    check_utf8: bool,
+    lsn: Lsn,
+    deadletter: Option<&'a Deadletter>,
+}
+
+/// Copies one plan under a savepoint: in one COPY (the fast pass), or when the
+/// destination refused a row of it, again from the snapshot in the careful pass (see
+/// [`careful`](super::careful)). `merge`: whether the rows are merged by key rather than
+/// copied into an empty target, and whether a history target's shared stage takes
+/// them. Returns rows and bytes, and the rows refused into `kvsz_deadletter`.
+#[allow(clippy::too_many_arguments)]
+fn copy_plan(
+    src: &mut Client,
+    tx: &mut postgres::Transaction<'_>,
+    plan: &CopyPlan,
+    (merge, history): (bool, bool),
+    pass: &Pass,
+    limiter: &mut RateLimiter,
+    stop: &dyn Fn() -> bool,
+    rejected: &mut Vec<(String, String)>,
+    progress: Option<&TableCounters>,
+) -> Result<((u64, u64), Vec<RefusedRow>), CopyError> {
+    let stage_copy = format!(
+        "COPY {STAGE} ({}) FROM STDIN",
+        plan.target_columns().join(", ")
+    );
+    // A merge of this plan alone stages its rows in a table of its own, merged (and
+    // dropped) after them; a history target's stage is shared and merged at the end.
+    let own_stage = merge && !history;
+    let into = if merge {
+        stage_copy.clone()
+    } else {
+        plan.copy_in_sql()
+    };
+    // Both passes read the table the same way, from the same snapshot.
+    let mut read = |rejected: &mut Vec<(String, String)>,
+                    sink: &mut dyn FnMut(&[u8]) -> Result<(), CopyError>| {
+        pipe(
+            src,
+            plan,
+            pass.check_utf8,
+            limiter,
+            stop,
+            rejected,
+            progress,
+            sink,
+        )
+    };
+    let mut counts = (0, 0);
+    let refusal = careful::attempt(tx, |tx| {
+        if own_stage {
+            tx.batch_execute(&plan.stage_sql())
+                .map_err(CopyError::Destination)?;
+        }
+        let mut writer = tx.copy_in(into.as_str()).map_err(CopyError::Destination)?;
+        counts = read(rejected, &mut |out| {
+            writer.write_all(out).map_err(CopyError::Io)
+        })?;
+        writer.finish().map_err(CopyError::Destination)?;
+        if own_stage {
+            tx.batch_execute(&plan.merge_sql())
+                .map_err(CopyError::Destination)?;
+        }
+        Ok(())
+    })?;
+    let Some(refusal) = refusal else {
+        return Ok((counts, Vec::new()));
+    };
+    debug!(
+        "copy of {}.{} refused a row ({}): copying it again, a chunk at a time",
+        plan.source_schema, plan.source_table, refusal.message
+    );
+    rejected.clear();
+    if let Some(p) = progress {
+        p.copy_restarted();
+    }
+    let (stage, merge_sql) = (plan.stage_sql(), plan.merge_sql());
+    let sink = if own_stage {
+        Sink::Merge {
+            stage: &stage,
+            copy: &stage_copy,
+            merge: &merge_sql,
+        }
+    } else {
+        Sink::Copy(&into)
+    };
+    let mut careful = Careful::new(plan, sink, pass.lsn, pass.deadletter);
+    let counts = read(rejected, &mut |out| careful.feed(tx, out))?;
+    let refused = careful.finish(tx)?;
+    Ok(((counts.0 - refused.len() as u64, counts.1), refused))
+}
+
+/// COPY out of the source, each chunk handed to `sink` with the sid appended to each
+/// row; with expressions, rows parsed, filtered and computed, and those whose expression
 /// failed left out and returned in `rejected` (their values as JSON, the error); with
 /// `check_utf8` (a SQL_ASCII source), rows whose bytes are not UTF-8 too.
 #[allow(clippy::too_many_arguments)]
 fn pipe(
     src: &mut Client,
-    tx: &mut postgres::Transaction<'_>,
     plan: &CopyPlan,
-    into: &str,
     check_utf8: bool,
     limiter: &mut RateLimiter,
     stop: &dyn Fn() -> bool,
     rejected: &mut Vec<(String, String)>,
     progress: Option<&TableCounters>,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), CopyError>,
 ) -> Result<(u64, u64), CopyError> {
     let field = plan.suffix();
     let mut rows = 0u64;
@@ -525,7 +723,6 @@ fn pipe(
     let mut reader = src
         .copy_out(plan.copy_out_sql().as_str())
         .map_err(CopyError::Source)?;
-    let mut writer = tx.copy_in(into).map_err(CopyError::Destination)?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::with_capacity(320 * 1024);
     let mut rowwise = plan.exprs.as_ref().map(|e| RowWise::new(plan, e));
@@ -559,9 +756,8 @@ fn pipe(
             p.copied(r, n as u64);
         }
         limiter.take(r);
-        writer.write_all(&out).map_err(CopyError::Io)?;
+        sink(&out)?;
     }
-    writer.finish().map_err(CopyError::Destination)?;
     Ok((rows, bytes))
 }
 
@@ -744,7 +940,7 @@ impl<'p> RowWise<'p> {
 }
 
 /// A COPY text field's value (None: `\N`, NULL).
-fn unescape(field: &[u8]) -> Option<String> {
+pub(super) fn unescape(field: &[u8]) -> Option<String> {
     if field == b"\\N" {
         return None;
     }
@@ -814,7 +1010,13 @@ fn row_json(columns: &[(String, Kind)], texts: &[Option<String>]) -> String {
 }
 
 /// The dead letter of a copied row whose expression failed.
-fn deadletter_sql(dl: &Deadletter, plan: &CopyPlan, lsn: Lsn, row: &str, error: &str) -> String {
+pub(super) fn deadletter_sql(
+    dl: &Deadletter,
+    plan: &CopyPlan,
+    lsn: Lsn,
+    row: &str,
+    error: &str,
+) -> String {
     crate::store::deadletter_sql(
         &dl.schema,
         &crate::store::DeadLetter {
