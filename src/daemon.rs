@@ -345,6 +345,21 @@ fn generation(
             .map_err(|e| (Class::Transient, format!("cannot start writer thread: {e}")))?;
         writers.push(Some(h));
     }
+    // Not joined: it ends at its next tick, and a query it waits on must not hold a stop.
+    let watching = Arc::new(AtomicBool::new(false));
+    {
+        let (status, sessions, stop) =
+            (settings.status.clone(), sessions.clone(), watching.clone());
+        thread::Builder::new()
+            .name("watch".into())
+            .spawn(move || crate::apply::watch::run(status, sessions, stop))
+            .map_err(|e| {
+                (
+                    Class::Transient,
+                    format!("cannot start the watch thread: {e}"),
+                )
+            })?;
+    }
     let router = Router::new(writer_txs.clone(), inflight.clone());
     let mut slots: Vec<SourceSlot> = fleet
         .specs
@@ -527,6 +542,7 @@ fn generation(
     for h in writers.iter_mut().filter_map(Option::take) {
         let _ = h.join();
     }
+    watching.store(true, Ordering::Relaxed);
     result
 }
 

@@ -255,12 +255,14 @@ fn status(l: &Loaded) -> Arc<Status> {
             ))
         })
         .collect();
-    Arc::new(Status::new(
+    let status = Status::new(
         &l.config.server.name,
         &l.dest.redacted(),
         sources,
         l.config.app.num_workers,
-    ))
+    );
+    status.set_stuck_after(l.config.app.writer_wait_timeout);
+    Arc::new(status)
 }
 
 /// SIGHUP: configuration and map read again; the sources they name, for the supervisor

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -501,9 +501,15 @@ pub struct WriterStatus {
     /// When the batch being applied started (0: none), to tell a writer stuck on the
     /// destination (a lock held by an orphaned session, say) from a slow one.
     applying_since_ms: AtomicI64,
+    /// The writer session's backend pid on the destination (0: none yet).
+    backend_pid: AtomicI32,
+    /// What the destination says the stuck batch waits for (see [`crate::apply::watch`]),
+    /// with the batch's start it was found for.
+    waiting_for: Mutex<Option<(i64, String)>>,
 }
 
-/// A writer applying one batch for longer than this makes the daemon not ready.
+/// A writer applying one batch for longer than this makes the daemon not ready, unless
+/// `app.writer_wait_timeout` says otherwise.
 pub const STUCK_AFTER_MS: i64 = 120_000;
 
 impl Default for WriterStatus {
@@ -517,6 +523,8 @@ impl Default for WriterStatus {
             batch_size: Histogram::new(BATCH_BUCKETS),
             commit_seconds: Histogram::new(COMMIT_BUCKETS),
             applying_since_ms: AtomicI64::new(0),
+            backend_pid: AtomicI32::new(0),
+            waiting_for: Mutex::new(None),
         }
     }
 }
@@ -527,6 +535,36 @@ impl WriterStatus {
     pub fn applying(&self, on: bool) {
         let at = if on { now_ms() } else { 0 };
         self.applying_since_ms.store(at, Ordering::Relaxed);
+    }
+
+    /// When the batch being applied started, in Unix ms (0: none).
+    pub fn applying_since(&self) -> i64 {
+        self.applying_since_ms.load(Ordering::Relaxed)
+    }
+
+    /// The writer opened a session whose backend is `pid`.
+    pub fn session(&self, pid: i32) {
+        self.backend_pid.store(pid, Ordering::Relaxed);
+    }
+
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid.load(Ordering::Relaxed)
+    }
+
+    /// What the batch that started at `since` waits for on the destination (None: it
+    /// waits for no lock).
+    pub fn waiting_for(&self, since: i64, what: Option<String>) {
+        *self.waiting_for.lock() = what.map(|w| (since, w));
+    }
+
+    /// What the batch being applied waits for, when found for this batch.
+    fn waits_for(&self) -> Option<String> {
+        let since = self.applying_since();
+        self.waiting_for
+            .lock()
+            .as_ref()
+            .filter(|(s, _)| *s == since)
+            .map(|(_, w)| w.clone())
     }
 
     pub fn committed(&self, changes: usize, took: Duration) {
@@ -580,6 +618,8 @@ pub struct Status {
     /// writer commits again; `pool_faulted` lets the hot path skip the lock.
     pool_fault: Mutex<Option<(i64, Class, String)>>,
     pool_faulted: AtomicBool,
+    /// `app.writer_wait_timeout` in ms (0: never reported).
+    stuck_after_ms: AtomicI64,
 }
 
 impl Status {
@@ -601,7 +641,18 @@ impl Status {
             anomalies: Mutex::new(std::collections::BTreeMap::new()),
             pool_fault: Mutex::new(None),
             pool_faulted: AtomicBool::new(false),
+            stuck_after_ms: AtomicI64::new(STUCK_AFTER_MS),
         }
+    }
+
+    /// How long a writer may apply one batch before it is reported (zero: never).
+    pub fn set_stuck_after(&self, d: Duration) {
+        self.stuck_after_ms
+            .store(d.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    pub fn stuck_after(&self) -> Duration {
+        Duration::from_millis(self.stuck_after_ms.load(Ordering::Relaxed).max(0) as u64)
     }
 
     /// The writer pool failed with `message`: every source waits for it.
@@ -666,12 +717,15 @@ impl Status {
         if let Some((_, class, e)) = self.pool_fault.lock().as_ref() {
             reasons.push(format!("{}: {e}", class.policy().reason));
         }
+        let stuck_after = self.stuck_after_ms.load(Ordering::Relaxed);
         for (i, w) in self.writers.iter().enumerate() {
-            let since = w.applying_since_ms.load(Ordering::Relaxed);
-            if since > 0 && now - since > STUCK_AFTER_MS {
+            let since = w.applying_since();
+            if since > 0 && stuck_after > 0 && now - since > stuck_after {
+                let why = w.waits_for().unwrap_or_else(|| {
+                    "the destination may be holding it (a lock; see pg_stat_activity)".into()
+                });
                 reasons.push(format!(
-                    "writer {i} has been applying one batch for {} s: the destination may be \
-                     holding it (a lock; see pg_stat_activity)",
+                    "writer {i} has been applying one batch for {} s: {why}",
                     (now - since) / 1000
                 ));
             }

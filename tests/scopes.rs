@@ -617,3 +617,64 @@ fn copy_refusal_stops_with_its_key() {
     );
     daemon.stop_ok();
 }
+
+/// A writer behind a lock on the destination (a session left in a transaction) is named
+/// by `/readyz` once past `app.writer_wait_timeout`, with the session holding the lock as
+/// `pg_stat_activity` shows it; the batch goes on, and the daemon is ready again, once
+/// the lock is released.
+#[test]
+fn a_writer_behind_a_lock_names_its_holder() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let table = "CREATE TABLE t (id int PRIMARY KEY, v int)";
+    let (db, ddb) = support::database_pair(src, dest, "lk", table, table);
+    let map = format!(
+        "[[source]]\ndatabase = \"{db}\"\nurls = [ {{ url = \"{}\", sid = \"1\" }} ]\n\
+         [source.tables]\nt = {{}}\n",
+        src.url(&db)
+    );
+    let daemon = Daemon::start(&dest.url(&ddb), &map, &["writer_wait_timeout = 2"]);
+    let addr = http::address(&daemon);
+    support::wait_slot_active(src, &db, &format!("kuvasz_{db}_1"));
+    src.execute(&db, "INSERT INTO t VALUES (1, 1)");
+    let v = || dest.query(&ddb, "SELECT v::text FROM t WHERE id = 1");
+    wait_for("the row", Duration::from_secs(60), || {
+        (v() == vec![vec![Some("1".to_string())]]).then_some(())
+    });
+    // The daemon's own role: its sessions show their state and statements to it.
+    let mut holder = postgres::Client::connect(&dest.url(&ddb), postgres::NoTls).expect("connect");
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .expect("pid")
+        .get(0);
+    for sql in [
+        "SET application_name = 'holder'",
+        "BEGIN",
+        "SELECT * FROM t FOR UPDATE",
+    ] {
+        holder.batch_execute(sql).expect("lock the row");
+    }
+    src.execute(&db, "UPDATE t SET v = 2 WHERE id = 1");
+    let ready = wait_for("the holder named", Duration::from_secs(60), || {
+        let (code, body) = http::get(&addr, "/readyz");
+        (code == 503 && body.contains("held by pid")).then_some(body)
+    });
+    assert!(
+        ready.contains("has been applying one batch for ")
+            && ready.contains(&format!(
+                "lock held by pid {pid} (user 'kuvasz', application 'holder', \
+                 idle in transaction, in its transaction for "
+            ))
+            && ready.contains("last statement 'SELECT * FROM t FOR UPDATE')"),
+        "{ready}"
+    );
+    assert_eq!(v(), vec![vec![Some("1".to_string())]]);
+    holder.batch_execute("ROLLBACK").expect("release");
+    wait_for("the change applied", Duration::from_secs(60), || {
+        (v() == vec![vec![Some("2".to_string())]]).then_some(())
+    });
+    wait_for("ready again", Duration::from_secs(30), || {
+        (http::get(&addr, "/readyz").0 == 200).then_some(())
+    });
+    daemon.stop_ok();
+}

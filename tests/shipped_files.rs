@@ -25,6 +25,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "sync_burst",
             "on_error",
             "wal_receiver_timeout",
+            "writer_wait_timeout",
             "on_slot_lost",
         ],
     ),

@@ -6,6 +6,7 @@ pub mod history;
 pub mod progress;
 pub mod route;
 pub mod sql;
+pub mod watch;
 pub mod writer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

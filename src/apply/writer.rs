@@ -320,6 +320,14 @@ impl Writer {
                  SET enable_hashjoin = off; SET enable_mergejoin = off",
             )
             .map_err(conn)?;
+        // Its backend, for the watcher to look up when a batch takes too long.
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .map_err(conn)?
+            .get(0);
+        if let Some(w) = settings.status.writers.get(id) {
+            w.session(pid);
+        }
         Ok(client)
     }
 
@@ -526,7 +534,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Tells the status a batch is being applied (see [`crate::status::STUCK_AFTER_MS`]).
+    /// Tells the status a batch is being applied (see [`crate::apply::watch`]).
     fn applying(&self, on: bool) {
         if let Some(w) = self.settings.status.writers.get(self.id) {
             w.applying(on);

@@ -248,6 +248,9 @@ Keys (default):
   app.wal_receiver_timeout
                       seconds of silence from a source's server after which its
                       connection is taken for dead and reconnected; 0: never (60)
+  app.writer_wait_timeout
+                      seconds a writer may apply one batch before /readyz names it
+                      and the sessions holding the lock it waits for; 0: never (120)
   app.on_slot_lost    a slot the source invalidated: hold or recopy (hold)
 
 Exit status: 0 on success, 2 on a configuration or command-line error, 1 when

@@ -84,6 +84,9 @@ pub struct AppConfig {
     /// keepalive asking for one) is taken for dead and reconnected, as PostgreSQL's own
     /// walreceiver does; zero turns the check off.
     pub wal_receiver_timeout: Duration,
+    /// How long a writer may apply one batch before `/readyz` names it, with the
+    /// sessions holding the lock it waits for; zero: never.
+    pub writer_wait_timeout: Duration,
     /// A slot the source invalidated (its WAL removed): hold the source, or drop the slot
     /// and copy its tables again.
     pub on_slot_lost: OnSlotLost,
@@ -156,6 +159,7 @@ impl Default for AppConfig {
             sync_burst: 1000,
             on_error: OnError::Stop,
             wal_receiver_timeout: Duration::from_secs(60),
+            writer_wait_timeout: Duration::from_secs(120),
             on_slot_lost: OnSlotLost::Hold,
         }
     }
@@ -212,6 +216,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("app.sync_burst", Kind::Int),
     ("app.on_error", Kind::Str),
     ("app.wal_receiver_timeout", Kind::Float),
+    ("app.writer_wait_timeout", Kind::Float),
     ("app.on_slot_lost", Kind::Str),
 ];
 
@@ -349,6 +354,9 @@ impl Config {
             ("app.commit_delay", Typed::Float(f)) => self.app.commit_delay = seconds(f)?,
             ("app.wal_receiver_timeout", Typed::Float(f)) => {
                 self.app.wal_receiver_timeout = seconds(f)?;
+            }
+            ("app.writer_wait_timeout", Typed::Float(f)) => {
+                self.app.writer_wait_timeout = seconds(f)?;
             }
             ("app.default_schema", Typed::Str(s)) => self.app.default_schema = non_empty(s)?,
             ("app.sync_rate", Typed::Float(f)) => {

@@ -167,37 +167,44 @@ impl Sink<'_> {
 }
 
 /// Applies a range of items under a savepoint: see [`attempt`].
-type Attempt<'a> =
-    dyn FnMut(&mut Transaction<'_>, Range<usize>) -> Result<Option<Refusal>, CopyError> + 'a;
+type Attempt<'a, C> = dyn FnMut(&mut C, Range<usize>) -> Result<Option<Refusal>, CopyError> + 'a;
 
-/// Finds the items of `0..len` the destination refuses: `attempt` applies a range (None
-/// when it went in), and a refused range is split until its refused items stand alone,
-/// each handed to `refused`. With `first_only` the search ends at the first one.
-fn isolate(
-    tx: &mut Transaction<'_>,
+/// Finds the items of `0..len` the destination refuses, applying the others in order:
+/// `attempt` applies a range (None when it went in), `refused` takes an item refused
+/// alone. A cursor moves through the items with a window: the whole at first, then
+/// after a refusal only the lines before the one the server named (or half, without a
+/// name), doubling after each success. So a refused row costs a few statements over
+/// about the rows since the last one, never a re-send of the whole chunk per row. With
+/// `first_only` the search ends at the first refused item.
+fn isolate<C>(
+    cx: &mut C,
     len: usize,
-    attempt: &mut Attempt<'_>,
-    refused: &mut dyn FnMut(&mut Transaction<'_>, usize, String) -> Result<(), CopyError>,
+    attempt: &mut Attempt<'_, C>,
+    refused: &mut dyn FnMut(&mut C, usize, String) -> Result<(), CopyError>,
     first_only: bool,
 ) -> Result<(), CopyError> {
-    // Ranges still to apply, the next one last: rows go in in their source order.
-    let mut todo: Vec<Range<usize>> = Vec::new();
-    todo.push(0..len);
-    while let Some(r) = todo.pop() {
-        if r.is_empty() {
-            continue;
-        }
-        let Some(refusal) = attempt(tx, r.clone())? else {
+    let (mut at, mut window) = (0, len.max(1));
+    while at < len {
+        let r = at..len.min(at + window);
+        let Some(refusal) = attempt(cx, r.clone())? else {
+            at = r.end;
+            window = window.saturating_mul(2);
             continue;
         };
         if r.len() == 1 {
-            refused(tx, r.start, refusal.message)?;
+            refused(cx, at, refusal.message)?;
             if first_only {
                 return Ok(());
             }
+            at += 1;
             continue;
         }
-        todo.extend(split(r, refusal.line).into_iter().rev());
+        window = match refusal.line.filter(|&n| n >= 1 && n <= r.len()) {
+            // The lines before the named one went in: again, then the named one alone.
+            Some(n) if n > 1 => n - 1,
+            Some(_) => 1,
+            None => r.len() / 2,
+        };
     }
     Ok(())
 }
@@ -324,21 +331,6 @@ pub fn history_merge(
     Ok(refused)
 }
 
-/// The ranges a refused range is split into: around the line the server named (1-based
-/// in the range; that line alone, then the lines after it), or in halves.
-fn split(r: Range<usize>, line: Option<usize>) -> Vec<Range<usize>> {
-    match line.filter(|&n| n >= 1 && n <= r.len()) {
-        Some(n) => {
-            let at = r.start + n - 1;
-            vec![r.start..at, at..at + 1, at + 1..r.end]
-        }
-        None => {
-            let mid = r.start + r.len() / 2;
-            vec![r.start..mid, mid..r.end]
-        }
-    }
-}
-
 /// Runs `apply` under a savepoint: None when it went through, the refusal when the
 /// destination refused a row of what it wrote (and nothing of it stays).
 pub fn attempt(
@@ -417,14 +409,69 @@ mod tests {
         assert_eq!(copy_line("PL/pgSQL function f() line 3 at RAISE"), None);
     }
 
+    /// Runs [`isolate`] over `len` items of which `bad` are refused (the server naming
+    /// the first bad line of a range when `named`): what went in, in order, what was
+    /// refused, and how many statements it took.
+    fn run(len: usize, bad: &[usize], named: bool) -> (Vec<usize>, Vec<usize>, usize) {
+        let mut applied = Vec::new();
+        let mut statements = 0;
+        let mut refused = Vec::new();
+        isolate(
+            &mut (),
+            len,
+            &mut |_, r: Range<usize>| {
+                statements += 1;
+                Ok(match r.clone().find(|i| bad.contains(i)) {
+                    None => {
+                        applied.extend(r);
+                        None
+                    }
+                    Some(i) => Some(Refusal {
+                        message: format!("row {i}"),
+                        line: named.then_some(i - r.start + 1),
+                    }),
+                })
+            },
+            &mut |_, i, m| {
+                assert_eq!(m, format!("row {i}"));
+                refused.push(i);
+                Ok(())
+            },
+            false,
+        )
+        .expect("isolate");
+        (applied, refused, statements)
+    }
+
     #[test]
-    fn a_named_line_stands_alone_and_the_rest_goes_on() {
-        assert_eq!(split(10..20, Some(1)), vec![10..10, 10..11, 11..20]);
-        assert_eq!(split(10..20, Some(4)), vec![10..13, 13..14, 14..20]);
-        assert_eq!(split(10..20, Some(10)), vec![10..19, 19..20, 20..20]);
-        // A line outside the range (another statement's, a wrong guess): halves.
-        assert_eq!(split(10..20, Some(11)), vec![10..15, 15..20]);
-        assert_eq!(split(10..20, None), vec![10..15, 15..20]);
-        assert_eq!(split(10..13, Some(0)), vec![10..11, 11..13]);
+    fn refused_rows_stand_alone_and_every_other_goes_in_once_in_order() {
+        for named in [true, false] {
+            for bad in [
+                vec![],
+                vec![0],
+                vec![9_999],
+                vec![17, 18, 4_000],
+                vec![5, 6, 7],
+            ] {
+                let (applied, refused, _) = run(10_000, &bad, named);
+                let good: Vec<usize> = (0..10_000).filter(|i| !bad.contains(i)).collect();
+                assert_eq!(applied, good, "bad {bad:?}, named {named}");
+                assert_eq!(refused, bad, "named {named}");
+            }
+        }
+        assert_eq!(run(10_000, &[], true).2, 1);
+    }
+
+    #[test]
+    fn many_refused_rows_cost_statements_not_resends() {
+        // Every tenth row of 10,000: a window, not the whole chunk, per refusal.
+        let bad: Vec<usize> = (0..10_000).filter(|i| i % 10 == 3).collect();
+        let (applied, refused, statements) = run(10_000, &bad, true);
+        eprintln!("1,000 of 10,000 refused, lines named: {statements} statements");
+        assert_eq!(applied.len() + refused.len(), 10_000);
+        assert!(statements < 10 * bad.len(), "{statements} statements");
+        let (_, _, statements) = run(10_000, &bad, false);
+        eprintln!("1,000 of 10,000 refused, no line named: {statements} statements");
+        assert!(statements < 20 * bad.len(), "{statements} statements");
     }
 }
