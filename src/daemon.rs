@@ -14,6 +14,7 @@ use log::{error, info, warn};
 use crate::apply::writer::RejectPolicy;
 use crate::apply::{Inflight, Progress, Router, Writer, WriterMsg, WriterSettings, QUEUE_DEPTH};
 use crate::fault::{self, Class, Side};
+use crate::ownership::Ownership;
 use crate::pg::describe;
 use crate::pg::pool::DestSessions;
 use crate::source::{self, SourceEnv, SourceSpec, StopFlag};
@@ -38,6 +39,9 @@ pub struct DaemonSettings {
     pub status: Arc<Status>,
     /// Reads configuration and map again (SIGHUP): the sources they now name.
     pub reload: Option<Reload>,
+    /// The sources this instance may stream, decided with the deployment's other
+    /// instances through the destination.
+    pub ownership: Arc<Ownership>,
 }
 
 /// See [`DaemonSettings::reload`].
@@ -156,6 +160,9 @@ struct SourceSlot {
     failure: Option<(Class, String)>,
     /// What a reload asked of it, done once its thread has ended.
     plan: Plan,
+    /// Stopped because this instance gave it up or lost it (see [`Ownership`]): not a
+    /// failure, and started again when owned again.
+    released: bool,
 }
 
 impl SourceSlot {
@@ -169,6 +176,7 @@ impl SourceSlot {
             backoff: Backoff::new(),
             failure: None,
             plan: Plan::Run,
+            released: false,
         }
     }
 }
@@ -192,6 +200,18 @@ struct Fleet {
     live: Vec<bool>,
 }
 
+impl Fleet {
+    /// The slots of the sources the map names now.
+    fn live_slots(&self) -> Vec<String> {
+        self.specs
+            .iter()
+            .zip(&self.live)
+            .filter(|(_, live)| **live)
+            .map(|(s, _)| s.slot.clone())
+            .collect()
+    }
+}
+
 /// Runs until SIGTERM/SIGINT. Returns Ok after a clean stop.
 pub fn run(
     settings: &DaemonSettings,
@@ -205,9 +225,10 @@ pub fn run(
         specs: sources.into_iter().map(Arc::new).collect(),
     };
     let mut pool_backoff = Backoff::new();
-    loop {
+    let mut coordination: Option<Coordination> = None;
+    let result = loop {
         if signals.term.load(Ordering::Relaxed) {
-            return Ok(());
+            break Ok(());
         }
         if let Err((class, e)) = prepare_destination(settings) {
             destination_down(settings, class, &e);
@@ -215,6 +236,13 @@ pub fn run(
             error!("{e}; retrying in {:.0?}", d);
             sleep_unless(&signals.term, d);
             continue;
+        }
+        if coordination.is_none() {
+            settings.ownership.want(fleet.live_slots());
+            coordination = Some(Coordination::start(settings)?);
+            // Alone, an instance owns every source after its first pass: wait for it,
+            // so a single instance starts its sources at once, as before.
+            settings.ownership.wait_settled(Duration::from_secs(5));
         }
         if !retired {
             retired = true;
@@ -230,7 +258,7 @@ pub fn run(
         }
         let started = Instant::now();
         match generation(settings, &mut fleet, signals) {
-            Ok(()) => return Ok(()),
+            Ok(()) => break Ok(()),
             Err((class, e)) => {
                 // A pool that ran for a while failed afresh: start the backoff over.
                 if started.elapsed() > Duration::from_secs(120) {
@@ -242,6 +270,39 @@ pub fn run(
                 sleep_unless(&signals.term, d);
             }
         }
+    };
+    if let Some(c) = coordination {
+        c.stop();
+    }
+    result
+}
+
+/// The thread that keeps this instance's coordination session (see [`Ownership`]).
+struct Coordination {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl Coordination {
+    fn start(settings: &DaemonSettings) -> Result<Coordination, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ownership, dest, schema, flag) = (
+            settings.ownership.clone(),
+            settings.dest.clone(),
+            settings.dest_schema.clone(),
+            stop.clone(),
+        );
+        let handle = thread::Builder::new()
+            .name("ownership".into())
+            .spawn(move || ownership.run(dest, schema, flag))
+            .map_err(|e| format!("cannot start the coordination thread: {e}"))?;
+        Ok(Coordination { stop, handle })
+    }
+
+    /// Ends the session once every source has stopped: its row goes, its locks with it.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.join();
     }
 }
 
@@ -390,7 +451,14 @@ fn generation(
                     let _ = h.join();
                 }
                 if !stopping && !matches!(slot.plan, Plan::Run) {
+                    slot.released = false;
+                    settings.ownership.stopped(&slot.spec.slot);
                     follow_plan(settings, slot, &events_tx);
+                    continue;
+                }
+                if slot.released && !stopping {
+                    // Given up or lost: not a failure; started again once owned.
+                    released(settings, slot);
                     continue;
                 }
                 let status = settings.status.source(id);
@@ -500,6 +568,7 @@ fn generation(
             }
             continue;
         }
+        follow_ownership(settings, fleet, &mut slots);
         start_due(
             &ctx_of(settings, &progress, &sessions, &events_tx),
             &mut slots,
@@ -755,10 +824,65 @@ fn ctx_of<'a>(
     }
 }
 
-/// Starts every source whose (re)start time has come.
+/// Tells the ownership which sources to stream, and stops those this instance no
+/// longer owns: gracefully when given up (their positions confirmed before the lock
+/// goes), at once when the coordination session was lost (another instance may be
+/// taking them already).
+fn follow_ownership(settings: &DaemonSettings, fleet: &Fleet, slots: &mut [SourceSlot]) {
+    let own = &settings.ownership;
+    settings
+        .status
+        .instances(&own.instance, own.live_instances());
+    own.want(fleet.live_slots());
+    for slot in slots.iter_mut() {
+        if !matches!(slot.plan, Plan::Run) {
+            continue;
+        }
+        if slot.handle.is_none() || slot.released || own.owns(&slot.spec.slot) {
+            if slot.handle.is_none() && own.elsewhere(&slot.spec.slot) {
+                if let Some(s) = settings.status.source(slot.spec.id) {
+                    if s.state() != State::Elsewhere && slot.restart_at.is_some() {
+                        s.set_state(State::Elsewhere);
+                    }
+                }
+            }
+            continue;
+        }
+        slot.released = true;
+        if own.live_instances() == 0 {
+            warn!(
+                "source {}: stopping at once: this instance lost its coordination session",
+                slot.spec.label()
+            );
+            slot.stop.abort();
+        } else {
+            info!(
+                "source {}: given up to another instance: stopping it",
+                slot.spec.label()
+            );
+            slot.stop.graceful();
+        }
+    }
+}
+
+/// A source stopped because this instance gave it up or lost it.
+fn released(settings: &DaemonSettings, slot: &mut SourceSlot) {
+    slot.released = false;
+    slot.failure = None;
+    settings.ownership.stopped(&slot.spec.slot);
+    slot.restart_at = Some(Instant::now());
+    if let Some(s) = settings.status.source(slot.spec.id) {
+        s.set_state(State::Elsewhere);
+    }
+}
+
+/// Starts every source whose (re)start time has come and that this instance owns.
 fn start_due(ctx: &Ctx<'_>, slots: &mut [SourceSlot], router: &Router) {
     for slot in slots.iter_mut() {
-        if slot.handle.is_none() && slot.restart_at.is_some_and(|t| Instant::now() >= t) {
+        if slot.handle.is_none()
+            && slot.restart_at.is_some_and(|t| Instant::now() >= t)
+            && ctx.settings.ownership.owns(&slot.spec.slot)
+        {
             slot.restart_at = None;
             slot.stop = Arc::new(StopFlag::default());
             let mut args = SourceSpecSlotArgs {

@@ -3,7 +3,7 @@
 //! Data flow, one module each: [`config`] → [`source`] (replication, decoding, initial
 //! sync) → [`apply`] (routing, batching, SQL, commit) → progress back to the source.
 //! [`mode`] says what clone, append and history targets do with each operation.
-//! [`daemon`] supervises the threads; [`sequences`] is the switchover's last step;
+//! [`daemon`] supervises the threads; [`ownership`] shares the sources among instances; [`sequences`] is the switchover's last step;
 //! [`verify`] and [`resync`] let operators check a target and have it copied again.
 
 pub mod apply;
@@ -17,6 +17,7 @@ pub mod http;
 pub mod log_context;
 pub mod memory;
 pub mod mode;
+pub mod ownership;
 pub mod pg;
 pub mod resync;
 pub mod sequences;

@@ -319,6 +319,7 @@ fn settings(l: &Loaded, status: Arc<Status>, reload: daemon::Reload) -> DaemonSe
         on_slot_lost: l.config.app.on_slot_lost,
         status,
         reload: Some(reload),
+        ownership: Arc::new(kuvasz_streamer::ownership::Ownership::new()),
     }
 }
 

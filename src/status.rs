@@ -40,15 +40,18 @@ pub enum State {
     /// Failed; the supervisor starts it again after a backoff.
     Retrying = 3,
     Stopped = 4,
+    /// Streamed by another instance of the deployment (see [`crate::ownership`]).
+    Elsewhere = 5,
 }
 
 impl State {
-    const ALL: [State; 5] = [
+    const ALL: [State; 6] = [
         State::Starting,
         State::Copying,
         State::Streaming,
         State::Retrying,
         State::Stopped,
+        State::Elsewhere,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl State {
             State::Streaming => "streaming",
             State::Retrying => "retrying",
             State::Stopped => "stopped",
+            State::Elsewhere => "elsewhere",
         }
     }
 
@@ -620,6 +624,10 @@ pub struct Status {
     pool_faulted: AtomicBool,
     /// `app.writer_wait_timeout` in ms (0: never reported).
     stuck_after_ms: AtomicI64,
+    /// This instance's id among the deployment's, and how many are live (see
+    /// [`crate::ownership`]).
+    instance: Mutex<String>,
+    live_instances: AtomicI64,
 }
 
 impl Status {
@@ -642,7 +650,18 @@ impl Status {
             pool_fault: Mutex::new(None),
             pool_faulted: AtomicBool::new(false),
             stuck_after_ms: AtomicI64::new(STUCK_AFTER_MS),
+            instance: Mutex::new(String::new()),
+            live_instances: AtomicI64::new(0),
         }
+    }
+
+    /// This instance's id, and the deployment's live instances.
+    pub fn instances(&self, instance: &str, live: i64) {
+        let mut i = self.instance.lock();
+        if *i != instance {
+            *i = instance.to_string();
+        }
+        self.live_instances.store(live, Ordering::Relaxed);
     }
 
     /// How long a writer may apply one batch before it is reported (zero: never).
@@ -741,6 +760,9 @@ impl Status {
                 ));
                 continue;
             }
+            if s.state() == State::Elsewhere {
+                continue;
+            }
             if s.state() == State::Streaming {
                 // Streaming again after a hold, up to the change it was held at: still
                 // the same problem until that change is applied.
@@ -779,12 +801,15 @@ impl Status {
         let _ = write!(
             o,
             "{{\"name\":{},\"version\":{},\"started\":{},\"uptime_seconds\":{},\"destination\":{},\
+             \"instance\":{},\"live_instances\":{},\
              \"ready\":{},\"destination_error\":{},\"sources\":[",
             json_string(&self.name),
             json_string(self.version),
             json_time(self.started_ms),
             (now_ms - self.started_ms).max(0) / 1000,
             json_string(&self.destination),
+            json_string(&self.instance.lock()),
+            self.live_instances.load(Ordering::Relaxed),
             self.not_ready().is_empty(),
             match self.pool_fault.lock().as_ref() {
                 Some((at, class, e)) => format!(
@@ -1073,17 +1098,32 @@ impl Status {
                 }
             }
         }
-        help(
-            &mut o,
-            "kuvasz_destination_available",
-            "gauge",
-            "1 while the writers can apply, 0 while the destination stops them (down, disk full).",
-        );
-        let _ = writeln!(
-            o,
-            "kuvasz_destination_available {}",
-            u8::from(!self.pool_faulted.load(Ordering::Acquire))
-        );
+        let owned = self
+            .live()
+            .iter()
+            .filter(|s| s.state() != State::Elsewhere)
+            .count();
+        for (name, text, value) in [
+            (
+                "kuvasz_destination_available",
+                "1 while the writers can apply, 0 while the destination stops them (down, disk full).",
+                i64::from(!self.pool_faulted.load(Ordering::Acquire)),
+            ),
+            (
+                "kuvasz_live_instances",
+                "Instances of the deployment seen live through the destination (0: this one has \
+                 no coordination session).",
+                self.live_instances.load(Ordering::Relaxed),
+            ),
+            (
+                "kuvasz_owned_sources",
+                "Sources this instance streams or may stream (the others are another instance's).",
+                owned as i64,
+            ),
+        ] {
+            help(&mut o, name, "gauge", text);
+            let _ = writeln!(o, "{name} {value}");
+        }
         help(
             &mut o,
             "kuvasz_anomalies_total",

@@ -21,6 +21,9 @@ use crate::pg::Lsn;
 pub const SYNC_STATE_TABLE: &str = "kvsz_sync_state";
 pub const DEADLETTER_TABLE: &str = "kvsz_deadletter";
 pub const PROGRESS_TABLE: &str = "kvsz_progress";
+/// The instances of a deployment, one row each, heart-beaten by its coordination
+/// session (see [`crate::ownership`]).
+pub const INSTANCES_TABLE: &str = "kvsz_instances";
 /// A function that raises its message as an error (SQLSTATE P0002, no data found): a
 /// statement that finds it cannot apply a change as the source made it (a partial
 /// UPDATE of a row the target does not have) refuses it through this, inside the
@@ -61,6 +64,12 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
          RETURNS void LANGUAGE plpgsql AS $f$BEGIN RAISE EXCEPTION USING ERRCODE = 'P0002', \
          MESSAGE = message; END$f$; END IF; END$kvsz$",
         literal(&format!("{refuse}(text)"))
+    ));
+    sql.push_str(&format!(
+        "; CREATE TABLE IF NOT EXISTS {0} (instance text PRIMARY KEY, host text NOT NULL, \
+         pid int NOT NULL, started timestamptz NOT NULL, heartbeat timestamptz NOT NULL, \
+         sources int NOT NULL DEFAULT 0, backend int)",
+        qualified(schema, INSTANCES_TABLE)
     ));
     if deadletter {
         sql.push_str(&format!(
@@ -403,6 +412,36 @@ pub fn prune_progress_sql(schema: &str) -> String {
     format!(
         "DELETE FROM {} WHERE slot_name = $1 AND commit_lsn < $2::text::pg_lsn",
         qualified(schema, PROGRESS_TABLE)
+    )
+}
+
+/// An instance's heartbeat: its row, made or refreshed (`$1` instance, `$2` host, `$3`
+/// pid, `$4` sources it streams, and the coordination session's backend pid); rows
+/// silent for an hour are removed.
+pub fn heartbeat_sql(schema: &str) -> String {
+    let t = qualified(schema, INSTANCES_TABLE);
+    format!(
+        "WITH gone AS (DELETE FROM {t} WHERE heartbeat < now() - interval '1 hour') \
+         INSERT INTO {t} (instance, host, pid, started, heartbeat, sources, backend) \
+         VALUES ($1, $2, $3, now(), now(), $4, pg_backend_pid()) \
+         ON CONFLICT (instance) DO UPDATE SET heartbeat = now(), sources = $4, \
+         backend = pg_backend_pid()"
+    )
+}
+
+/// How many instances have beaten within `$1` seconds (this one included).
+pub fn live_instances_sql(schema: &str) -> String {
+    format!(
+        "SELECT count(*) FROM {} WHERE heartbeat > now() - make_interval(secs => $1)",
+        qualified(schema, INSTANCES_TABLE)
+    )
+}
+
+/// Removes instance `$1`'s row: it stops, and its sources are for the others at once.
+pub fn forget_instance_sql(schema: &str) -> String {
+    format!(
+        "DELETE FROM {} WHERE instance = $1",
+        qualified(schema, INSTANCES_TABLE)
     )
 }
 

@@ -1,0 +1,292 @@
+//! Which instance streams which source, when several run one deployment (the same map
+//! into the same destination schema). PostgreSQL is the coordinator: each instance keeps
+//! one session on the destination, and a source is streamed by the instance whose
+//! session holds that source's advisory lock, which dies with the session. Instances
+//! register in `kvsz_instances`, heart-beaten by the same session; each takes unowned
+//! sources up to its fair share (`ceil(sources / live instances)`) and gives up those
+//! beyond it, its source stopped (and its position confirmed) before the lock goes, so a
+//! source is never streamed by two instances at once. An instance alone takes every
+//! source: a single instance runs as before.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{info, warn};
+use parking_lot::Mutex;
+use postgres::Client;
+
+use crate::pg::connect::Endpoint;
+use crate::pg::describe;
+use crate::store;
+
+/// How often an instance beats and looks at the sources.
+const TICK: Duration = Duration::from_secs(1);
+/// An instance silent for longer is taken for dead (its sources' locks went with its
+/// session already; this is when the others stop leaving room for it).
+const LIVE_WITHIN_SECS: f64 = 5.0;
+
+/// What this instance owns, shared by the coordination thread and the supervisor.
+pub struct Ownership {
+    /// `host/pid/start`: unique among the instances of a deployment.
+    pub instance: String,
+    host: String,
+    state: Mutex<Owned>,
+}
+
+#[derive(Default)]
+struct Owned {
+    /// The slots of the sources this instance should stream, if it may.
+    wanted: Vec<String>,
+    /// Slots whose advisory lock the coordination session holds.
+    held: BTreeSet<String>,
+    /// Held slots being given up: the supervisor stops their sources, then
+    /// [`Ownership::stopped`] lets the lock go.
+    giving_up: BTreeSet<String>,
+    stopped: BTreeSet<String>,
+    /// The coordination session has made at least one pass since it connected: until
+    /// then a source not held is not yet known to be someone else's.
+    settled: bool,
+    live_instances: i64,
+}
+
+impl Ownership {
+    pub fn new() -> Ownership {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let started = crate::status::now_ms();
+        Ownership {
+            instance: format!("{host}/{}/{started}", std::process::id()),
+            host,
+            state: Mutex::new(Owned::default()),
+        }
+    }
+
+    /// The slots of the sources to stream (the live ones of the map).
+    pub fn want(&self, slots: Vec<String>) {
+        let mut s = self.state.lock();
+        if s.wanted != slots {
+            s.wanted = slots;
+        }
+    }
+
+    /// Whether this instance may stream the source of `slot`.
+    pub fn owns(&self, slot: &str) -> bool {
+        let s = self.state.lock();
+        s.held.contains(slot) && !s.giving_up.contains(slot)
+    }
+
+    /// Whether the source of `slot` is known to be another instance's (not merely not
+    /// yet taken at start).
+    pub fn elsewhere(&self, slot: &str) -> bool {
+        let s = self.state.lock();
+        s.settled && !s.held.contains(slot)
+    }
+
+    /// The source of a slot given up, or removed from the map, has stopped: its lock
+    /// may go.
+    pub fn stopped(&self, slot: &str) {
+        let mut s = self.state.lock();
+        let wanted = s.wanted.iter().any(|w| w == slot);
+        if s.held.contains(slot) && (s.giving_up.contains(slot) || !wanted) {
+            s.stopped.insert(slot.to_string());
+        }
+    }
+
+    /// Waits until the first pass of the coordination session is done, at most `limit`.
+    pub fn wait_settled(&self, limit: Duration) {
+        let until = std::time::Instant::now() + limit;
+        while !self.state.lock().settled && std::time::Instant::now() < until {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Live instances, as of the last pass (0: not connected).
+    pub fn live_instances(&self) -> i64 {
+        self.state.lock().live_instances
+    }
+
+    /// Runs the coordination session until `stop`, then removes this instance's row.
+    pub fn run(self: Arc<Self>, dest: Endpoint, schema: String, stop: Arc<AtomicBool>) {
+        let mut session: Option<Client> = None;
+        while !stop.load(Ordering::Relaxed) {
+            if session.is_none() {
+                match dest.sql() {
+                    Ok(c) => session = Some(c),
+                    Err(e) => warn!(
+                        "instance {}: cannot open its coordination session: {}",
+                        self.instance,
+                        describe(&e)
+                    ),
+                }
+            }
+            if let Some(c) = session.as_mut() {
+                if let Err(e) = self.pass(c, &schema) {
+                    warn!(
+                        "instance {}: coordination session lost ({}): its sources stop",
+                        self.instance,
+                        describe(&e)
+                    );
+                    session = None;
+                    self.lost();
+                }
+            }
+            thread::sleep(TICK);
+        }
+        if let Some(mut c) = session {
+            let _ = c.execute(
+                store::forget_instance_sql(&schema).as_str(),
+                &[&self.instance],
+            );
+        }
+    }
+
+    /// The session and its locks are gone: nothing is owned.
+    fn lost(&self) {
+        let mut s = self.state.lock();
+        s.held.clear();
+        s.giving_up.clear();
+        s.stopped.clear();
+        s.settled = false;
+        s.live_instances = 0;
+    }
+
+    /// One beat: the heartbeat, the locks of sources given up and stopped released,
+    /// then sources taken or given up toward the fair share.
+    fn pass(&self, c: &mut Client, schema: &str) -> Result<(), postgres::Error> {
+        let (wanted, held, release) = {
+            let mut s = self.state.lock();
+            let release: Vec<String> = std::mem::take(&mut s.stopped).into_iter().collect();
+            (s.wanted.clone(), s.held.len(), release)
+        };
+        let sources = i32::try_from(held).unwrap_or(i32::MAX);
+        c.execute(
+            store::heartbeat_sql(schema).as_str(),
+            &[
+                &self.instance,
+                &self.host,
+                &(std::process::id() as i32),
+                &sources,
+            ],
+        )?;
+        let live: i64 = c
+            .query_one(
+                store::live_instances_sql(schema).as_str(),
+                &[&LIVE_WITHIN_SECS],
+            )?
+            .get(0);
+        let ns = namespace(schema);
+        for slot in &release {
+            c.execute(
+                "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
+                &[&ns, slot],
+            )?;
+        }
+        let share = fair_share(wanted.len(), live);
+        let mut s = self.state.lock();
+        for slot in &release {
+            s.held.remove(slot);
+            s.giving_up.remove(slot);
+        }
+        s.live_instances = live;
+        // Held sources the map no longer names, or beyond the share: given up.
+        let unwanted: Vec<String> = s
+            .held
+            .iter()
+            .filter(|h| !wanted.contains(h))
+            .cloned()
+            .collect();
+        s.giving_up.extend(unwanted);
+        let keeping = s.held.len() - s.giving_up.len();
+        if keeping > share {
+            let extra: Vec<String> = s
+                .held
+                .iter()
+                .rev()
+                .filter(|h| !s.giving_up.contains(*h))
+                .take(keeping - share)
+                .cloned()
+                .collect();
+            info!(
+                "instance {}: {live} instance(s) live, share {share}: giving up {}",
+                self.instance,
+                extra.join(", ")
+            );
+            s.giving_up.extend(extra);
+        }
+        let missing = share.saturating_sub(s.held.len());
+        let free: Vec<String> = wanted
+            .iter()
+            .filter(|w| !s.held.contains(*w))
+            .cloned()
+            .collect();
+        drop(s);
+        let taken = if missing > 0 && !free.is_empty() {
+            take(c, &ns, &free, missing)?
+        } else {
+            Vec::new()
+        };
+        let mut s = self.state.lock();
+        if !taken.is_empty() {
+            info!(
+                "instance {}: {live} instance(s) live, share {share}: took {}",
+                self.instance,
+                taken.join(", ")
+            );
+        }
+        s.held.extend(taken);
+        s.settled = true;
+        Ok(())
+    }
+}
+
+impl Default for Ownership {
+    fn default() -> Self {
+        Ownership::new()
+    }
+}
+
+/// The advisory locks of one deployment: its destination schema's (a deployment is a
+/// map written into one schema; its slots' names are unique within it).
+fn namespace(schema: &str) -> String {
+    format!("kuvasz-streamer {schema}")
+}
+
+/// Takes up to `n` of `free` whose lock no session holds, in one statement.
+fn take(
+    c: &mut Client,
+    ns: &str,
+    free: &[String],
+    n: usize,
+) -> Result<Vec<String>, postgres::Error> {
+    let rows = c.query(
+        "SELECT s FROM (SELECT s FROM unnest($2::text[]) AS u(s) \
+         WHERE pg_try_advisory_lock(hashtext($1), hashtext(s)) LIMIT $3) t",
+        &[&ns, &free, &(n as i64)],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// `ceil(sources / live)`: every source has an owner when every instance takes its
+/// share; at least one instance (this one) is live.
+fn fair_share(sources: usize, live: i64) -> usize {
+    let live = usize::try_from(live.max(1)).unwrap_or(1);
+    sources.div_ceil(live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_every_source() {
+        assert_eq!(fair_share(12, 3), 4);
+        assert_eq!(fair_share(12, 5), 3);
+        assert_eq!(fair_share(1, 3), 1);
+        assert_eq!(fair_share(7, 0), 7);
+        assert_eq!(fair_share(0, 2), 0);
+    }
+}
