@@ -3,10 +3,11 @@
 //! one session on the destination, and a source is streamed by the instance whose
 //! session holds that source's advisory lock, which dies with the session. Instances
 //! register in `kvsz_instances`, heart-beaten by the same session; each takes unowned
-//! sources up to its fair share (`ceil(sources / live instances)`) and gives up those
-//! beyond it, its source stopped (and its position confirmed) before the lock goes, so a
-//! source is never streamed by two instances at once. An instance alone takes every
-//! source: a single instance runs as before.
+//! sources up to its fair share (`ceil(sources / live instances)`, counting only the
+//! instances that stream the same sources: another map writing into the same schema is
+//! another deployment) and gives up those beyond it, each stopped (its position
+//! confirmed) before its lock goes, so a source is never streamed by two instances at
+//! once. An instance alone takes every source: a single instance runs as before.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,8 +115,13 @@ impl Ownership {
         let mut session: Option<Client> = None;
         while !stop.load(Ordering::Relaxed) {
             if session.is_none() {
-                match dest.sql() {
-                    Ok(c) => session = Some(c),
+                // The destination's own timeouts too: a session orphaned by a partition
+                // must end, and free its locks, like a writer's.
+                match dest.destination() {
+                    Ok(mut c) => {
+                        self.end_previous(&mut c, &schema);
+                        session = Some(c);
+                    }
                     Err(e) => warn!(
                         "instance {}: cannot open its coordination session: {}",
                         self.instance,
@@ -144,6 +150,28 @@ impl Ownership {
         }
     }
 
+    /// Ends this instance's previous coordination session if the server kept it: its
+    /// locks would hold this instance's own sources back until the server's keepalives
+    /// end it.
+    fn end_previous(&self, c: &mut Client, schema: &str) {
+        match c.query(
+            store::end_previous_session_sql(schema).as_str(),
+            &[&self.instance],
+        ) {
+            Ok(rows) if !rows.is_empty() => info!(
+                "instance {}: ended its previous coordination session, which the destination \
+                 still had",
+                self.instance
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(
+                "instance {}: cannot end its previous coordination session: {}",
+                self.instance,
+                describe(&e)
+            ),
+        }
+    }
+
     /// The session and its locks are gone: nothing is owned.
     fn lost(&self) {
         let mut s = self.state.lock();
@@ -163,6 +191,7 @@ impl Ownership {
             (s.wanted.clone(), s.held.len(), release)
         };
         let sources = i32::try_from(held).unwrap_or(i32::MAX);
+        let deployment = fingerprint(&wanted);
         c.execute(
             store::heartbeat_sql(schema).as_str(),
             &[
@@ -170,12 +199,13 @@ impl Ownership {
                 &self.host,
                 &(std::process::id() as i32),
                 &sources,
+                &deployment,
             ],
         )?;
         let live: i64 = c
             .query_one(
                 store::live_instances_sql(schema).as_str(),
-                &[&LIVE_WITHIN_SECS],
+                &[&LIVE_WITHIN_SECS, &deployment],
             )?
             .get(0);
         let ns = namespace(schema);
@@ -255,6 +285,20 @@ fn namespace(schema: &str) -> String {
     format!("kuvasz-streamer {schema}")
 }
 
+/// What tells instances of one deployment from those of another writing into the same
+/// schema (another map): the sources they stream. Only the instances of one deployment
+/// share its sources (FNV-1a of the sorted slot names).
+fn fingerprint(slots: &[String]) -> String {
+    let mut sorted: Vec<&str> = slots.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sorted.join("\n").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 /// Takes up to `n` of `free` whose lock no session holds, in one statement.
 fn take(
     c: &mut Client,
@@ -280,6 +324,14 @@ fn fair_share(sources: usize, live: i64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deployment_is_its_sources_in_any_order() {
+        let a = fingerprint(&["k_a_1".into(), "k_a_2".into()]);
+        assert_eq!(a, fingerprint(&["k_a_2".into(), "k_a_1".into()]));
+        assert_ne!(a, fingerprint(&["k_a_1".into()]));
+        assert_eq!(a.len(), 16);
+    }
 
     #[test]
     fn shares_cover_every_source() {

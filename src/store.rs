@@ -68,7 +68,7 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
     sql.push_str(&format!(
         "; CREATE TABLE IF NOT EXISTS {0} (instance text PRIMARY KEY, host text NOT NULL, \
          pid int NOT NULL, started timestamptz NOT NULL, heartbeat timestamptz NOT NULL, \
-         sources int NOT NULL DEFAULT 0, backend int)",
+         sources int NOT NULL DEFAULT 0, backend int, deployment text)",
         qualified(schema, INSTANCES_TABLE)
     ));
     if deadletter {
@@ -416,23 +416,39 @@ pub fn prune_progress_sql(schema: &str) -> String {
 }
 
 /// An instance's heartbeat: its row, made or refreshed (`$1` instance, `$2` host, `$3`
-/// pid, `$4` sources it streams, and the coordination session's backend pid); rows
-/// silent for an hour are removed.
+/// pid, `$4` sources it streams, `$5` its deployment's fingerprint, and the coordination
+/// session's backend pid); rows silent for an hour are removed.
 pub fn heartbeat_sql(schema: &str) -> String {
     let t = qualified(schema, INSTANCES_TABLE);
     format!(
         "WITH gone AS (DELETE FROM {t} WHERE heartbeat < now() - interval '1 hour') \
-         INSERT INTO {t} (instance, host, pid, started, heartbeat, sources, backend) \
-         VALUES ($1, $2, $3, now(), now(), $4, pg_backend_pid()) \
+         INSERT INTO {t} (instance, host, pid, started, heartbeat, sources, backend, deployment) \
+         VALUES ($1, $2, $3, now(), now(), $4, pg_backend_pid(), $5) \
          ON CONFLICT (instance) DO UPDATE SET heartbeat = now(), sources = $4, \
-         backend = pg_backend_pid()"
+         backend = pg_backend_pid(), deployment = $5"
     )
 }
 
-/// How many instances have beaten within `$1` seconds (this one included).
+/// How many instances of deployment `$2` have beaten within `$1` seconds (this one
+/// included).
 pub fn live_instances_sql(schema: &str) -> String {
     format!(
-        "SELECT count(*) FROM {} WHERE heartbeat > now() - make_interval(secs => $1)",
+        "SELECT count(*) FROM {} WHERE heartbeat > now() - make_interval(secs => $1) \
+         AND deployment = $2",
+        qualified(schema, INSTANCES_TABLE)
+    )
+}
+
+/// Ends instance `$1`'s previous coordination session, when the server still has it (a
+/// partition left it behind, holding the sources' locks until the server's keepalives
+/// notice): only a backend of this role and application, so a pid the server reused is
+/// never touched.
+pub fn end_previous_session_sql(schema: &str) -> String {
+    format!(
+        "SELECT pg_terminate_backend(i.backend) FROM {} i \
+         JOIN pg_stat_activity a ON a.pid = i.backend \
+         WHERE i.instance = $1 AND i.backend <> pg_backend_pid() \
+         AND a.usename = current_user AND a.application_name = current_setting('application_name')",
         qualified(schema, INSTANCES_TABLE)
     )
 }

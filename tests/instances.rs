@@ -224,3 +224,48 @@ fn a_lost_coordination_session_stops_its_sources() {
         d.stop_ok();
     }
 }
+
+/// Two deployments (two maps) writing into one destination schema do not share: each
+/// instance streams every source of its own map.
+#[test]
+fn another_map_into_the_same_schema_is_another_deployment() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let ddb = unique_name("idd");
+    dest.create_database(&ddb);
+    dest.execute(
+        &ddb,
+        "SET ROLE kuvasz; CREATE TABLE t (sid text, id int, v int, PRIMARY KEY (sid, id))",
+    );
+    let daemons: Vec<Daemon> = ["ia", "ib"]
+        .iter()
+        .map(|prefix| {
+            let family = unique_name(prefix);
+            let urls: Vec<String> = (0..2)
+                .map(|i| {
+                    let db = unique_name(&format!("{prefix}{i}"));
+                    src.create_database(&db);
+                    src.execute(
+                        &db,
+                        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int)",
+                    );
+                    format!("{{ url = \"{}\", sid = \"{prefix}{i}\" }}", src.url(&db))
+                })
+                .collect();
+            let map = format!(
+                "[[source]]\ndatabase = \"{family}\"\nurls = [ {} ]\n[source.tables]\nt = {{}}\n",
+                urls.join(", ")
+            );
+            Daemon::start(&dest.url(&ddb), &map, &[])
+        })
+        .collect();
+    let addrs: Vec<String> = daemons.iter().map(http::address).collect();
+    wait_for(
+        "each map's two sources streaming",
+        Duration::from_secs(60),
+        || (streaming(&addrs) == [2, 2]).then_some(()),
+    );
+    for d in daemons {
+        d.stop_ok();
+    }
+}
