@@ -22,34 +22,59 @@ fn streaming(addrs: &[String]) -> Vec<usize> {
         .collect()
 }
 
+/// `n` source databases with `table` (made as kuvasz), mapped as one family whose URLs
+/// have the sids `{sid}0`, `{sid}1`…: their names and the map.
+fn family(
+    src: &support::Cluster,
+    sid: &str,
+    n: usize,
+    table: &str,
+    entry: &str,
+) -> (Vec<String>, String) {
+    let dbs: Vec<String> = (0..n).map(|i| unique_name(&format!("{sid}{i}"))).collect();
+    let urls: Vec<String> = dbs
+        .iter()
+        .enumerate()
+        .map(|(i, db)| {
+            src.create_database(db);
+            src.execute(db, &format!("SET ROLE kuvasz; {table}"));
+            format!("{{ url = \"{}\", sid = \"{sid}{i}\" }}", src.url(db))
+        })
+        .collect();
+    let map = format!(
+        "[[source]]\ndatabase = \"{}\"\nurls = [ {} ]\n[source.tables]\nt = {entry}\n",
+        unique_name(sid),
+        urls.join(", ")
+    );
+    (dbs, map)
+}
+
+/// Rows of `t` on the destination.
+fn count(dest: &support::Cluster, ddb: &str) -> i64 {
+    dest.query(ddb, "SELECT count(*)::text FROM t")[0][0]
+        .as_deref()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0)
+}
+
 #[test]
 fn instances_share_sources_and_take_over_a_dead_one() {
     let src = source(*support::versions().last().expect("a version"));
     let dest = destination();
-    let family = unique_name("in");
-    let dbs: Vec<String> = (0..6).map(|i| unique_name(&format!("in{i}"))).collect();
-    for db in &dbs {
-        src.create_database(db);
-        src.execute(
-            db,
-            "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int); \
-             INSERT INTO t SELECT g, g FROM generate_series(1, 10) g",
-        );
-    }
+    let (dbs, map) = family(
+        src,
+        "s",
+        6,
+        "CREATE TABLE t (id int PRIMARY KEY, v int); \
+         INSERT INTO t SELECT g, g FROM generate_series(1, 10) g",
+        "{}",
+    );
     let ddb = unique_name("ind");
     dest.create_database(&ddb);
     dest.execute(
         &ddb,
         "SET ROLE kuvasz; CREATE TABLE t (sid text, id int, v int, PRIMARY KEY (sid, id))",
-    );
-    let urls: Vec<String> = dbs
-        .iter()
-        .enumerate()
-        .map(|(i, db)| format!("{{ url = \"{}\", sid = \"s{i}\" }}", src.url(db)))
-        .collect();
-    let map = format!(
-        "[[source]]\ndatabase = \"{family}\"\nurls = [ {} ]\n[source.tables]\nt = {{}}\n",
-        urls.join(", ")
     );
     let expected = || {
         let mut rows = Vec::new();
@@ -99,7 +124,11 @@ fn instances_share_sources_and_take_over_a_dead_one() {
                 }
             }
         });
-        std::thread::sleep(Duration::from_millis(300));
+        // Killed while the load's rows arrive.
+        let before = count(dest, &ddb);
+        wait_for("the load's rows arriving", Duration::from_secs(30), || {
+            (count(dest, &ddb) > before).then_some(())
+        });
         let killed = daemons.remove(0);
         addrs.remove(0);
         killed.kill();
@@ -142,26 +171,16 @@ fn instances_share_sources_and_take_over_a_dead_one() {
 fn a_lost_coordination_session_stops_its_sources() {
     let src = source(*support::versions().last().expect("a version"));
     let dest = destination();
-    let family = unique_name("il");
-    let dbs: Vec<String> = (0..4).map(|i| unique_name(&format!("il{i}"))).collect();
-    for db in &dbs {
-        src.create_database(db);
-        src.execute(db, "SET ROLE kuvasz; CREATE TABLE t (n int)");
-        src.execute(db, "ALTER TABLE t REPLICA IDENTITY FULL");
-    }
+    let (dbs, map) = family(
+        src,
+        "s",
+        4,
+        "CREATE TABLE t (n int)",
+        "{ type = \"append\" }",
+    );
     let ddb = unique_name("ild");
     dest.create_database(&ddb);
     dest.execute(&ddb, "SET ROLE kuvasz; CREATE TABLE t (sid text, n int)");
-    let urls: Vec<String> = dbs
-        .iter()
-        .enumerate()
-        .map(|(i, db)| format!("{{ url = \"{}\", sid = \"s{i}\" }}", src.url(db)))
-        .collect();
-    let map = format!(
-        "[[source]]\ndatabase = \"{family}\"\nurls = [ {} ]\n[source.tables]\n\
-         t = {{ type = \"append\" }}\n",
-        urls.join(", ")
-    );
     let daemons: Vec<Daemon> = (0..2)
         .map(|_| Daemon::start(&dest.url(&ddb), &map, &[]))
         .collect();
@@ -184,7 +203,10 @@ fn a_lost_coordination_session_stops_its_sources() {
                 }
             }
         });
-        std::thread::sleep(Duration::from_millis(300));
+        // Terminated while the load's rows arrive.
+        wait_for("the load's rows arriving", Duration::from_secs(30), || {
+            (count(dest, &ddb) > 0).then_some(())
+        });
         let killed = dest.query(
             &ddb,
             &format!(
@@ -239,22 +261,13 @@ fn another_map_into_the_same_schema_is_another_deployment() {
     );
     let daemons: Vec<Daemon> = ["ia", "ib"]
         .iter()
-        .map(|prefix| {
-            let family = unique_name(prefix);
-            let urls: Vec<String> = (0..2)
-                .map(|i| {
-                    let db = unique_name(&format!("{prefix}{i}"));
-                    src.create_database(&db);
-                    src.execute(
-                        &db,
-                        "SET ROLE kuvasz; CREATE TABLE t (id int PRIMARY KEY, v int)",
-                    );
-                    format!("{{ url = \"{}\", sid = \"{prefix}{i}\" }}", src.url(&db))
-                })
-                .collect();
-            let map = format!(
-                "[[source]]\ndatabase = \"{family}\"\nurls = [ {} ]\n[source.tables]\nt = {{}}\n",
-                urls.join(", ")
+        .map(|sid| {
+            let (_, map) = family(
+                src,
+                sid,
+                2,
+                "CREATE TABLE t (id int PRIMARY KEY, v int)",
+                "{}",
             );
             Daemon::start(&dest.url(&ddb), &map, &[])
         })
