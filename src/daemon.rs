@@ -163,6 +163,8 @@ struct SourceSlot {
     /// Stopped because this instance gave it up or lost it (see [`Ownership`]): not a
     /// failure, and started again when owned again.
     released: bool,
+    /// The owner epoch its running thread was started with.
+    epoch: Option<i64>,
 }
 
 impl SourceSlot {
@@ -177,6 +179,7 @@ impl SourceSlot {
             failure: None,
             plan: Plan::Run,
             released: false,
+            epoch: None,
         }
     }
 }
@@ -615,7 +618,13 @@ fn generation(
     result
 }
 
-fn source_env(ctx: &Ctx<'_>, id: usize, router: &Router, stop: &Arc<StopFlag>) -> SourceEnv {
+fn source_env(
+    ctx: &Ctx<'_>,
+    id: usize,
+    router: &Router,
+    stop: &Arc<StopFlag>,
+    epoch: Option<i64>,
+) -> SourceEnv {
     let (settings, progress) = (ctx.settings, ctx.progress);
     SourceEnv {
         sessions: ctx.sessions.clone(),
@@ -629,6 +638,7 @@ fn source_env(ctx: &Ctx<'_>, id: usize, router: &Router, stop: &Arc<StopFlag>) -
         wal_receiver_timeout: settings.wal_receiver_timeout,
         on_slot_lost: settings.on_slot_lost,
         on_error: settings.on_error,
+        epoch,
         status: settings
             .status
             .source(id)
@@ -838,7 +848,8 @@ fn follow_ownership(settings: &DaemonSettings, fleet: &Fleet, slots: &mut [Sourc
         if !matches!(slot.plan, Plan::Run) {
             continue;
         }
-        if slot.handle.is_none() || slot.released || own.owns(&slot.spec.slot) {
+        let epoch = own.epoch(&slot.spec.slot);
+        if slot.handle.is_none() || slot.released || (epoch.is_some() && epoch == slot.epoch) {
             if slot.handle.is_none() && own.elsewhere(&slot.spec.slot) {
                 if let Some(s) = settings.status.source(slot.spec.id) {
                     if s.state() != State::Elsewhere && slot.restart_at.is_some() {
@@ -849,7 +860,9 @@ fn follow_ownership(settings: &DaemonSettings, fleet: &Fleet, slots: &mut [Sourc
             continue;
         }
         slot.released = true;
-        if own.live_instances() == 0 {
+        if own.live_instances() == 0 || epoch.is_some() {
+            // Lost, or lost and taken again: another instance may have streamed it in
+            // between, so what this thread still does is fenced off anyway.
             warn!(
                 "source {}: stopping at once: this instance lost its coordination session",
                 slot.spec.label()
@@ -879,15 +892,17 @@ fn released(settings: &DaemonSettings, slot: &mut SourceSlot) {
 /// Starts every source whose (re)start time has come and that this instance owns.
 fn start_due(ctx: &Ctx<'_>, slots: &mut [SourceSlot], router: &Router) {
     for slot in slots.iter_mut() {
+        let epoch = ctx.settings.ownership.epoch(&slot.spec.slot);
         if slot.handle.is_none()
             && slot.restart_at.is_some_and(|t| Instant::now() >= t)
-            && ctx.settings.ownership.owns(&slot.spec.slot)
+            && epoch.is_some()
         {
             slot.restart_at = None;
             slot.stop = Arc::new(StopFlag::default());
+            slot.epoch = epoch;
             let mut args = SourceSpecSlotArgs {
                 spec: slot.spec.clone(),
-                env: source_env(ctx, slot.spec.id, router, &slot.stop),
+                env: source_env(ctx, slot.spec.id, router, &slot.stop, epoch),
                 handle: None,
             };
             spawn_source(&mut args, ctx.events);

@@ -34,6 +34,10 @@ pub enum Class {
     /// The daemon did something it should not (a statement the server cannot parse, a
     /// change it cannot decode): retried slowly, and worth a bug report.
     Bug,
+    /// Another instance of the deployment took the source over: this one's transaction
+    /// was fenced off (see [`crate::ownership`]). Nothing to repair; the source is
+    /// streamed by its new owner.
+    Fenced,
 }
 
 /// Where a failure happened: the same SQLSTATE means different things on each side
@@ -74,10 +78,11 @@ impl Class {
             Class::Prerequisite => "prerequisite",
             Class::Configuration => "configuration",
             Class::Bug => "bug",
+            Class::Fenced => "fenced",
         }
     }
 
-    pub const ALL: [Class; 7] = [
+    pub const ALL: [Class; 8] = [
         Class::Transient,
         Class::DestinationUnavailable,
         Class::RejectedRow,
@@ -85,6 +90,7 @@ impl Class {
         Class::Prerequisite,
         Class::Configuration,
         Class::Bug,
+        Class::Fenced,
     ];
 
     /// The policy table. Every class is retried (an operator's fix is picked up without
@@ -100,6 +106,7 @@ impl Class {
             Class::Prerequisite => (s(1), s(120), "waiting for a prerequisite"),
             Class::Configuration => (s(5), s(300), "stopped by the configuration"),
             Class::Bug => (s(5), s(300), "stopped by an internal error"),
+            Class::Fenced => (s(1), s(5), "taken over by another instance"),
         };
         Policy {
             backoff_min: min,
@@ -122,6 +129,13 @@ pub fn classify_sql(e: &postgres::Error, side: Side) -> Class {
 /// arrive as text).
 pub fn classify_code(code: &str, side: Side) -> Class {
     classify_state(&SqlState::from_code(code), side)
+}
+
+/// Whether a destination transaction was fenced off: its instance no longer owns a
+/// source it applied (see [`crate::store::fence_sql`]).
+pub fn is_fenced(e: &postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code().code() == crate::store::FENCED_SQLSTATE)
 }
 
 /// Whether a destination statement's error concerns what the statement touched, a row
@@ -148,6 +162,9 @@ fn unreachable_on(side: Side) -> Class {
 /// The table of SQLSTATEs. Exact codes first, then classes (the first two characters).
 fn classify_state(state: &SqlState, side: Side) -> Class {
     // Exact codes whose meaning differs from their class's.
+    if state.code() == crate::store::FENCED_SQLSTATE {
+        return Class::Fenced;
+    }
     if *state == SqlState::OBJECT_IN_USE {
         // "replication slot … is active for PID …": someone else streams it.
         return Class::Prerequisite;

@@ -8,8 +8,17 @@
 //! another deployment) and gives up those beyond it, each stopped (its position
 //! confirmed) before its lock goes, so a source is never streamed by two instances at
 //! once. An instance alone takes every source: a single instance runs as before.
+//!
+//! **Fencing.** A lock says who may start a source, not who is still writing: an
+//! instance that was paused, or cut off from its coordination session, may still have
+//! transactions to commit. So taking a source also bumps its owner epoch
+//! (`kvsz_owners`), and every destination transaction that applies a source's changes
+//! checks, in itself, that the epoch its source started with is still current
+//! ([`crate::store::fence_sql`]): the bump waits for such a transaction in flight, and
+//! any later one is refused. What the old owner committed is in the positions its
+//! successor starts from; nothing else of it lands.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -28,6 +37,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// An instance silent for longer is taken for dead (its sources' locks went with its
 /// session already; this is when the others stop leaving room for it).
 const LIVE_WITHIN_SECS: f64 = 5.0;
+/// An instance silent for longer has its coordination session ended by the others, so
+/// its sources' locks go: it was paused, or the destination kept its session after a
+/// partition. If it comes back, what it still applies is fenced off.
+const SILENT_SECS: f64 = 10.0;
 
 /// What this instance owns, shared by the coordination thread and the supervisor.
 pub struct Ownership {
@@ -41,8 +54,9 @@ pub struct Ownership {
 struct Owned {
     /// The slots of the sources this instance should stream, if it may.
     wanted: Vec<String>,
-    /// Slots whose advisory lock the coordination session holds.
-    held: BTreeSet<String>,
+    /// Slots whose advisory lock the coordination session holds, with the owner epoch
+    /// taken with it.
+    held: BTreeMap<String, i64>,
     /// Held slots being given up: the supervisor stops their sources, then
     /// [`Ownership::stopped`] lets the lock go.
     giving_up: BTreeSet<String>,
@@ -76,15 +90,24 @@ impl Ownership {
 
     /// Whether this instance may stream the source of `slot`.
     pub fn owns(&self, slot: &str) -> bool {
+        self.epoch(slot).is_some()
+    }
+
+    /// The owner epoch this instance holds the source of `slot` with, if it may stream
+    /// it.
+    pub fn epoch(&self, slot: &str) -> Option<i64> {
         let s = self.state.lock();
-        s.held.contains(slot) && !s.giving_up.contains(slot)
+        if s.giving_up.contains(slot) {
+            return None;
+        }
+        s.held.get(slot).copied()
     }
 
     /// Whether the source of `slot` is known to be another instance's (not merely not
     /// yet taken at start).
     pub fn elsewhere(&self, slot: &str) -> bool {
         let s = self.state.lock();
-        s.settled && !s.held.contains(slot)
+        s.settled && !s.held.contains_key(slot)
     }
 
     /// The source of a slot given up, or removed from the map, has stopped: its lock
@@ -92,7 +115,7 @@ impl Ownership {
     pub fn stopped(&self, slot: &str) {
         let mut s = self.state.lock();
         let wanted = s.wanted.iter().any(|w| w == slot);
-        if s.held.contains(slot) && (s.giving_up.contains(slot) || !wanted) {
+        if s.held.contains_key(slot) && (s.giving_up.contains(slot) || !wanted) {
             s.stopped.insert(slot.to_string());
         }
     }
@@ -202,6 +225,18 @@ impl Ownership {
                 &deployment,
             ],
         )?;
+        let ended = c.query(
+            store::end_silent_instances_sql(schema).as_str(),
+            &[&deployment, &SILENT_SECS],
+        )?;
+        for r in &ended {
+            warn!(
+                "instance {}: instance {} has not beaten for {SILENT_SECS} s: ended its \
+                 coordination session, so its sources go to the live instances",
+                self.instance,
+                r.get::<_, &str>(0)
+            );
+        }
         let live: i64 = c
             .query_one(
                 store::live_instances_sql(schema).as_str(),
@@ -225,7 +260,7 @@ impl Ownership {
         // Held sources the map no longer names, or beyond the share: given up.
         let unwanted: Vec<String> = s
             .held
-            .iter()
+            .keys()
             .filter(|h| !wanted.contains(h))
             .cloned()
             .collect();
@@ -234,7 +269,7 @@ impl Ownership {
         if keeping > share {
             let extra: Vec<String> = s
                 .held
-                .iter()
+                .keys()
                 .rev()
                 .filter(|h| !s.giving_up.contains(*h))
                 .take(keeping - share)
@@ -250,12 +285,12 @@ impl Ownership {
         let missing = share.saturating_sub(s.held.len());
         let free: Vec<String> = wanted
             .iter()
-            .filter(|w| !s.held.contains(*w))
+            .filter(|w| !s.held.contains_key(*w))
             .cloned()
             .collect();
         drop(s);
         let taken = if missing > 0 && !free.is_empty() {
-            take(c, &ns, &free, missing)?
+            take(c, schema, &self.instance, &free, missing)?
         } else {
             Vec::new()
         };
@@ -264,7 +299,11 @@ impl Ownership {
             info!(
                 "instance {}: {live} instance(s) live, share {share}: took {}",
                 self.instance,
-                taken.join(", ")
+                taken
+                    .iter()
+                    .map(|(slot, epoch)| format!("{slot} (epoch {epoch})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         s.held.extend(taken);
@@ -299,19 +338,29 @@ fn fingerprint(slots: &[String]) -> String {
     format!("{h:016x}")
 }
 
-/// Takes up to `n` of `free` whose lock no session holds, in one statement.
+/// Takes up to `n` of `free` whose lock no session holds, and bumps their owner
+/// epochs: the slots taken, with the epoch each is owned with.
 fn take(
     c: &mut Client,
-    ns: &str,
+    schema: &str,
+    instance: &str,
     free: &[String],
     n: usize,
-) -> Result<Vec<String>, postgres::Error> {
+) -> Result<Vec<(String, i64)>, postgres::Error> {
     let rows = c.query(
         "SELECT s FROM (SELECT s FROM unnest($2::text[]) AS u(s) \
          WHERE pg_try_advisory_lock(hashtext($1), hashtext(s)) LIMIT $3) t",
-        &[&ns, &free, &(n as i64)],
+        &[&namespace(schema), &free, &(n as i64)],
     )?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let locked: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    if locked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = c.query(
+        store::take_owners_sql(schema).as_str(),
+        &[&instance, &locked],
+    )?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// `ceil(sources / live)`: every source has an owner when every instance takes its

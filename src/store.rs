@@ -24,6 +24,16 @@ pub const PROGRESS_TABLE: &str = "kvsz_progress";
 /// The instances of a deployment, one row each, heart-beaten by its coordination
 /// session (see [`crate::ownership`]).
 pub const INSTANCES_TABLE: &str = "kvsz_instances";
+/// Each source's owner and owner epoch (`slot_name`, `epoch`, `instance`, `taken`): the
+/// epoch grows each time an instance takes the source, and every destination
+/// transaction that applies its changes checks, in that transaction, that the epoch is
+/// still the one its instance took (see [`fence_sql`]).
+pub const OWNERS_TABLE: &str = "kvsz_owners";
+/// A function that raises its message as an error of SQLSTATE [`FENCED_SQLSTATE`].
+pub const FENCE_FUNCTION: &str = "kvsz_fenced";
+/// The SQLSTATE of a transaction fenced off: its instance no longer owns a source it
+/// applies (a class of our own, so it is never taken for a row's or a table's fault).
+pub const FENCED_SQLSTATE: &str = "KZ001";
 /// A function that raises its message as an error (SQLSTATE P0002, no data found): a
 /// statement that finds it cannot apply a change as the source made it (a partial
 /// UPDATE of a row the target does not have) refuses it through this, inside the
@@ -70,6 +80,18 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
          pid int NOT NULL, started timestamptz NOT NULL, heartbeat timestamptz NOT NULL, \
          sources int NOT NULL DEFAULT 0, backend int, deployment text)",
         qualified(schema, INSTANCES_TABLE)
+    ));
+    sql.push_str(&format!(
+        "; CREATE TABLE IF NOT EXISTS {0} (slot_name text PRIMARY KEY, epoch bigint NOT NULL, \
+         instance text NOT NULL, taken timestamptz NOT NULL)",
+        qualified(schema, OWNERS_TABLE)
+    ));
+    let fenced = qualified(schema, FENCE_FUNCTION);
+    sql.push_str(&format!(
+        "; DO $kvsz$BEGIN IF to_regprocedure({}) IS NULL THEN CREATE FUNCTION {fenced}(message text) \
+         RETURNS void LANGUAGE plpgsql AS $f$BEGIN RAISE EXCEPTION USING ERRCODE = '{FENCED_SQLSTATE}', \
+         MESSAGE = message; END$f$; END IF; END$kvsz$",
+        literal(&format!("{fenced}(text)"))
     ));
     if deadletter {
         sql.push_str(&format!(
@@ -294,14 +316,25 @@ pub struct WriterProgress<'a> {
     pub writer: usize,
     pub writers: usize,
     pub next: Position,
+    /// The owner epoch the source was started with (see [`OWNERS_TABLE`]): checked in
+    /// the same transaction. None: not checked.
+    pub epoch: Option<i64>,
 }
 
-/// The statement that records `rows` (one per slot) in the writer's transaction.
+/// The statements that record `rows` (one per slot) in the writer's transaction, after
+/// the check that this instance still owns their sources ([`fence_sql`]).
 pub fn progress_sql(schema: &str, rows: &[WriterProgress]) -> String {
-    let mut sql = format!(
+    let owned: Vec<(&str, i64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.slot, r.epoch?)))
+        .collect();
+    let mut sql = fence_sql(schema, &owned)
+        .map(|f| f + "; ")
+        .unwrap_or_default();
+    sql.push_str(&format!(
         "INSERT INTO {} AS p (slot_name, writer, writers, commit_lsn, seq) VALUES ",
         qualified(schema, PROGRESS_TABLE)
-    );
+    ));
     for (i, r) in rows.iter().enumerate() {
         if i > 0 {
             sql.push_str(", ");
@@ -429,12 +462,12 @@ pub fn heartbeat_sql(schema: &str) -> String {
     )
 }
 
-/// How many instances of deployment `$2` have beaten within `$1` seconds (this one
-/// included).
+/// How many instances of deployment `$2` have beaten within `$1` seconds and still have
+/// their coordination session (this one included): one killed is not waited for.
 pub fn live_instances_sql(schema: &str) -> String {
     format!(
-        "SELECT count(*) FROM {} WHERE heartbeat > now() - make_interval(secs => $1) \
-         AND deployment = $2",
+        "SELECT count(*) FROM {} i WHERE heartbeat > now() - make_interval(secs => $1) \
+         AND deployment = $2 AND EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = i.backend)",
         qualified(schema, INSTANCES_TABLE)
     )
 }
@@ -449,6 +482,73 @@ pub fn end_previous_session_sql(schema: &str) -> String {
          JOIN pg_stat_activity a ON a.pid = i.backend \
          WHERE i.instance = $1 AND i.backend <> pg_backend_pid() \
          AND a.usename = current_user AND a.application_name = current_setting('application_name')",
+        qualified(schema, INSTANCES_TABLE)
+    )
+}
+
+/// Instance `$1` takes the sources of slots `$2` (their advisory locks just taken): each
+/// source's epoch grows by one, and the new epochs come back (`slot_name`, `epoch`).
+/// The update waits for any transaction of a previous owner that checked its epoch
+/// ([`fence_sql`]) to end: what it committed is in the positions the new owner reads
+/// next, and what it had not is fenced off.
+pub fn take_owners_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {} AS o (slot_name, epoch, instance, taken) \
+         SELECT s, 1, $1, now() FROM unnest($2::text[]) AS u(s) \
+         ON CONFLICT (slot_name) DO UPDATE SET epoch = o.epoch + 1, instance = EXCLUDED.instance, \
+         taken = now() RETURNING slot_name, epoch",
+        qualified(schema, OWNERS_TABLE)
+    )
+}
+
+/// The current epochs of slots `$1` (`slot_name`, `epoch`, `instance`).
+pub fn owners_sql(schema: &str) -> String {
+    format!(
+        "SELECT slot_name, epoch, instance FROM {} WHERE slot_name = ANY($1::text[])",
+        qualified(schema, OWNERS_TABLE)
+    )
+}
+
+/// The statement that fences a transaction off unless each `(slot, epoch)` is still
+/// current: it share-locks the owners' rows, so a take-over waits for this transaction
+/// to end, and raises [`FENCED_SQLSTATE`] naming the slots taken over since (nothing of
+/// the transaction commits). None when there is nothing to check.
+pub fn fence_sql(schema: &str, owned: &[(&str, i64)]) -> Option<String> {
+    if owned.is_empty() {
+        return None;
+    }
+    let pairs: Vec<String> = owned
+        .iter()
+        .map(|(slot, epoch)| format!("({}, {epoch}::bigint)", literal(slot)))
+        .collect();
+    let slots: Vec<String> = owned
+        .iter()
+        .map(|(slot, _)| format!("({})", literal(slot)))
+        .collect();
+    Some(format!(
+        "WITH owned AS (SELECT slot_name FROM {owners} WHERE (slot_name, epoch) IN (VALUES {pairs}) \
+         FOR SHARE) SELECT {fenced}('this instance no longer owns the source of slot(s) ' \
+         || string_agg(v.s, ', ') || ': another instance took it over') \
+         FROM (VALUES {slots}) AS v(s) WHERE v.s NOT IN (SELECT slot_name FROM owned) \
+         HAVING count(*) > 0",
+        owners = qualified(schema, OWNERS_TABLE),
+        fenced = qualified(schema, FENCE_FUNCTION),
+        pairs = pairs.join(", "),
+        slots = slots.join(", "),
+    ))
+}
+
+/// Ends the coordination sessions of the instances of deployment `$1` silent for more
+/// than `$2` seconds (paused, or cut off while the destination kept their session): the
+/// locks those sessions hold would keep their sources from everyone. Only backends of
+/// this role and application; returns the instances ended.
+pub fn end_silent_instances_sql(schema: &str) -> String {
+    format!(
+        "SELECT i.instance, pg_terminate_backend(i.backend) FROM {} i \
+         JOIN pg_stat_activity a ON a.pid = i.backend \
+         WHERE i.deployment = $1 AND i.heartbeat < now() - make_interval(secs => $2) \
+         AND i.backend <> pg_backend_pid() AND a.usename = current_user \
+         AND a.application_name = current_setting('application_name')",
         qualified(schema, INSTANCES_TABLE)
     )
 }
@@ -506,6 +606,30 @@ mod tests {
     }
 
     #[test]
+    fn progress_checks_the_owner_epochs_first() {
+        assert_eq!(fence_sql("dw", &[]), None);
+        let fence = fence_sql("dw", &[("k_a'b", 3), ("k_c", 1)]).expect("a fence");
+        assert_eq!(
+            fence,
+            "WITH owned AS (SELECT slot_name FROM \"dw\".\"kvsz_owners\" WHERE (slot_name, epoch) \
+             IN (VALUES ('k_a''b', 3::bigint), ('k_c', 1::bigint)) FOR SHARE) SELECT \
+             \"dw\".\"kvsz_fenced\"('this instance no longer owns the source of slot(s) ' || \
+             string_agg(v.s, ', ') || ': another instance took it over') FROM (VALUES ('k_a''b'), \
+             ('k_c')) AS v(s) WHERE v.s NOT IN (SELECT slot_name FROM owned) HAVING count(*) > 0"
+        );
+        let row = |epoch| WriterProgress {
+            slot: "k_c",
+            writer: 0,
+            writers: 1,
+            next: pos(1, 0),
+            epoch,
+        };
+        let checked = progress_sql("dw", &[row(Some(1))]);
+        assert!(checked.starts_with(&(fence_sql("dw", &[("k_c", 1)]).expect("fence") + "; INSERT")));
+        assert!(progress_sql("dw", &[row(None)]).starts_with("INSERT"));
+    }
+
+    #[test]
     fn progress_is_one_upsert() {
         let sql = progress_sql(
             "dw",
@@ -514,6 +638,7 @@ mod tests {
                 writer: 1,
                 writers: 4,
                 next: pos(0x1_0000_0010, 7),
+                epoch: None,
             }],
         );
         assert_eq!(

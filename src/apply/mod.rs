@@ -32,8 +32,12 @@ pub enum WriterMsg {
     /// Commit now and answer: a barrier for the sender.
     Flush(Sender<()>),
     /// `source` starts (again): what it sends from now on is applied, even after one of
-    /// its rows was rejected.
-    Resume { source: SourceId },
+    /// its rows was rejected, and checked against owner epoch `epoch` (see
+    /// [`crate::store::fence_sql`]; None: not checked).
+    Resume {
+        source: SourceId,
+        epoch: Option<i64>,
+    },
     /// Commit what is applied and stop.
     Stop,
 }

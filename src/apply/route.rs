@@ -212,15 +212,16 @@ impl Router {
         wait_answers(&rx, self.writers.len(), idle)
     }
 
-    /// Tells every writer that `source` starts: a source held after a rejected row is
-    /// applied again from here.
+    /// Tells every writer that `source` starts, owned with `epoch`: a source held after
+    /// a rejected row, or fenced off, is applied again from here.
     pub fn resume<E>(
         &self,
         source: SourceId,
+        epoch: Option<i64>,
         idle: &mut dyn FnMut() -> Result<(), E>,
     ) -> Result<(), Wait<E>> {
         for w in &self.writers {
-            send(w, WriterMsg::Resume { source }, idle)?;
+            send(w, WriterMsg::Resume { source, epoch }, idle)?;
         }
         Ok(())
     }

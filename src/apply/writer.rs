@@ -224,6 +224,12 @@ pub struct Writer {
     held_at: Vec<(SourceId, Position)>,
     /// Slot names by source id, for `kvsz_progress` (looked up once).
     slots: Vec<Option<String>>,
+    /// The owner epoch each source started with ([`WriterMsg::Resume`]), checked by
+    /// every transaction that applies its changes.
+    epochs: Vec<Option<i64>>,
+    /// Sources another instance took over since they started: what is queued of them
+    /// is dropped, unconfirmed, until they start again (their new owner replays it).
+    fenced: Vec<bool>,
 }
 
 /// Writes one entry's line of COPY data.
@@ -304,6 +310,8 @@ impl Writer {
             held: Vec::new(),
             held_at: Vec::new(),
             slots: Vec::new(),
+            epochs: Vec::new(),
+            fenced: Vec::new(),
         })
     }
 
@@ -433,11 +441,7 @@ impl Writer {
                     self.flushes.push(tx);
                     self.commit()?;
                 }
-                WriterMsg::Resume { source } => {
-                    if let Some(p) = self.held.get_mut(source) {
-                        *p = false;
-                    }
-                }
+                WriterMsg::Resume { source, epoch } => self.resume(source, epoch)?,
                 WriterMsg::Stop => return self.commit(),
             }
             if self.batch.is_full()
@@ -449,16 +453,38 @@ impl Writer {
         }
     }
 
+    /// `source` starts again, owned with `epoch`: its hold or fence ends. What is
+    /// batched of an earlier start is committed first, under the epoch it came with.
+    fn resume(&mut self, source: SourceId, epoch: Option<i64>) -> Result<(), WriterError> {
+        if self.epochs.get(source).copied().flatten() != epoch {
+            self.commit()?;
+        }
+        if self.epochs.len() <= source {
+            self.epochs.resize(source + 1, None);
+            self.fenced.resize(source + 1, false);
+        }
+        self.epochs[source] = epoch;
+        self.fenced[source] = false;
+        if let Some(p) = self.held.get_mut(source) {
+            *p = false;
+        }
+        Ok(())
+    }
+
+    fn is_fenced(&self, source: SourceId) -> bool {
+        self.fenced.get(source).copied().unwrap_or(false)
+    }
+
     /// Whether `msg` belongs to a source held since one of its rows was rejected (under
-    /// `on_error = stop`): dropped, as the source replays it from its confirmed position
-    /// once it starts again (its [`WriterMsg::Resume`] ends the hold).
+    /// `on_error = stop`), or fenced off: dropped, as the source replays it from its
+    /// confirmed position once it starts again (its [`WriterMsg::Resume`] ends the hold).
     fn stopped_source(&mut self, msg: &WriterMsg) -> bool {
         let source = match msg {
             WriterMsg::Change { change, .. } | WriterMsg::Rejected { change, .. } => change.source,
             WriterMsg::Marker { source, .. } => *source,
             WriterMsg::Flush(_) | WriterMsg::Resume { .. } | WriterMsg::Stop => return false,
         };
-        if !self.held.get(source).copied().unwrap_or(false) {
+        if !self.held.get(source).copied().unwrap_or(false) && !self.is_fenced(source) {
             return false;
         }
         if let WriterMsg::Change { change, .. } | WriterMsg::Rejected { change, .. } = msg {
@@ -499,11 +525,20 @@ impl Writer {
             let batch = std::mem::take(&mut self.batch);
             let started = Instant::now();
             self.applying(true);
-            let applied = match self.apply_literal(&batch) {
+            let mut applied = match self.apply_literal(&batch) {
                 Ok(true) => Ok(()),
                 Ok(false) => self.apply_batch(&batch),
                 Err(e) => Err(e),
             };
+            // Sources taken over meanwhile are left out, the rest applied again.
+            while let Err(WriterError::Connection { error, .. }) = &applied {
+                let sources: Vec<SourceId> = batch.next.iter().map(|&(s, _)| s).collect();
+                if !fault::is_fenced(error) || !self.fence_off(&sources)? {
+                    break;
+                }
+                let cuts = self.fenced_cuts(&batch);
+                applied = self.apply_carefully(&batch, cuts);
+            }
             self.applying(false);
             applied?;
             self.held_at.clear();
@@ -523,8 +558,8 @@ impl Writer {
                 batch.groups.iter().map(|g| g.entries.len()).sum::<usize>()
             );
         }
-        for (source, lsn) in self.markers.drain(..) {
-            if !self.held.get(source).copied().unwrap_or(false) {
+        for (source, lsn) in std::mem::take(&mut self.markers) {
+            if !self.held.get(source).copied().unwrap_or(false) && !self.is_fenced(source) {
                 self.settings.progress.ack(source, self.id, lsn);
             }
         }
@@ -532,6 +567,61 @@ impl Writer {
             let _ = tx.send(());
         }
         Ok(())
+    }
+
+    /// After a transaction was fenced off: rolls it back and marks those of `sources`
+    /// whose owner epoch moved on since they started. False when none did (then the
+    /// failure is not a take-over's, and is reported as it is).
+    fn fence_off(&mut self, sources: &[SourceId]) -> Result<bool, WriterError> {
+        self.client
+            .batch_execute("ROLLBACK")
+            .map_err(self.conn_err())?;
+        self.end_txn();
+        let mine: Vec<(SourceId, String, i64)> = sources
+            .iter()
+            .filter(|source| !self.is_fenced(**source))
+            .filter_map(|&source| {
+                let slot = self.slots.get(source)?.clone()?;
+                Some((source, slot, self.epochs.get(source).copied().flatten()?))
+            })
+            .collect();
+        let names: Vec<&str> = mine.iter().map(|(_, slot, _)| slot.as_str()).collect();
+        let rows = self
+            .client
+            .query(
+                crate::store::owners_sql(&self.settings.schema).as_str(),
+                &[&names],
+            )
+            .map_err(self.conn_err())?;
+        let mut any = false;
+        for (source, slot, epoch) in &mine {
+            let now = rows
+                .iter()
+                .find(|r| r.get::<_, &str>(0) == slot.as_str())
+                .map(|r| (r.get::<_, i64>(1), r.get::<_, String>(2)));
+            if now.as_ref().is_some_and(|(e, _)| e == epoch) {
+                continue;
+            }
+            let by = now.map_or("nobody".to_string(), |(e, i)| format!("{i} (epoch {e})"));
+            warn!(
+                "writer {}: the source of slot {slot} was taken over by {by} since it started \
+                 here (epoch {epoch}): what is queued of it here is left to its new owner",
+                self.id
+            );
+            self.fenced[*source] = true;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Where the fenced sources of `batch` are cut: before all their changes.
+    fn fenced_cuts(&self, batch: &Batch) -> Vec<(SourceId, Position)> {
+        batch
+            .next
+            .iter()
+            .filter(|(source, _)| self.is_fenced(*source))
+            .map(|&(source, _)| (source, Position::default()))
+            .collect()
     }
 
     /// Tells the status a batch is being applied (see [`crate::apply::watch`]).
@@ -552,7 +642,11 @@ impl Writer {
             _ => "COMMIT".to_string(),
         };
         self.held_at.clear();
-        self.client.batch_execute(&commit).map_err(self.conn_err())
+        match self.client.batch_execute(&commit) {
+            // Taken over: the report is its new owner's to make.
+            Err(e) if fault::is_fenced(&e) && self.fence_off(&[c.source])? => Ok(()),
+            r => r.map_err(self.conn_err()),
+        }
     }
 
     /// The statement recording, in the batch's transaction, how far this writer got in
@@ -562,6 +656,7 @@ impl Writer {
         let rows: Vec<(SourceId, Position)> = batch
             .next
             .iter()
+            .filter(|&&(source, _)| !self.is_fenced(source))
             .filter_map(
                 |&(source, next)| match self.held_at.iter().find(|(s, _)| *s == source) {
                     Some(&(_, at)) => Some((source, at.min(next))),
@@ -590,6 +685,7 @@ impl Writer {
                     writer: self.id,
                     writers: self.settings.pool_size,
                     next,
+                    epoch: self.epochs.get(source).copied().flatten(),
                 })
             })
             .collect();
@@ -750,7 +846,7 @@ impl Writer {
                         .map_err(self.conn_err())?;
                 }
                 self.end_txn();
-                self.apply_carefully(batch)
+                self.apply_carefully(batch, Vec::new())
             }
         }
     }
@@ -759,9 +855,13 @@ impl Writer {
     /// A source held by a refused row (`on_error = stop`) keeps nothing of its changes
     /// from that row on: they are its replay's, in source order once the cause is fixed
     /// (a later version of the same key must not land before the held one). So when a
-    /// pass holds a source, it is rolled back and done again without them.
-    fn apply_carefully(&mut self, batch: &Batch) -> Result<(), WriterError> {
-        let mut cuts: Vec<(SourceId, Position)> = Vec::new();
+    /// pass holds a source, it is rolled back and done again without them. Sources cut
+    /// at `cuts` (fenced off) keep nothing from there either.
+    fn apply_carefully(
+        &mut self,
+        batch: &Batch,
+        mut cuts: Vec<(SourceId, Position)>,
+    ) -> Result<(), WriterError> {
         loop {
             self.client
                 .batch_execute(&format!("BEGIN; {CHECK_DEFERRED}"))

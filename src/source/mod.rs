@@ -108,6 +108,9 @@ pub struct SourceEnv {
     pub on_error: crate::apply::writer::RejectPolicy,
     /// What this source reports over HTTP.
     pub status: Arc<crate::status::SourceStatus>,
+    /// The owner epoch this instance took the source with (see [`crate::ownership`]):
+    /// every destination transaction applying its changes checks it is still current.
+    pub epoch: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -126,6 +129,14 @@ pub enum SourceError {
     },
     /// The server lacks something the daemon needs; the message says what to change.
     Prerequisite { source: String, message: String },
+    /// The slot of a source this instance owns is still streamed by a previous owner's
+    /// walsender, whose client replied `silent` ago: ended once silent long enough.
+    SlotBusy {
+        source: String,
+        slot: String,
+        pid: i32,
+        silent: Duration,
+    },
     Sync {
         source: String,
         table: String,
@@ -194,6 +205,18 @@ impl fmt::Display for SourceError {
             SourceError::PoolClosed { source } => {
                 write!(f, "source {source}: writer pool stopped")
             }
+            SourceError::SlotBusy {
+                source,
+                slot,
+                pid,
+                silent,
+            } => write!(
+                f,
+                "source {source}: replication slot {slot} is still streamed by pid {pid}, a \
+                 previous owner's (its client last replied {:.0?} ago); it is ended once silent \
+                 for 20 s, or by the source's wal_sender_timeout",
+                silent
+            ),
             SourceError::Silent { source, after } => write!(
                 f,
                 "source {source}: no message from the server for {:.0?} (app.wal_receiver_timeout), \
@@ -220,7 +243,8 @@ impl SourceError {
             SourceError::Decode { .. } => Class::Bug,
             SourceError::Spool { .. }
             | SourceError::PoolClosed { .. }
-            | SourceError::Silent { .. } => Class::Transient,
+            | SourceError::Silent { .. }
+            | SourceError::SlotBusy { .. } => Class::Transient,
         }
     }
 }
@@ -239,7 +263,9 @@ pub fn run(spec: &SourceSpec, env: &SourceEnv) -> Result<(), SourceError> {
     // Before anything this run routes: what an earlier run left queued after a rejected
     // row is dropped by its writer up to here, and applied from here.
     env.router
-        .resume(spec.id, &mut || Ok::<(), std::convert::Infallible>(()))
+        .resume(spec.id, env.epoch, &mut || {
+            Ok::<(), std::convert::Infallible>(())
+        })
         .map_err(|_| SourceError::PoolClosed {
             source: spec.label(),
         })?;

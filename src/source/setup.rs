@@ -7,6 +7,7 @@
 //! be replicated at all is left out of both and reported; the rest of the source streams.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use log::{info, warn};
 use postgres::Client;
@@ -780,6 +781,59 @@ fn reconcile_publications(
     Ok((added, ins_exists))
 }
 
+/// How long the walsender of a slot this instance owns may go without a reply from its
+/// client before it is taken for a previous owner's that cannot reply (paused, or cut
+/// off) and ended: a live client replies at least every 10 s (the stream's status).
+const HOLDER_SILENT: Duration = Duration::from_secs(20);
+
+/// The slot of a source this instance owns is still streamed by walsender `pid`: a
+/// previous owner's, as the deployment's lock says (it lost the source, and what it
+/// still applies is fenced off). Ended once its client has been silent for
+/// [`HOLDER_SILENT`], so the stream starts without waiting for the source's
+/// `wal_sender_timeout`; until then, a transient failure (retried). A client that
+/// replies is never ended: another deployment streaming the same slot is reported.
+fn end_silent_holder(spec: &SourceSpec, src: &mut Client, pid: i32) -> Result<(), SourceError> {
+    let silent = src
+        .query_opt(
+            "SELECT extract(epoch FROM now() - coalesce(reply_time, backend_start))::float8 \
+             FROM pg_stat_replication WHERE pid = $1",
+            &[&pid],
+        )
+        .map_err(sql_err(spec, "look up the slot's walsender"))?
+        .and_then(|r| r.get::<_, Option<f64>>(0));
+    let Some(silent) = silent else {
+        // Not a walsender this role can see: the usual report.
+        return Ok(());
+    };
+    if silent < HOLDER_SILENT.as_secs_f64() {
+        return Err(SourceError::SlotBusy {
+            source: spec.label(),
+            slot: spec.slot.clone(),
+            pid,
+            silent: Duration::from_secs_f64(silent.max(0.0)),
+        });
+    }
+    warn!(
+        "source {}: replication slot {} is still streamed by pid {pid}, whose client has not \
+         replied for {silent:.0} s (a previous owner of the source, paused or cut off): ending it",
+        spec.label(),
+        spec.slot
+    );
+    src.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .map_err(sql_err(spec, "end the slot's silent walsender"))?;
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let active = catalog::slot_info(src, &spec.slot)
+            .map_err(sql_err(spec, "look up slot"))?
+            .and_then(|s| s.active_pid);
+        if active != Some(pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Prepares the source and returns where to start streaming. Holds one of the set-up
 /// sessions of the destination throughout, so that only so many sources set up (create
 /// slots, copy) at once, whatever their number.
@@ -803,6 +857,10 @@ fn prepare_with(
 
     let mut slot =
         catalog::slot_info(&mut src, &spec.slot).map_err(sql_err(spec, "look up slot"))?;
+    if let (Some(pid), Some(_)) = (slot.as_ref().and_then(|s| s.active_pid), env.epoch) {
+        end_silent_holder(spec, &mut src, pid)?;
+        slot = catalog::slot_info(&mut src, &spec.slot).map_err(sql_err(spec, "look up slot"))?;
+    }
     if let Some(s) = &slot {
         if let Some(pid) = s.active_pid {
             return Err(prerequisite(
@@ -1202,9 +1260,14 @@ fn copy_one_target(
         tables.push(t);
     }
     let started = std::time::Instant::now();
-    let done: String = group
-        .iter()
-        .map(|r| {
+    // The copy commits only while this instance still owns the source (see
+    // crate::ownership): a copy finishing after a take-over is fenced off.
+    let fence = env
+        .epoch
+        .and_then(|e| store::fence_sql(&env.dest_schema, &[(spec.slot.as_str(), e)]));
+    let done: String = fence
+        .into_iter()
+        .chain(group.iter().map(|r| {
             store::sync_state_sql(
                 &env.dest_schema,
                 &spec.slot,
@@ -1213,7 +1276,7 @@ fn copy_one_target(
                 Phase::Done,
                 Some(at),
             )
-        })
+        }))
         .collect::<Vec<_>>()
         .join("; ");
     let plans: Vec<&CopyPlan> = group.iter().map(|r| &r.plan).collect();

@@ -175,6 +175,17 @@ impl Daemon {
         }
     }
 
+    /// SIGSTOP: the process is frozen, its connections stay open (an instance paused by
+    /// a debugger, a VM freeze, a container runtime's pause).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Daemon::pause`].
+    pub fn unpause(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// SIGHUP: read configuration and map again.
     pub fn hup(&self) {
         self.signal(libc::SIGHUP);
