@@ -508,6 +508,160 @@ pub fn probe_destination(
     })
 }
 
+/// One instance of the deployment, as `kvsz_instances` and `pg_stat_activity` show it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceFact {
+    pub instance: String,
+    pub sources: i32,
+    /// Seconds since its last heartbeat.
+    pub silent: f64,
+    /// Its coordination session is still on the destination.
+    pub connected: bool,
+}
+
+/// Who holds one source of the map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlotOwner {
+    pub slot: String,
+    /// The instance whose coordination session holds the source's lock (an unknown
+    /// session's pid otherwise).
+    pub holder: Option<String>,
+    /// The last owner `kvsz_owners` names, with its epoch.
+    pub last: Option<(String, i64)>,
+}
+
+/// The deployment's instances and its sources' owners (empty: none ever ran).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OwnershipFacts {
+    pub instances: Vec<InstanceFact>,
+    /// Instances writing into the same schema for another map.
+    pub others: usize,
+    pub slots: Vec<SlotOwner>,
+}
+
+/// The lines about several instances: each instance, live or silent, and each source's
+/// owner; a source no running instance holds while some run is an orphan.
+pub fn judge_ownership(f: &OwnershipFacts) -> Vec<Line> {
+    let live = |i: &InstanceFact| i.connected && i.silent < 5.0;
+    let running = f.instances.iter().filter(|i| live(i)).count();
+    let mut out = vec![Line::Ok(format!(
+        "instances: {running} running{}",
+        match f.others {
+            0 => String::new(),
+            n => format!(" ({n} more of another map write into this schema)"),
+        }
+    ))];
+    for i in &f.instances {
+        out.push(if live(i) {
+            Line::Ok(format!(
+                "instance {}: streams {} source(s), beat {:.1} s ago",
+                i.instance, i.sources, i.silent
+            ))
+        } else if i.connected {
+            Line::Warning(format!(
+                "instance {}: silent for {:.0} s but still connected (paused?): the others end                  its session after 10 s, and what it still applies is fenced off",
+                i.instance, i.silent
+            ))
+        } else {
+            Line::Ok(format!(
+                "instance {}: gone {:.0} s ago (its row is removed after an hour)",
+                i.instance, i.silent
+            ))
+        });
+    }
+    if running == 0 {
+        return out;
+    }
+    for s in &f.slots {
+        let last = s.last.as_ref().map_or(String::new(), |(i, e)| {
+            format!(" (epoch {e}, last taken by {i})")
+        });
+        out.push(match &s.holder {
+            Some(h) => Line::Ok(format!("source of slot {}: owned by {h}{last}", s.slot)),
+            None => Line::Warning(format!(
+                "source of slot {}: orphan, no running instance owns it{last}: an instance \
+                 below its fair share takes it within seconds; if none does, see the \
+                 instances' logs",
+                s.slot
+            )),
+        });
+    }
+    out
+}
+
+/// Reads the deployment's instances and its sources' owners from the destination
+/// (None: no instance ever ran in this schema).
+pub fn probe_ownership(
+    dest: &mut Client,
+    schema: &str,
+    slots: &[String],
+) -> Result<Option<OwnershipFacts>, postgres::Error> {
+    let instances = crate::pg::quote::qualified(schema, crate::store::INSTANCES_TABLE);
+    let owners = crate::pg::quote::qualified(schema, crate::store::OWNERS_TABLE);
+    let exists: bool = dest
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            &[&instances, &owners],
+        )?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let deployment = crate::ownership::fingerprint(slots);
+    let mut facts = OwnershipFacts::default();
+    let mut backends: Vec<(i32, String)> = Vec::new();
+    for r in dest.query(
+        format!(
+            "SELECT instance, sources, extract(epoch FROM now() - heartbeat)::float8, \
+                    EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = i.backend), \
+                    coalesce(deployment = $1, false), coalesce(backend, 0) \
+               FROM {instances} i ORDER BY started"
+        )
+        .as_str(),
+        &[&deployment],
+    )? {
+        if !r.get::<_, bool>(4) {
+            facts.others += 1;
+            continue;
+        }
+        let instance: String = r.get(0);
+        backends.push((r.get(5), instance.clone()));
+        facts.instances.push(InstanceFact {
+            instance,
+            sources: r.get(1),
+            silent: r.get(2),
+            connected: r.get(3),
+        });
+    }
+    let ns = crate::ownership::namespace(schema);
+    for slot in slots {
+        let holder: Option<i32> = dest
+            .query_opt(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND classid = hashtext($1)::oid AND objid = hashtext($2)::oid AND objsubid = 2",
+                &[&ns, slot],
+            )?
+            .map(|r| r.get(0));
+        let last = dest
+            .query_opt(
+                format!("SELECT instance, epoch FROM {owners} WHERE slot_name = $1").as_str(),
+                &[slot],
+            )?
+            .map(|r| (r.get(0), r.get(1)));
+        facts.slots.push(SlotOwner {
+            slot: slot.clone(),
+            holder: holder.map(|pid| {
+                backends
+                    .iter()
+                    .find(|(b, _)| *b == pid)
+                    .map_or(format!("the session of pid {pid}"), |(_, i)| i.clone())
+            }),
+            last,
+        });
+    }
+    Ok(Some(facts))
+}
+
 /// One line of `check` about a table, with what to change when something is wrong.
 fn table_line(table: &str, status: &TableStatus) -> Line {
     match status {
@@ -583,6 +737,15 @@ pub fn run(input: &CheckInput<'_>) -> Report {
             match probe_destination(&mut c, input.schema) {
                 Ok(f) => report.extend(1, judge_destination(&f, input.schema)),
                 Err(e) => report.push(1, Line::Problem(format!("cannot read: {}", describe(&e)))),
+            }
+            let slots: Vec<String> = input.sources.iter().map(|s| s.slot.clone()).collect();
+            match probe_ownership(&mut c, input.schema, &slots) {
+                Ok(Some(f)) => report.extend(1, judge_ownership(&f)),
+                Ok(None) => {}
+                Err(e) => report.push(
+                    1,
+                    Line::Problem(format!("cannot read the instances: {}", describe(&e))),
+                ),
             }
             Some(c)
         }
@@ -683,6 +846,54 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn ownership_names_instances_owners_and_orphans() {
+        let i = |name: &str, silent: f64, connected: bool| InstanceFact {
+            instance: name.into(),
+            sources: 1,
+            silent,
+            connected,
+        };
+        let f = OwnershipFacts {
+            instances: vec![
+                i("h/1/1", 0.5, true),
+                i("h/2/2", 30.0, true),
+                i("h/3/3", 60.0, false),
+            ],
+            others: 1,
+            slots: vec![
+                SlotOwner {
+                    slot: "k_a".into(),
+                    holder: Some("h/1/1".into()),
+                    last: Some(("h/1/1".into(), 3)),
+                },
+                SlotOwner {
+                    slot: "k_b".into(),
+                    holder: None,
+                    last: Some(("h/3/3".into(), 2)),
+                },
+            ],
+        };
+        let lines = judge_ownership(&f);
+        assert_eq!(
+            lines[0],
+            Line::Ok("instances: 1 running (1 more of another map write into this schema)".into())
+        );
+        assert!(matches!(&lines[1], Line::Ok(l) if l.contains("h/1/1: streams 1")));
+        assert!(matches!(&lines[2], Line::Warning(l) if l.contains("h/2/2: silent for 30 s")));
+        assert!(matches!(&lines[3], Line::Ok(l) if l.contains("h/3/3: gone 60 s ago")));
+        assert!(
+            matches!(&lines[4], Line::Ok(l) if l == "source of slot k_a: owned by h/1/1 (epoch 3, last taken by h/1/1)")
+        );
+        assert!(matches!(&lines[5], Line::Warning(l) if l.contains("k_b: orphan")));
+        // Nothing runs: no source is an orphan, none is owned.
+        let idle = OwnershipFacts {
+            instances: vec![i("h/3/3", 60.0, false)],
+            ..f
+        };
+        assert_eq!(judge_ownership(&idle).len(), 2);
     }
 
     #[test]

@@ -844,6 +844,11 @@ fn follow_ownership(settings: &DaemonSettings, fleet: &Fleet, slots: &mut [Sourc
         .status
         .instances(&own.instance, own.live_instances());
     own.want(fleet.live_slots());
+    for slot in slots.iter() {
+        if let Some(s) = settings.status.source(slot.spec.id) {
+            s.set_owner(own.owner(&slot.spec.slot));
+        }
+    }
     for slot in slots.iter_mut() {
         if !matches!(slot.plan, Plan::Run) {
             continue;

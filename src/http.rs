@@ -280,7 +280,7 @@ th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #e3e3e3;vertica
 th{background:#f0f0f0;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .st{font-weight:600;padding:.1em .5em;border-radius:.8em}
 .streaming{background:#d8f5d8;color:#135e13}.copying,.starting{background:#fff0c2;color:#7a5600}
-.retrying,.stopped{background:#ffd9d9;color:#8a1212}.err{color:#8a1212;font-size:.9em}
+.retrying,.stopped{background:#ffd9d9;color:#8a1212}.elsewhere{background:#e6eefc;color:#1d4487}.err{color:#8a1212;font-size:.9em}
 #ready{font-weight:600}svg{vertical-align:middle}
 </style></head><body>
 <h1>kuvasz-streamer <span id="name"></span></h1>
@@ -304,10 +304,10 @@ if(c){s+=" — "+esc(c.state)+" "+c.rows+(c.estimated_rows!=null?" / ~"+c.estima
 return s;}).join("<br>");}
 function show(d){
 document.getElementById("name").textContent="— "+d.name;
-document.getElementById("meta").textContent="version "+d.version+" · destination "+d.destination+" · up "+d.uptime_seconds+" s · updated "+new Date().toLocaleTimeString();
+document.getElementById("meta").textContent="version "+d.version+" · destination "+d.destination+" · up "+d.uptime_seconds+" s"+(d.live_instances>1?" · instance "+d.instance+" of "+d.live_instances+" live":"")+" · updated "+new Date().toLocaleTimeString();
 document.getElementById("ready").textContent=d.ready?"Ready: every source is streaming":"Not ready";
 document.getElementById("sources").innerHTML=d.sources.map(function(s){
-return "<tr><td>"+esc(s.database+"/"+s.sid)+"<br><small>slot "+esc(s.slot)+"</small></td><td><span class='st "+s.state+"'>"+s.state+"</span>"+
+return "<tr><td>"+esc(s.database+"/"+s.sid)+"<br><small>slot "+esc(s.slot)+(s.owner&&d.live_instances>1?"<br>owner "+esc(s.owner.instance)+(s.owner.instance==d.instance?" (this instance)":""):"")+"</small></td><td><span class='st "+s.state+"'>"+s.state+"</span>"+
 (s.last_error?"<div class='err'>"+esc(s.last_error.message)+"</div>":"")+
 (s.last_rejected?"<div class='err'>rejected on "+esc(s.last_rejected.table)+" at "+esc(s.last_rejected.lsn)+": "+esc(s.last_rejected.message)+"</div>":"")+
 "</td><td class='n'>"+s.lag_seconds.toFixed(1)+" s<br>"+bytes(s.lag_bytes)+"</td><td>"+spark(s.lag_history)+"</td><td>"+s.received_lsn+"<br>"+s.confirmed_lsn+

@@ -65,6 +65,8 @@ struct Owned {
     /// then a source not held is not yet known to be someone else's.
     settled: bool,
     live_instances: i64,
+    /// Who owns each wanted source, as `kvsz_owners` says: (instance, epoch).
+    owners: BTreeMap<String, (String, i64)>,
 }
 
 impl Ownership {
@@ -126,6 +128,11 @@ impl Ownership {
         while !self.state.lock().settled && std::time::Instant::now() < until {
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The instance that owns the source of `slot` and its epoch, as of the last pass.
+    pub fn owner(&self, slot: &str) -> Option<(String, i64)> {
+        self.state.lock().owners.get(slot).cloned()
     }
 
     /// Live instances, as of the last pass (0: not connected).
@@ -203,6 +210,7 @@ impl Ownership {
         s.stopped.clear();
         s.settled = false;
         s.live_instances = 0;
+        s.owners.clear();
     }
 
     /// One beat: the heartbeat, the locks of sources given up and stopped released,
@@ -294,7 +302,13 @@ impl Ownership {
         } else {
             Vec::new()
         };
+        let owners: BTreeMap<String, (String, i64)> = c
+            .query(store::owners_sql(schema).as_str(), &[&wanted])?
+            .iter()
+            .map(|r| (r.get(0), (r.get(2), r.get(1))))
+            .collect();
         let mut s = self.state.lock();
+        s.owners = owners;
         if !taken.is_empty() {
             info!(
                 "instance {}: {live} instance(s) live, share {share}: took {}",
@@ -320,14 +334,14 @@ impl Default for Ownership {
 
 /// The advisory locks of one deployment: its destination schema's (a deployment is a
 /// map written into one schema; its slots' names are unique within it).
-fn namespace(schema: &str) -> String {
+pub(crate) fn namespace(schema: &str) -> String {
     format!("kuvasz-streamer {schema}")
 }
 
 /// What tells instances of one deployment from those of another writing into the same
 /// schema (another map): the sources they stream. Only the instances of one deployment
 /// share its sources (FNV-1a of the sorted slot names).
-fn fingerprint(slots: &[String]) -> String {
+pub(crate) fn fingerprint(slots: &[String]) -> String {
     let mut sorted: Vec<&str> = slots.iter().map(String::as_str).collect();
     sorted.sort_unstable();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -205,6 +205,9 @@ pub struct SourceStatus {
     /// Where a writer held this source (the refused change's commit LSN) and why: started
     /// again, it replays up to that change and is not ready until it has confirmed it.
     held: Mutex<Option<(Lsn, Class, String)>>,
+    /// The instance of the deployment that owns it, and the owner epoch (see
+    /// [`crate::ownership`]).
+    owner: Mutex<Option<(String, i64)>>,
     /// Lag samples for the page's sparkline: (Unix ms, lag seconds).
     lag_history: Mutex<VecDeque<(i64, f64)>>,
 }
@@ -239,6 +242,7 @@ impl SourceStatus {
             failures: Default::default(),
             last_rejected: Mutex::new(None),
             held: Mutex::new(None),
+            owner: Mutex::new(None),
             lag_history: Mutex::new(VecDeque::new()),
         }
     }
@@ -251,6 +255,14 @@ impl SourceStatus {
     pub fn retire(&self) {
         self.set_state(State::Stopped);
         self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Who owns the source now: (instance, epoch).
+    pub fn set_owner(&self, owner: Option<(String, i64)>) {
+        let mut o = self.owner.lock();
+        if *o != owner {
+            *o = owner;
+        }
     }
 
     pub fn state(&self) -> State {
@@ -847,6 +859,16 @@ impl Status {
                 s.rejected_total(),
                 s.filtered_total(),
             );
+            match s.owner.lock().as_ref() {
+                Some((instance, epoch)) => {
+                    let _ = write!(
+                        o,
+                        "\"owner\":{{\"instance\":{},\"epoch\":{epoch}}},",
+                        json_string(instance)
+                    );
+                }
+                None => o.push_str("\"owner\":null,"),
+            }
             match s.last_error.lock().as_ref() {
                 Some((at, class, e)) => {
                     let _ = write!(

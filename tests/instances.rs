@@ -6,10 +6,11 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::daemon::Daemon;
-use support::{destination, http, source, unique_name, wait_for};
+use support::{crash_load, destination, http, source, unique_name, wait_confirmed, wait_for};
 
 /// How many sources each daemon streams, by its `/api/status`.
 fn streaming(addrs: &[String]) -> Vec<usize> {
@@ -20,6 +21,50 @@ fn streaming(addrs: &[String]) -> Vec<usize> {
             body.matches("\"state\":\"streaming\"").count()
         })
         .collect()
+}
+
+/// Each source of a daemon's `/api/status`: (slot, state, owner instance).
+fn owners(addr: &str) -> Vec<(String, String, String)> {
+    let (_, body) = http::get(addr, "/api/status");
+    let field = |chunk: &str, name: &str| -> String {
+        chunk
+            .split(&format!("\"{name}\":"))
+            .nth(1)
+            .and_then(|r| r.strip_prefix('"'))
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("")
+            .to_string()
+    };
+    body.split("{\"database\":")
+        .skip(1)
+        .map(|c| {
+            let owner = c.split("\"owner\":").nth(1).unwrap_or("");
+            (
+                field(c, "slot"),
+                field(c, "state"),
+                field(owner, "instance"),
+            )
+        })
+        .collect()
+}
+
+/// Lines of `check` naming a source's owner.
+fn owned_lines(check: &str) -> usize {
+    check
+        .lines()
+        .filter(|l| l.contains("source of slot") && l.contains(": owned by "))
+        .count()
+}
+
+/// A daemon's instance id, from its `/api/status`.
+fn instance(addr: &str) -> String {
+    let (_, status) = http::get(addr, "/api/status");
+    status
+        .split("\"instance\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("instance id")
+        .to_string()
 }
 
 /// `n` source databases with `table` (made as kuvasz), mapped as one family whose URLs
@@ -123,6 +168,38 @@ fn share_and_take_over(version: u32) {
         let (_, body) = http::get(a, "/api/status");
         assert!(body.contains("\"live_instances\":3"), "{body}");
     }
+    // Every instance names the same owner for each source: the one streaming it.
+    let ids: Vec<String> = addrs.iter().map(|a| instance(a)).collect();
+    wait_for(
+        "one owner per source, seen alike",
+        Duration::from_secs(10),
+        || {
+            let views: Vec<Vec<(String, String, String)>> =
+                addrs.iter().map(|a| owners(a)).collect();
+            let consistent = views.iter().all(|v| {
+                v.len() == 12
+                    && v.iter()
+                        .zip(&views[0])
+                        .all(|(a, b)| a.0 == b.0 && a.2 == b.2)
+            });
+            let owned_where_streamed = views.iter().zip(&ids).all(|(v, id)| {
+                v.iter()
+                    .all(|(_, state, owner)| (state == "streaming") == (owner == id))
+            });
+            (consistent && owned_where_streamed).then_some(())
+        },
+    );
+    // `check` lists the instances and each source's owner.
+    let (code, out) = Daemon::check(&daemons[0].dir);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("instances: 3 running"), "{out}");
+    for id in &ids {
+        assert!(
+            out.contains(&format!("instance {id}: streams 4 source(s)")),
+            "{out}"
+        );
+    }
+    assert_eq!(owned_lines(&out), 12, "{out}");
 
     // A fourth instance takes its share.
     daemons.push(Daemon::start(&dest.url(&ddb), &map, &[]));
@@ -139,9 +216,12 @@ fn share_and_take_over(version: u32) {
         wait_for("the load's rows arriving", Duration::from_secs(30), || {
             (actual().len() > before).then_some(())
         });
-        addrs.remove(0);
+        let killed = instance(&addrs.remove(0));
         daemons.remove(0).kill();
         let took = spread(&addrs, &[4, 4, 4], 15);
+        let (_, out) = Daemon::check(&daemons[0].dir);
+        assert!(out.contains(&format!("instance {killed}: gone")), "{out}");
+        assert_eq!(owned_lines(&out), 12, "{out}");
         eprintln!("pg{version}: taken over {took:.1?} after the kill");
         load.join().expect("load");
     });
@@ -195,13 +275,7 @@ fn a_lost_coordination_session_stops_its_sources() {
     wait_for("the sources spread 2/2", Duration::from_secs(60), || {
         (streaming(&addrs) == [2, 2]).then_some(())
     });
-    let (_, status) = http::get(&addrs[0], "/api/status");
-    let instance = status
-        .split("\"instance\":\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .expect("instance id")
-        .to_string();
+    let instance = instance(&addrs[0]);
     std::thread::scope(|scope| {
         let load = scope.spawn(|| {
             for n in 0..300 {
@@ -408,4 +482,113 @@ fn a_paused_instance_is_fenced_off() {
     assert_eq!(http::get(&addr_b, "/readyz").0, 200);
     a.stop_ok();
     b.stop_ok();
+}
+
+/// SPEC §4's crash loop with three instances: four sources under the crash loop's
+/// workload, and nine times the instance streaming the most sources is SIGKILLed, its
+/// sources taken over by the other two, and it is started again. Every target (clone,
+/// append, key-less, FULL, history) ends exactly equal to its source.
+#[test]
+fn crash_loop_with_three_instances() {
+    let src = source(*support::versions().last().expect("a version"));
+    let dest = destination();
+    let family = unique_name("ic");
+    let sids = ["a", "b", "c", "d"];
+    let dbs: Vec<String> = sids
+        .iter()
+        .map(|sid| unique_name(&format!("ic{sid}")))
+        .collect();
+    for db in &dbs {
+        src.create_database(db);
+        src.execute(db, crash_load::SOURCE);
+    }
+    let ddb = unique_name("icd");
+    dest.create_database(&ddb);
+    dest.execute(&ddb, crash_load::TARGET);
+    let urls: Vec<String> = dbs
+        .iter()
+        .zip(sids)
+        .map(|(db, sid)| format!("{{ url = \"{}\", sid = \"{sid}\" }}", src.url(db)))
+        .collect();
+    let map = format!(
+        "[[source]]\ndatabase = \"{family}\"\nurls = [ {} ]\n[source.tables]\nacct = {{}}\n\
+         ledger = {{ type = \"append\" }}\nevents = {{}}\nfullrows = {{}}\n\
+         hist = {{ type = \"history\" }}\n",
+        urls.join(", ")
+    );
+    let mut daemons: Vec<Daemon> = (0..3)
+        .map(|_| Daemon::start(&dest.url(&ddb), &map, &["num_workers = 2"]))
+        .collect();
+    let mut addrs: Vec<String> = daemons.iter().map(http::address).collect();
+    let all_streaming = |addrs: &[String]| streaming(addrs).iter().sum::<usize>() == 4;
+    wait_for("every source streaming", Duration::from_secs(60), || {
+        all_streaming(&addrs).then_some(())
+    });
+    let events = || -> i64 {
+        dest.query(&ddb, "SELECT count(*)::text FROM events")[0][0]
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let done = AtomicBool::new(false);
+    let mut takeovers: Vec<Duration> = Vec::new();
+    let txns: Vec<i64> = std::thread::scope(|s| {
+        let sessions: Vec<_> = dbs
+            .iter()
+            .map(|db| s.spawn(|| crash_load::workload(src, db, &done)))
+            .collect();
+        for _ in 0..9 {
+            let at_start = events();
+            wait_for("rows arriving", Duration::from_secs(90), || {
+                (events() >= at_start + 400).then_some(())
+            });
+            let counts = streaming(&addrs);
+            let k = (0..3).max_by_key(|&i| counts[i]).expect("an instance");
+            let mut d = daemons.remove(k);
+            assert!(d.running(), "instance died on its own:\n{}", d.log());
+            let dir = d.kill();
+            let at = Instant::now();
+            let others: Vec<String> = (0..3)
+                .filter(|&i| i != k)
+                .map(|i| addrs[i].clone())
+                .collect();
+            wait_for(
+                "the others streaming every source",
+                Duration::from_secs(15),
+                || all_streaming(&others).then_some(()),
+            );
+            takeovers.push(at.elapsed());
+            let again = Daemon::spawn(dir);
+            addrs[k] = http::address(&again);
+            daemons.insert(k, again);
+        }
+        let at_start = events();
+        wait_for("rows arriving", Duration::from_secs(90), || {
+            (events() >= at_start + 400).then_some(())
+        });
+        done.store(true, Ordering::Relaxed);
+        sessions
+            .into_iter()
+            .map(|h| h.join().expect("workload thread"))
+            .collect()
+    });
+    assert!(txns.iter().all(|&n| n > 50), "workload too small: {txns:?}");
+    let mut compared = 0;
+    for (db, sid) in dbs.iter().zip(sids) {
+        wait_confirmed(src, db, &format!("kuvasz_{family}_{sid}"));
+        compared += crash_load::compare(src, db, dest, &ddb, sid);
+    }
+    takeovers.sort();
+    eprintln!(
+        "crash loop, three instances: 9 SIGKILLs, take-over min {:.1?} median {:.1?} max {:.1?}; \
+         {} transactions committed (per sid {txns:?}), {compared} grouped rows compared: \
+         0 lost, 0 doubled",
+        takeovers[0],
+        takeovers[4],
+        takeovers[8],
+        txns.iter().sum::<i64>()
+    );
+    for d in daemons {
+        d.stop_ok();
+    }
 }

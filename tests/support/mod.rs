@@ -14,6 +14,7 @@
 // Every test binary includes this module with `mod support;` and uses a different part.
 #![allow(dead_code)]
 
+pub mod crash_load;
 pub mod daemon;
 pub mod differential;
 pub mod http;
