@@ -189,16 +189,16 @@ fn share_and_take_over(version: u32) {
             (consistent && owned_where_streamed).then_some(())
         },
     );
-    // `check` lists the instances and each source's owner.
-    let (code, out) = Daemon::check(&daemons[0].dir);
-    assert_eq!(code, 0, "{out}");
+    // `check` lists the instances and each source's owner (the counts as of their
+    // last beat, a second at most behind).
+    let out = wait_for("check naming every owner", Duration::from_secs(10), || {
+        let (code, out) = Daemon::check(&daemons[0].dir);
+        let counted = ids
+            .iter()
+            .all(|id| out.contains(&format!("instance {id}: streams 4 source(s)")));
+        (code == 0 && counted).then_some(out)
+    });
     assert!(out.contains("instances: 3 running"), "{out}");
-    for id in &ids {
-        assert!(
-            out.contains(&format!("instance {id}: streams 4 source(s)")),
-            "{out}"
-        );
-    }
     assert_eq!(owned_lines(&out), 12, "{out}");
 
     // A fourth instance takes its share.

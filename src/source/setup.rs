@@ -789,38 +789,57 @@ const HOLDER_SILENT: Duration = Duration::from_secs(20);
 /// The slot of a source this instance owns is still streamed by walsender `pid`: a
 /// previous owner's, as the deployment's lock says (it lost the source, and what it
 /// still applies is fenced off). Ended once its client has been silent for
-/// [`HOLDER_SILENT`], so the stream starts without waiting for the source's
-/// `wal_sender_timeout`; until then, a transient failure (retried). A client that
-/// replies is never ended: another deployment streaming the same slot is reported.
-fn end_silent_holder(spec: &SourceSpec, src: &mut Client, pid: i32) -> Result<(), SourceError> {
-    let silent = src
-        .query_opt(
-            "SELECT extract(epoch FROM now() - coalesce(reply_time, backend_start))::float8 \
-             FROM pg_stat_replication WHERE pid = $1",
-            &[&pid],
-        )
-        .map_err(sql_err(spec, "look up the slot's walsender"))?
-        .and_then(|r| r.get::<_, Option<f64>>(0));
-    let Some(silent) = silent else {
-        // Not a walsender this role can see: the usual report.
-        return Ok(());
-    };
-    if silent < HOLDER_SILENT.as_secs_f64() {
-        return Err(SourceError::SlotBusy {
-            source: spec.label(),
-            slot: spec.slot.clone(),
-            pid,
-            silent: Duration::from_secs_f64(silent.max(0.0)),
-        });
+/// [`HOLDER_SILENT`] (waited for here, so the stream starts then rather than after the
+/// source's `wal_sender_timeout`). A client that replies meanwhile is never ended: a
+/// transient failure (another deployment streaming the same slot is reported).
+fn end_silent_holder(
+    spec: &SourceSpec,
+    env: &SourceEnv,
+    src: &mut Client,
+    pid: i32,
+) -> Result<(), SourceError> {
+    let mut longest = 0.0f64;
+    loop {
+        let silent = src
+            .query_opt(
+                "SELECT extract(epoch FROM now() - coalesce(reply_time, backend_start))::float8 \
+                 FROM pg_stat_replication WHERE pid = $1",
+                &[&pid],
+            )
+            .map_err(sql_err(spec, "look up the slot's walsender"))?
+            .and_then(|r| r.get::<_, Option<f64>>(0));
+        let Some(silent) = silent else {
+            // Gone, or not a walsender this role can see: the usual path.
+            return Ok(());
+        };
+        if silent >= HOLDER_SILENT.as_secs_f64() {
+            warn!(
+                "source {}: replication slot {} is still streamed by pid {pid}, whose client \
+                 has not replied for {silent:.0} s (a previous owner of the source, paused or \
+                 cut off): ending it",
+                spec.label(),
+                spec.slot
+            );
+            src.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .map_err(sql_err(spec, "end the slot's silent walsender"))?;
+            return wait_slot_released(spec, src, pid);
+        }
+        if silent < longest || env.stop.is_set() {
+            // Its client replied: it is alive.
+            return Err(SourceError::SlotBusy {
+                source: spec.label(),
+                slot: spec.slot.clone(),
+                pid,
+                silent: Duration::from_secs_f64(silent.max(0.0)),
+            });
+        }
+        longest = silent;
+        std::thread::sleep(Duration::from_millis(500));
     }
-    warn!(
-        "source {}: replication slot {} is still streamed by pid {pid}, whose client has not \
-         replied for {silent:.0} s (a previous owner of the source, paused or cut off): ending it",
-        spec.label(),
-        spec.slot
-    );
-    src.execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .map_err(sql_err(spec, "end the slot's silent walsender"))?;
+}
+
+/// Waits (5 s at most) until walsender `pid` no longer holds the slot.
+fn wait_slot_released(spec: &SourceSpec, src: &mut Client, pid: i32) -> Result<(), SourceError> {
     let until = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < until {
         let active = catalog::slot_info(src, &spec.slot)
@@ -858,7 +877,7 @@ fn prepare_with(
     let mut slot =
         catalog::slot_info(&mut src, &spec.slot).map_err(sql_err(spec, "look up slot"))?;
     if let (Some(pid), Some(_)) = (slot.as_ref().and_then(|s| s.active_pid), env.epoch) {
-        end_silent_holder(spec, &mut src, pid)?;
+        end_silent_holder(spec, env, &mut src, pid)?;
         slot = catalog::slot_info(&mut src, &spec.slot).map_err(sql_err(spec, "look up slot"))?;
     }
     if let Some(s) = &slot {
