@@ -836,15 +836,12 @@ impl Writer {
                     self.id,
                     e.describe()
                 );
-                if self.out_of_step {
-                    // The transaction ends with the session.
-                    self.reconnect()?;
-                    self.make_stages(batch)?;
-                } else {
-                    self.client
-                        .batch_execute("ROLLBACK")
-                        .map_err(self.conn_err())?;
-                }
+                // A new session, whatever the probe said: after a COPY the destination
+                // refused, the client library may still take a late answer for the next
+                // statement's (a ROLLBACK here then found the connection closed, now and
+                // then). The transaction ends with the session; a refused batch is rare.
+                self.reconnect()?;
+                self.make_stages(batch)?;
                 self.end_txn();
                 self.apply_carefully(batch, Vec::new())
             }
@@ -1086,24 +1083,10 @@ impl Writer {
             })();
         }
         self.copy_buf = buf;
-        if result.is_err() && !self.in_step() {
+        if result.is_err() && !crate::pg::session::in_step(&mut self.client) {
             self.out_of_step = true;
         }
         result.map(|()| total)
-    }
-
-    /// Whether the session still answers in step after a failed COPY. One refused
-    /// before the server read the client's first Sync (a privilege, a column, a
-    /// statement trigger) is answered twice, and the client library takes the second
-    /// answer for the next statement's: a probe whose row does not come back shows it.
-    /// Inside the failed transaction the probe's own error is the in-step answer.
-    fn in_step(&mut self) -> bool {
-        match self.client.simple_query("SELECT 'kvsz in step'") {
-            Ok(msgs) => msgs
-                .iter()
-                .any(|m| matches!(m, postgres::SimpleQueryMessage::Row(_))),
-            Err(e) => e.as_db_error().is_some(),
-        }
     }
 
     /// Applies one segment of a history group: its versions and closings staged, then

@@ -67,3 +67,20 @@ pub fn prepare_destination(client: &mut Client, tcp: &TcpOptions) -> Result<(), 
     }
     Ok(())
 }
+
+/// Whether a session still answers in step after a failed COPY. One refused before the
+/// server read the client's first Sync (a privilege, a column, a statement trigger) is
+/// answered twice, and the client library may take the second answer for the next
+/// statement's. So the probe counts as in step only with its own answer: its row, or,
+/// inside the failed transaction, the refusal of a statement there (25P02). Anything
+/// else (no row, the COPY's own error arriving late, a closed connection) is out of
+/// step, and the session must be replaced before any other statement.
+pub fn in_step(client: &mut impl postgres::GenericClient) -> bool {
+    const PROBE: &str = "kvsz in step";
+    match client.simple_query(&format!("SELECT '{PROBE}'")) {
+        Ok(msgs) => msgs
+            .iter()
+            .any(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(PROBE))),
+        Err(e) => e.code() == Some(&postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION),
+    }
+}

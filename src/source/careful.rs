@@ -345,7 +345,7 @@ pub fn attempt(
                 .map_err(CopyError::Destination)?;
             Ok(None)
         }
-        Err(e) if e.class() == Class::RejectedRow && in_step(tx) => {
+        Err(e) if e.class() == Class::RejectedRow && crate::pg::session::in_step(tx) => {
             tx.batch_execute("ROLLBACK TO SAVEPOINT kvsz_rows; RELEASE SAVEPOINT kvsz_rows")
                 .map_err(CopyError::Destination)?;
             let server = e.server_error();
@@ -368,17 +368,6 @@ fn copy_lines(tx: &mut Transaction<'_>, copy: &str, lines: &[&[u8]]) -> Result<(
     }
     w.finish().map_err(CopyError::Destination)?;
     Ok(())
-}
-
-/// Whether the session still answers in step after a failed COPY (see the writer's
-/// probe of the same name): a statement in the failed transaction is refused in order.
-fn in_step(tx: &mut Transaction<'_>) -> bool {
-    match tx.simple_query("SELECT 'kvsz in step'") {
-        Ok(msgs) => msgs
-            .iter()
-            .any(|m| matches!(m, postgres::SimpleQueryMessage::Row(_))),
-        Err(e) => e.as_db_error().is_some(),
-    }
 }
 
 /// The line a COPY's error context names: `COPY t, line 17, column v: "-1"` → 17.
