@@ -803,13 +803,14 @@ fn end_silent_holder(
         let silent = src
             .query_opt(
                 "SELECT extract(epoch FROM now() - coalesce(reply_time, backend_start))::float8 \
-                 FROM pg_stat_replication WHERE pid = $1",
-                &[&pid],
+                 FROM pg_stat_replication WHERE pid = $1 AND application_name = $2",
+                &[&pid, &env.app_name],
             )
             .map_err(sql_err(spec, "look up the slot's walsender"))?
             .and_then(|r| r.get::<_, Option<f64>>(0));
         let Some(silent) = silent else {
-            // Gone, or not a walsender this role can see: the usual path.
+            // Gone, not a walsender this role can see, or not a kuvasz-streamer's (of this
+            // application name): the usual path, which reports it.
             return Ok(());
         };
         if silent >= HOLDER_SILENT.as_secs_f64() {
