@@ -66,15 +66,7 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
         lit = literal(&progress),
         pkey = crate::pg::quote::ident(&format!("{PROGRESS_TABLE}_pkey")),
     ));
-    // Created only when missing: CREATE OR REPLACE by instances starting together would
-    // fail with "tuple concurrently updated".
-    let refuse = qualified(schema, REFUSE_FUNCTION);
-    sql.push_str(&format!(
-        "; DO $kvsz$BEGIN IF to_regprocedure({}) IS NULL THEN CREATE FUNCTION {refuse}(message text) \
-         RETURNS void LANGUAGE plpgsql AS $f$BEGIN RAISE EXCEPTION USING ERRCODE = 'P0002', \
-         MESSAGE = message; END$f$; END IF; END$kvsz$",
-        literal(&format!("{refuse}(text)"))
-    ));
+    sql.push_str(&raise_function_sql(schema, REFUSE_FUNCTION, "P0002"));
     sql.push_str(&format!(
         "; CREATE TABLE IF NOT EXISTS {0} (instance text PRIMARY KEY, host text NOT NULL, \
          pid int NOT NULL, started timestamptz NOT NULL, heartbeat timestamptz NOT NULL, \
@@ -86,13 +78,7 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
          instance text NOT NULL, taken timestamptz NOT NULL)",
         qualified(schema, OWNERS_TABLE)
     ));
-    let fenced = qualified(schema, FENCE_FUNCTION);
-    sql.push_str(&format!(
-        "; DO $kvsz$BEGIN IF to_regprocedure({}) IS NULL THEN CREATE FUNCTION {fenced}(message text) \
-         RETURNS void LANGUAGE plpgsql AS $f$BEGIN RAISE EXCEPTION USING ERRCODE = '{FENCED_SQLSTATE}', \
-         MESSAGE = message; END$f$; END IF; END$kvsz$",
-        literal(&format!("{fenced}(text)"))
-    ));
+    sql.push_str(&raise_function_sql(schema, FENCE_FUNCTION, FENCED_SQLSTATE));
     if deadletter {
         sql.push_str(&format!(
             "; CREATE TABLE IF NOT EXISTS {} (sid text, source text, source_table text, lsn pg_lsn, \
@@ -101,6 +87,20 @@ pub fn create_sql(schema: &str, deadletter: bool) -> String {
         ));
     }
     sql
+}
+
+/// `; ` and the statement that creates function `name(message text)`, which raises its
+/// message with SQLSTATE `code`. Created only when missing: CREATE OR REPLACE by
+/// instances starting together would fail with "tuple concurrently updated".
+fn raise_function_sql(schema: &str, name: &str, code: &str) -> String {
+    let f = qualified(schema, name);
+    format!(
+        "; DO $kvsz$BEGIN IF to_regprocedure({}) IS NULL THEN CREATE FUNCTION {f}(message text) \
+         RETURNS void LANGUAGE plpgsql AS $f$BEGIN RAISE EXCEPTION USING ERRCODE = {}, \
+         MESSAGE = message; END$f$; END IF; END$kvsz$",
+        literal(&format!("{f}(text)")),
+        literal(code)
+    )
 }
 
 /// Where one source table of a slot stands in `kvsz_sync_state.state`.

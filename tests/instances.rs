@@ -94,6 +94,28 @@ fn family(
     (dbs, map)
 }
 
+/// [`family`] of `n` sources with a key-less table `t (n int)` mapped as append, and a
+/// destination database (named after `prefix`) with its target `t (sid, n)`.
+fn append_family(
+    src: &support::Cluster,
+    dest: &support::Cluster,
+    sid: &str,
+    n: usize,
+    prefix: &str,
+) -> (Vec<String>, String, String) {
+    let (dbs, map) = family(
+        src,
+        sid,
+        n,
+        "CREATE TABLE t (n int)",
+        "{ type = \"append\" }",
+    );
+    let ddb = unique_name(prefix);
+    dest.create_database(&ddb);
+    dest.execute(&ddb, "SET ROLE kuvasz; CREATE TABLE t (sid text, n int)");
+    (dbs, map, ddb)
+}
+
 /// Rows of `t` on the destination.
 fn count(dest: &support::Cluster, ddb: &str) -> i64 {
     dest.query(ddb, "SELECT count(*)::text FROM t")[0][0]
@@ -110,16 +132,7 @@ fn count(dest: &support::Cluster, ddb: &str) -> i64 {
 fn share_and_take_over(version: u32) {
     let src = source(version);
     let dest = destination();
-    let (dbs, map) = family(
-        src,
-        "s",
-        12,
-        "CREATE TABLE t (n int)",
-        "{ type = \"append\" }",
-    );
-    let ddb = unique_name("ind");
-    dest.create_database(&ddb);
-    dest.execute(&ddb, "SET ROLE kuvasz; CREATE TABLE t (sid text, n int)");
+    let (dbs, map, ddb) = append_family(src, dest, "s", 12, "ind");
     let insert = |n: usize| {
         for db in &dbs {
             src.execute(db, &format!("INSERT INTO t VALUES ({n})"));
@@ -258,16 +271,7 @@ every_major! { share_and_take_over:
 fn a_lost_coordination_session_stops_its_sources() {
     let src = source(*support::versions().last().expect("a version"));
     let dest = destination();
-    let (dbs, map) = family(
-        src,
-        "s",
-        4,
-        "CREATE TABLE t (n int)",
-        "{ type = \"append\" }",
-    );
-    let ddb = unique_name("ild");
-    dest.create_database(&ddb);
-    dest.execute(&ddb, "SET ROLE kuvasz; CREATE TABLE t (sid text, n int)");
+    let (dbs, map, ddb) = append_family(src, dest, "s", 4, "ild");
     let daemons: Vec<Daemon> = (0..2)
         .map(|_| Daemon::start(&dest.url(&ddb), &map, &[]))
         .collect();
@@ -386,16 +390,7 @@ fn waiting_on_t(dest: &support::Cluster, ddb: &str) -> usize {
 fn a_paused_instance_is_fenced_off() {
     let src = source(*support::versions().last().expect("a version"));
     let dest = destination();
-    let (dbs, map) = family(
-        src,
-        "p",
-        1,
-        "CREATE TABLE t (n int)",
-        "{ type = \"append\" }",
-    );
-    let ddb = unique_name("ipf");
-    dest.create_database(&ddb);
-    dest.execute(&ddb, "SET ROLE kuvasz; CREATE TABLE t (sid text, n int)");
+    let (dbs, map, ddb) = append_family(src, dest, "p", 1, "ipf");
     let a = Daemon::start(&dest.url(&ddb), &map, &[]);
     let addr_a = http::address(&a);
     wait_for("the source streaming", Duration::from_secs(60), || {
