@@ -303,6 +303,8 @@ fn reloader(args: &Args, running: &Config) -> daemon::Reload {
 }
 
 fn settings(l: &Loaded, status: Arc<Status>, reload: daemon::Reload) -> DaemonSettings {
+    let ownership = Arc::new(kuvasz_streamer::ownership::Ownership::new());
+    kuvasz_streamer::pg::session::mark_instance(&ownership.instance);
     DaemonSettings {
         app_name: l.config.server.name.clone(),
         dest: Endpoint::new(l.dest.clone(), &l.config.server.name),
@@ -319,7 +321,7 @@ fn settings(l: &Loaded, status: Arc<Status>, reload: daemon::Reload) -> DaemonSe
         on_slot_lost: l.config.app.on_slot_lost,
         status,
         reload: Some(reload),
-        ownership: Arc::new(kuvasz_streamer::ownership::Ownership::new()),
+        ownership,
     }
 }
 

@@ -237,12 +237,16 @@ impl Ownership {
             store::end_silent_instances_sql(schema).as_str(),
             &[&deployment, &SILENT_SECS],
         )?;
+        let mut silent: BTreeMap<&str, usize> = BTreeMap::new();
         for r in &ended {
+            *silent.entry(r.get(0)).or_default() += 1;
+        }
+        for (other, sessions) in silent {
             warn!(
-                "instance {}: instance {} has not beaten for {SILENT_SECS} s: ended its \
-                 coordination session, so its sources go to the live instances",
-                self.instance,
-                r.get::<_, &str>(0)
+                "instance {}: instance {other} has not beaten for {SILENT_SECS} s: ended its \
+                 {sessions} destination session(s), so its sources go to the live instances \
+                 and nothing it holds locked keeps them waiting",
+                self.instance
             );
         }
         let live: i64 = c
@@ -302,11 +306,27 @@ impl Ownership {
         } else {
             Vec::new()
         };
-        let owners: BTreeMap<String, (String, i64)> = c
-            .query(store::owners_sql(schema).as_str(), &[&wanted])?
-            .iter()
-            .map(|r| (r.get(0), (r.get(2), r.get(1))))
-            .collect();
+        let mut owners = self.owners(c, schema, &wanted)?;
+        let stale = self.stale(&owners, &taken);
+        if !stale.is_empty() {
+            warn!(
+                "instance {}: holds the source of {} but kvsz_owners names another owner: \
+                 taking it again (its source restarts; what it applied under the old epoch \
+                 is fenced off)",
+                self.instance,
+                stale.join(", ")
+            );
+            let retaken = c.query(
+                store::take_owners_sql(schema).as_str(),
+                &[&self.instance, &stale],
+            )?;
+            let mut s = self.state.lock();
+            for r in &retaken {
+                s.held.insert(r.get(0), r.get(1));
+            }
+            drop(s);
+            owners = self.owners(c, schema, &wanted)?;
+        }
         let mut s = self.state.lock();
         s.owners = owners;
         if !taken.is_empty() {
@@ -323,6 +343,41 @@ impl Ownership {
         s.held.extend(taken);
         s.settled = true;
         Ok(())
+    }
+}
+
+impl Ownership {
+    /// Who owns each of `slots`, as `kvsz_owners` says: (instance, epoch).
+    fn owners(
+        &self,
+        c: &mut Client,
+        schema: &str,
+        slots: &[String],
+    ) -> Result<BTreeMap<String, (String, i64)>, postgres::Error> {
+        Ok(c.query(store::owners_sql(schema).as_str(), &[&slots])?
+            .iter()
+            .map(|r| (r.get(0), (r.get(2), r.get(1))))
+            .collect())
+    }
+
+    /// Held slots (and those just `taken`) whose owner of record is not this instance
+    /// with the epoch it holds them with: the record was changed under the lock (by
+    /// hand, or a take-over this instance did not see), so the writers' fence refuses
+    /// everything; taking them again gives the source a fresh epoch to restart with.
+    fn stale(
+        &self,
+        owners: &BTreeMap<String, (String, i64)>,
+        taken: &[(String, i64)],
+    ) -> Vec<String> {
+        let s = self.state.lock();
+        s.held
+            .iter()
+            .map(|(slot, epoch)| (slot, *epoch))
+            .chain(taken.iter().map(|(slot, epoch)| (slot, *epoch)))
+            .filter(|(slot, _)| !s.giving_up.contains(*slot))
+            .filter(|(slot, epoch)| owners.get(*slot) != Some(&(self.instance.clone(), *epoch)))
+            .map(|(slot, _)| slot.clone())
+            .collect()
     }
 }
 

@@ -324,6 +324,17 @@ impl SourceStatus {
     /// The source failed with `message` and will be retried.
     pub fn failed(&self, class: Class, message: &str) {
         self.set_state(State::Retrying);
+        self.record(class, message);
+    }
+
+    /// A writer's transaction for this source was fenced off (another instance took it
+    /// over): counted and shown as its last error, its state left to its thread.
+    pub fn fenced_off(&self, message: &str) {
+        self.record(Class::Fenced, message);
+    }
+
+    /// Counts a failure of `class` and keeps `message` as the last error.
+    fn record(&self, class: Class, message: &str) {
         // Reported under the source's name already: without the repeated prefix.
         let prefix = format!("source {}: ", self.label());
         let message = message.strip_prefix(&prefix).unwrap_or(message);

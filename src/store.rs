@@ -538,18 +538,30 @@ pub fn fence_sql(schema: &str, owned: &[(&str, i64)]) -> Option<String> {
     ))
 }
 
-/// Ends the coordination sessions of the instances of deployment `$1` silent for more
-/// than `$2` seconds (paused, or cut off while the destination kept their session): the
-/// locks those sessions hold would keep their sources from everyone. Only backends of
-/// this role and application; returns the instances ended.
+/// Ends every destination session of the instances of deployment `$1` silent for more
+/// than `$2` seconds (paused, or cut off while the destination kept their sessions):
+/// their coordination session, whose locks would keep their sources from everyone, and
+/// each session marked as theirs (see [`crate::pg::session::mark_instance`]): a writer
+/// or copy frozen inside its transaction would hold the targets' locks against the new
+/// owners (unless another instance's id has the same hash). Only backends of this role
+/// and application; returns the instance of each session ended.
 pub fn end_silent_instances_sql(schema: &str) -> String {
     format!(
-        "SELECT i.instance, pg_terminate_backend(i.backend) FROM {} i \
-         JOIN pg_stat_activity a ON a.pid = i.backend \
-         WHERE i.deployment = $1 AND i.heartbeat < now() - make_interval(secs => $2) \
-         AND i.backend <> pg_backend_pid() AND a.usename = current_user \
+        "WITH silent AS (SELECT instance, backend FROM {0} WHERE deployment = $1 \
+         AND heartbeat < now() - make_interval(secs => $2)), \
+         theirs AS (SELECT s.instance, s.backend AS pid FROM silent s \
+         UNION SELECT s.instance, l.pid FROM silent s JOIN pg_locks l \
+         ON l.locktype = 'advisory' AND l.objsubid = 2 AND l.classid = hashtext({1})::oid \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND l.objid = hashtext(s.instance)::oid AND l.granted \
+         WHERE NOT EXISTS (SELECT FROM {0} o WHERE o.instance <> s.instance \
+         AND hashtext(o.instance) = hashtext(s.instance))) \
+         SELECT t.instance, pg_terminate_backend(t.pid) FROM theirs t \
+         JOIN pg_stat_activity a ON a.pid = t.pid \
+         WHERE t.pid <> pg_backend_pid() AND a.usename = current_user \
          AND a.application_name = current_setting('application_name')",
-        qualified(schema, INSTANCES_TABLE)
+        qualified(schema, INSTANCES_TABLE),
+        literal(crate::pg::session::INSTANCE_LOCK),
     )
 }
 

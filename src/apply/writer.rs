@@ -603,11 +603,15 @@ impl Writer {
                 continue;
             }
             let by = now.map_or("nobody".to_string(), |(e, i)| format!("{i} (epoch {e})"));
-            warn!(
+            let message = format!(
                 "writer {}: the source of slot {slot} was taken over by {by} since it started \
                  here (epoch {epoch}): what is queued of it here is left to its new owner",
                 self.id
             );
+            warn!("{message}");
+            if let Some(s) = self.settings.status.source(*source) {
+                s.fenced_off(&message);
+            }
             self.fenced[*source] = true;
             any = true;
         }

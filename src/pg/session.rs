@@ -3,6 +3,7 @@
 //! same and neither fires the destination's triggers or foreign-key checks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use log::warn;
 use postgres::Client;
@@ -43,6 +44,25 @@ pub fn orphan_settings(tcp: &TcpOptions) -> String {
 /// property of the role, the same for every session, so one warning says it all.
 static REPLICA_ROLE_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// The instance every destination session of this process is marked with (see
+/// [`mark_instance`]).
+static INSTANCE: OnceLock<String> = OnceLock::new();
+
+/// The first key of the shared advisory lock that marks a destination session as one of
+/// an instance's (the second is the instance's hash); distinct from the sources' locks,
+/// whose first key is the deployment's namespace.
+pub const INSTANCE_LOCK: &str = "kuvasz-streamer instance";
+
+/// Marks every destination session this process opens from now on as instance
+/// `instance`'s, with a shared advisory lock: when the instance falls silent (paused,
+/// cut off), the others end all its sessions through it, not only its coordination
+/// session, so a writer or a copy frozen inside its transaction cannot hold the
+/// target's locks against the new owner for as long as the server keeps it. Once per
+/// process; later calls are ignored.
+pub fn mark_instance(instance: &str) {
+    let _ = INSTANCE.set(instance.to_string());
+}
+
 /// Text styles the daemon's values are written in; the source side uses the same.
 pub const STYLES: &str = "SET DateStyle = ISO; SET IntervalStyle = postgres";
 
@@ -52,6 +72,12 @@ pub const STYLES: &str = "SET DateStyle = ISO; SET IntervalStyle = postgres";
 /// then receives the source's values whatever order tables and writers commit in.
 pub fn prepare_destination(client: &mut Client, tcp: &TcpOptions) -> Result<(), postgres::Error> {
     client.batch_execute(STYLES)?;
+    if let Some(instance) = INSTANCE.get() {
+        client.execute(
+            "SELECT pg_advisory_lock_shared(hashtext($1), hashtext($2))",
+            &[&INSTANCE_LOCK, instance],
+        )?;
+    }
     // Rows come back (set_config's values): simple_query, not batch_execute.
     client.simple_query(&orphan_settings(tcp))?;
     if let Err(e) = client.batch_execute("SET session_replication_role = replica") {
