@@ -34,6 +34,13 @@ use crate::store;
 
 /// How often an instance beats and looks at the sources.
 const TICK: Duration = Duration::from_secs(1);
+/// How soon a failed connection of the coordination session is tried again.
+const RETRY: Duration = Duration::from_millis(100);
+/// The first connection attempts' limit: see [`connect_timeout`].
+const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The limit without `connect_timeout` in the URL: a TCP handshake (which is all it
+/// bounds) that takes longer has lost its SYN twice.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// An instance silent for longer is taken for dead (its sources' locks went with its
 /// session already; this is when the others stop leaving room for it).
 const LIVE_WITHIN_SECS: f64 = 5.0;
@@ -143,20 +150,30 @@ impl Ownership {
     /// Runs the coordination session until `stop`, then removes this instance's row.
     pub fn run(self: Arc<Self>, dest: Endpoint, schema: String, stop: Arc<AtomicBool>) {
         let mut session: Option<Client> = None;
+        let mut failures: u32 = 0;
         while !stop.load(Ordering::Relaxed) {
             if session.is_none() {
+                let mut attempt = dest.clone();
+                attempt.info.connect_timeout =
+                    Some(connect_timeout(dest.info.connect_timeout, failures));
                 // The destination's own timeouts too: a session orphaned by a partition
                 // must end, and free its locks, like a writer's.
-                match dest.destination() {
+                match attempt.destination() {
                     Ok(mut c) => {
+                        failures = 0;
                         self.end_previous(&mut c, &schema);
                         session = Some(c);
                     }
-                    Err(e) => warn!(
-                        "instance {}: cannot open its coordination session: {}",
-                        self.instance,
-                        describe(&e)
-                    ),
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        warn!(
+                            "instance {}: cannot open its coordination session: {}",
+                            self.instance,
+                            describe(&e)
+                        );
+                        thread::sleep(RETRY);
+                        continue;
+                    }
                 }
             }
             if let Some(c) = session.as_mut() {
@@ -342,6 +359,16 @@ impl Ownership {
         }
         s.held.extend(taken);
         s.settled = true;
+        let now_held = s.held.len();
+        drop(s);
+        if now_held != held {
+            // What `check` and the others read is this pass's, not the last one's.
+            let sources = i32::try_from(now_held).unwrap_or(i32::MAX);
+            c.execute(
+                store::instance_sources_sql(schema).as_str(),
+                &[&self.instance, &sources],
+            )?;
+        }
         Ok(())
     }
 }
@@ -432,6 +459,17 @@ fn take(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// How long the coordination session's connection attempt after `failures` failed ones
+/// may wait for the server: 1 s at first, so that once a cut link heals the sources
+/// restart within about a second (the kernel resends an unanswered SYN only after 1, 3,
+/// 7 s…), doubling up to the URL's `connect_timeout` (2 s without it) for a slow link.
+fn connect_timeout(configured: Option<Duration>, failures: u32) -> Duration {
+    let limit = configured.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    FIRST_CONNECT_TIMEOUT
+        .saturating_mul(1 << failures.min(8))
+        .min(limit)
+}
+
 /// `ceil(sources / live)`: every source has an owner when every instance takes its
 /// share; at least one instance (this one) is live.
 fn fair_share(sources: usize, live: i64) -> usize {
@@ -449,6 +487,17 @@ mod tests {
         assert_eq!(a, fingerprint(&["k_a_2".into(), "k_a_1".into()]));
         assert_ne!(a, fingerprint(&["k_a_1".into()]));
         assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn connection_attempts_wait_longer_after_each_failure() {
+        let s = Duration::from_secs;
+        let waits: Vec<Duration> = (0..6).map(|f| connect_timeout(None, f)).collect();
+        assert_eq!(waits, [s(1), s(2), s(2), s(2), s(2), s(2)]);
+        let waits: Vec<Duration> = (0..6).map(|f| connect_timeout(Some(s(10)), f)).collect();
+        assert_eq!(waits, [s(1), s(2), s(4), s(8), s(10), s(10)]);
+        assert_eq!(connect_timeout(Some(s(3)), 5), s(3));
+        assert_eq!(connect_timeout(Some(s(3)), u32::MAX), s(3));
     }
 
     #[test]

@@ -462,6 +462,14 @@ pub fn heartbeat_sql(schema: &str) -> String {
     )
 }
 
+/// Instance `$1` now streams `$2` sources (taken or given up since its heartbeat).
+pub fn instance_sources_sql(schema: &str) -> String {
+    format!(
+        "UPDATE {} SET sources = $2 WHERE instance = $1",
+        qualified(schema, INSTANCES_TABLE)
+    )
+}
+
 /// How many instances of deployment `$2` have beaten within `$1` seconds and still have
 /// their coordination session (this one included): one killed is not waited for.
 pub fn live_instances_sql(schema: &str) -> String {

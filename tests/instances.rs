@@ -203,7 +203,7 @@ fn share_and_take_over(version: u32) {
         },
     );
     // `check` lists the instances and each source's owner (the counts as of their
-    // last beat, a second at most behind).
+    // coordination pass).
     let out = wait_for("check naming every owner", Duration::from_secs(10), || {
         let (code, out) = Daemon::check(&daemons[0].dir);
         let counted = ids
