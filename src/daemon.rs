@@ -639,6 +639,7 @@ fn source_env(
         on_slot_lost: settings.on_slot_lost,
         on_error: settings.on_error,
         epoch,
+        latency: settings.status.latency.clone(),
         status: settings
             .status
             .source(id)

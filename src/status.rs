@@ -455,6 +455,65 @@ impl SourceStatus {
     }
 }
 
+/// Seconds from a change's source commit (its commit timestamp) to each point it passes
+/// on its way into the destination: where the time goes between commit and visibility.
+/// The points are timed on transactions (routed) and on batches (taken, committed: the
+/// change that opened the batch, which waited longest in it).
+pub struct Latency {
+    /// The source thread routed the transaction's last change to the writers' queues
+    /// (WAL sending, decoding and a full queue's wait included).
+    pub routed: Histogram,
+    /// A writer took the change that opened a batch off its queue.
+    pub taken: Histogram,
+    /// That batch committed on the destination: the change is visible.
+    pub committed: Histogram,
+}
+
+/// Seconds since a source commit.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0, 600.0,
+];
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            routed: Histogram::new(LATENCY_BUCKETS),
+            taken: Histogram::new(LATENCY_BUCKETS),
+            committed: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl Latency {
+    fn render(&self, out: &mut String) {
+        help(
+            out,
+            "kuvasz_latency_seconds",
+            "histogram",
+            "Seconds from the source commit to each point on the way: routed (the source \
+             thread queued the transaction), taken (a writer took the change opening a batch), \
+             committed (that batch is visible on the destination).",
+        );
+        for (point, h) in [
+            ("routed", &self.routed),
+            ("taken", &self.taken),
+            ("committed", &self.committed),
+        ] {
+            h.render(out, "kuvasz_latency_seconds", &format!("point=\"{point}\""));
+        }
+    }
+}
+
+/// Seconds from source commit timestamp `pg_micros` (microseconds since 2000-01-01) to
+/// now; 0 when the clocks disagree the other way.
+pub fn since_commit(pg_micros: i64) -> f64 {
+    const PG_EPOCH_MICROS: i128 = 946_684_800_000_000;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i128);
+    (now - PG_EPOCH_MICROS - pg_micros as i128).max(0) as f64 / 1e6
+}
+
 /// Fixed-bucket histogram over atomics (Prometheus `_bucket`, `_sum`, `_count`).
 pub struct Histogram {
     bounds: &'static [f64],
@@ -651,6 +710,8 @@ pub struct Status {
     /// [`crate::ownership`]).
     instance: Mutex<String>,
     live_instances: AtomicI64,
+    /// Shared with the source threads (see [`Latency`]).
+    pub latency: Arc<Latency>,
 }
 
 impl Status {
@@ -675,6 +736,7 @@ impl Status {
             stuck_after_ms: AtomicI64::new(STUCK_AFTER_MS),
             instance: Mutex::new(String::new()),
             live_instances: AtomicI64::new(0),
+            latency: Arc::new(Latency::default()),
         }
     }
 
@@ -1210,6 +1272,7 @@ impl Status {
                 &format!("writer=\"{i}\""),
             );
         }
+        self.latency.render(&mut o);
         o
     }
 }
@@ -1464,6 +1527,12 @@ mod tests {
         st.writers[1].committed(5, Duration::from_millis(3));
         st.anomaly("public.orders", Anomaly::DeleteMissedRow, 2);
         st.anomaly("public.orders", Anomaly::DeleteMissedRow, 1);
+        // Committed 3 ms after a commit 3 ms ago: bucket 0.005.
+        let pg_now = (now_ms() - 946_684_800_000) * 1000;
+        let since = since_commit(pg_now - 3_000);
+        assert!((0.003..0.5).contains(&since), "{since}");
+        assert_eq!(since_commit(pg_now + 60_000_000), 0.0);
+        st.latency.committed.observe(since.min(0.004));
         let m = st.to_prometheus(now_ms());
         for line in [
             "streamer_operations_total{database=\"shop\",sid=\"eu\\\"1\",table=\"public.orders\",operation=\"insert\",result=\"ok\"} 2",
@@ -1478,6 +1547,9 @@ mod tests {
             "streamer_operations_seconds_count{writer=\"1\"} 1",
             "# TYPE url_heartbeat gauge",
             "kuvasz_anomalies_total{table=\"public.orders\",kind=\"delete_missed_row\"} 3",
+            "kuvasz_latency_seconds_bucket{point=\"committed\",le=\"0.002\"} 0",
+            "kuvasz_latency_seconds_bucket{point=\"committed\",le=\"0.005\"} 1",
+            "kuvasz_latency_seconds_count{point=\"routed\"} 0",
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line} in\n{m}");
         }

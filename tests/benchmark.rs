@@ -182,6 +182,77 @@ impl Ctx {
     }
 }
 
+/// Our daemon's `kuvasz_latency_seconds` buckets by point: (upper bound, cumulative
+/// count), from its `/metrics` (empty for native).
+fn latency_points(running: &Running) -> HashMap<String, Vec<(f64, u64)>> {
+    let Running::Ours(d) = running else {
+        return HashMap::new();
+    };
+    let (_, body) = support::http::get(&support::http::address(d), "/metrics");
+    let mut points: HashMap<String, Vec<(f64, u64)>> = HashMap::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("kuvasz_latency_seconds_bucket{point=\"") else {
+            continue;
+        };
+        let Some((point, rest)) = rest.split_once("\",le=\"") else {
+            continue;
+        };
+        let Some((le, count)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::NAN)
+        };
+        points
+            .entry(point.to_string())
+            .or_default()
+            .push((le, count.parse().unwrap_or(0)));
+    }
+    points
+}
+
+/// "routed p50 ≤ x ms p99 ≤ y ms, …" over what each point counted between two reads
+/// (a quantile is the upper bound of its bucket).
+fn points_quantiles(
+    before: &HashMap<String, Vec<(f64, u64)>>,
+    after: &HashMap<String, Vec<(f64, u64)>>,
+) -> String {
+    let mut out = Vec::new();
+    for point in ["routed", "taken", "committed"] {
+        let Some(buckets) = after.get(point) else {
+            continue;
+        };
+        let old = before.get(point);
+        let delta: Vec<(f64, u64)> = buckets
+            .iter()
+            .enumerate()
+            .map(|(i, (le, n))| {
+                let was = old.and_then(|o| o.get(i)).map_or(0, |b| b.1);
+                (*le, n.saturating_sub(was))
+            })
+            .collect();
+        let total = delta.last().map_or(0, |b| b.1);
+        if total == 0 {
+            continue;
+        }
+        let q = |f: f64| {
+            let want = (total as f64 * f).ceil() as u64;
+            delta
+                .iter()
+                .find(|b| b.1 >= want)
+                .map_or(f64::INFINITY, |b| b.0 * 1000.0)
+        };
+        out.push(format!(
+            "{point} p50 <= {} ms p99 <= {} ms ({total})",
+            q(0.5),
+            q(0.99)
+        ));
+    }
+    out.join(", ")
+}
+
 // ---------------------------------------------------------------------------------
 // Small helpers
 
@@ -1222,6 +1293,7 @@ impl<'a> Round<'a> {
         let sampler = running.pid().map(RssSampler::start);
         let idle_probes = (self.ctx.latency_secs / 2).max(1) * 50;
         let (idle, _, _) = self.stage(who, &mut running, &mut c, idle_probes, None);
+        let points_before = latency_points(&running);
         let (load, lag, out) = self.stage(
             who,
             &mut running,
@@ -1230,7 +1302,14 @@ impl<'a> Round<'a> {
             Some(self.ctx.latency_secs),
         );
         let rss = sampler.map(RssSampler::finish);
+        let points = points_quantiles(&points_before, &latency_points(&running));
         self.stop(running);
+        if !points.is_empty() {
+            println!(
+                "round {} latency {who} under load, from the source commit: {points}",
+                self.round
+            );
+        }
 
         let (ip50, ip99) = (percentile(&idle, 0.5), percentile(&idle, 0.99));
         let (lp50, lp99) = (percentile(&load, 0.5), percentile(&load, 0.99));

@@ -188,6 +188,9 @@ pub struct Writer {
     rx: Receiver<WriterMsg>,
     batch: Batch,
     batch_started: Instant,
+    /// The source commit time of the change that opened the batch (see
+    /// [`crate::status::Latency`]).
+    batch_commit_time: i64,
     /// The batch may wait for more ([`LINGER`]): it started during a backlog.
     lingers: bool,
     /// Changes taken in the current rate window, and whether the last window's rate was
@@ -292,6 +295,7 @@ impl Writer {
             rx,
             batch: Batch::default(),
             batch_started: Instant::now(),
+            batch_commit_time: 0,
             lingers: false,
             window_changes: 0,
             window_commits: 0,
@@ -499,6 +503,12 @@ impl Writer {
         if self.batch.is_empty() {
             self.roll_window();
             self.batch_started = Instant::now();
+            self.batch_commit_time = c.commit_time;
+            self.settings
+                .status
+                .latency
+                .taken
+                .observe(crate::status::since_commit(c.commit_time));
             self.lingers = self.backlog;
         } else if self.window_changes.is_multiple_of(64) {
             self.roll_window();
@@ -544,6 +554,11 @@ impl Writer {
             self.held_at.clear();
             self.end_txn();
             self.settings.status.pool_ok();
+            self.settings
+                .status
+                .latency
+                .committed
+                .observe(crate::status::since_commit(self.batch_commit_time));
             if let Some(w) = self.settings.status.writers.get(self.id) {
                 w.committed(batch.changes, started.elapsed());
                 w.queued.store(self.rx.len() as u64, Ordering::Relaxed);

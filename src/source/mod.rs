@@ -108,6 +108,8 @@ pub struct SourceEnv {
     pub on_error: crate::apply::writer::RejectPolicy,
     /// What this source reports over HTTP.
     pub status: Arc<crate::status::SourceStatus>,
+    /// Where the time from commit to visibility goes (shared by every source).
+    pub latency: Arc<crate::status::Latency>,
     /// The owner epoch this instance took the source with (see [`crate::ownership`]):
     /// every destination transaction applying its changes checks it is still current.
     pub epoch: Option<i64>,

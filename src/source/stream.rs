@@ -811,6 +811,10 @@ impl Streamer<'_> {
     /// A transaction's changes are all routed: everything before `end_lsn` is.
     fn end_txn(&mut self, end_lsn: Lsn) {
         self.in_txn = false;
+        self.env
+            .latency
+            .routed
+            .observe(crate::status::since_commit(self.txn_time));
         self.routed = self.routed.max(end_lsn);
         self.env
             .status
