@@ -1,6 +1,8 @@
 //! Many tenants on one daemon (SPEC §1's main case): the daemon's destination sessions
 //! are its writers plus a small fixed number, whatever the number of sources, so 300
-//! tenant databases stream into a destination left at the default `max_connections`.
+//! tenant databases (`KVSZ_TENANTS`: a thousand) stream into a destination left at the
+//! default `max_connections`. Prints start-up time, threads, RSS, idle CPU and how fast a
+//! backlog spread over every tenant is applied.
 
 mod support;
 
@@ -10,11 +12,35 @@ use std::time::{Duration, Instant};
 use support::daemon::Daemon;
 use support::{private_destination, private_source, versions, wait_for};
 
-const TENANTS: usize = 300;
+/// Tenant databases: 300, or `KVSZ_TENANTS` (the figures for a thousand).
+fn tenants() -> usize {
+    std::env::var("KVSZ_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
 const WRITERS: usize = 2;
 /// Writers, the sources' shared sessions (4 set-up, 2 catalog: `pg::pool`), and the
 /// supervisor's own (bookkeeping, retiring removed URLs).
 const MOST_SESSIONS: usize = WRITERS + 4 + 2 + 2;
+
+/// CPU seconds process `pid` has used (user and system, from `/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's closing parenthesis: state is field 3, utime and stime 14, 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
 
 /// A field of `/proc/<pid>/status` (kB, or a count).
 fn proc_status(pid: u32, field: &str) -> u64 {
@@ -32,13 +58,14 @@ fn proc_status(pid: u32, field: &str) -> u64 {
 /// [`MOST_SESSIONS`] destination sessions (sampled all along in `pg_stat_activity`).
 #[test]
 fn three_hundred_tenants_at_default_max_connections() {
+    let tenants = tenants();
     let version = *versions().last().expect("a source version");
     let src = private_source(version);
     // One statement each: ALTER SYSTEM cannot run in a multi-statement query.
     for (param, value) in [
-        ("max_wal_senders", TENANTS + 20),
-        ("max_replication_slots", TENANTS + 20),
-        ("max_connections", 2 * TENANTS + 100),
+        ("max_wal_senders", tenants + 20),
+        ("max_replication_slots", tenants + 20),
+        ("max_connections", 2 * tenants + 100),
     ] {
         src.execute("postgres", &format!("ALTER SYSTEM SET {param} = {value}"));
     }
@@ -58,14 +85,14 @@ fn three_hundred_tenants_at_default_max_connections() {
          INSERT INTO t VALUES (1, 'one'), (2, 'two')",
     );
     let made = Instant::now();
-    let dbs: Vec<String> = (0..TENANTS).map(|i| format!("tenant{i}")).collect();
+    let dbs: Vec<String> = (0..tenants).map(|i| format!("tenant{i}")).collect();
     for db in &dbs {
         src.execute(
             "postgres",
             &format!("CREATE DATABASE {db} TEMPLATE tpl OWNER kuvasz"),
         );
     }
-    eprintln!("{TENANTS} tenant databases made in {:.1?}", made.elapsed());
+    eprintln!("{tenants} tenant databases made in {:.1?}", made.elapsed());
     dest.create_database("warehouse");
     dest.execute(
         "warehouse",
@@ -112,7 +139,7 @@ fn three_hundred_tenants_at_default_max_connections() {
         };
         // Every tenant copied, then every tenant's slot streaming (active).
         wait_for("every tenant copied", Duration::from_secs(300), || {
-            (count("SELECT count(*) FROM t") == 2 * TENANTS).then_some(())
+            (count("SELECT count(*) FROM t") == 2 * tenants).then_some(())
         });
         wait_for("every slot active", Duration::from_secs(300), || {
             let active = src.query(
@@ -122,23 +149,44 @@ fn three_hundred_tenants_at_default_max_connections() {
                 .as_deref()
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(0);
-            (active == TENANTS).then_some(())
+            (active == tenants).then_some(())
         });
         let streaming = started.elapsed();
         for db in &dbs {
             src.execute(db, "INSERT INTO t VALUES (3, 'three')");
         }
         wait_for("every tenant's new row", Duration::from_secs(120), || {
-            (count("SELECT count(*) FROM t WHERE id = 3") == TENANTS).then_some(())
+            (count("SELECT count(*) FROM t WHERE id = 3") == tenants).then_some(())
         });
         let pid = daemon.pid();
+        // Idle: what a thousand quiet streams cost (a measurement window, no assertion).
+        let (cpu, at) = (cpu_seconds(pid), Instant::now());
+        std::thread::sleep(Duration::from_secs(3));
+        let idle = (cpu_seconds(pid) - cpu) / at.elapsed().as_secs_f64() * 100.0;
         eprintln!(
-            "{TENANTS} tenants: all streaming {:.1?} after start; {} threads; RSS {} MB; \
-             at most {} destination sessions",
+            "{tenants} tenants: all streaming {:.1?} after start; {} threads; RSS {} MB; \
+             idle CPU {idle:.1} %; at most {} destination sessions",
             streaming,
             proc_status(pid, "Threads:"),
             proc_status(pid, "VmRSS:") / 1024,
             most.load(Ordering::Relaxed)
+        );
+        // A backlog over every tenant: 100 rows each, written while the daemon runs.
+        let wrote = Instant::now();
+        for db in &dbs {
+            src.execute(
+                db,
+                "INSERT INTO t SELECT g, 'b' || g FROM generate_series(100, 199) g",
+            );
+        }
+        let written = wrote.elapsed();
+        wait_for("every tenant's backlog", Duration::from_secs(300), || {
+            (count("SELECT count(*) FROM t WHERE id >= 100") == 100 * tenants).then_some(())
+        });
+        eprintln!(
+            "{tenants} tenants: 100 rows in each written in {written:.1?}, all applied \
+             {:.1?} after the first",
+            wrote.elapsed()
         );
         done.store(true, Ordering::Relaxed);
     });
@@ -147,7 +195,7 @@ fn three_hundred_tenants_at_default_max_connections() {
             "warehouse",
             "SELECT count(DISTINCT sid)::text, count(*)::text FROM t"
         ),
-        [[Some(TENANTS.to_string()), Some((3 * TENANTS).to_string())]]
+        [[Some(tenants.to_string()), Some((103 * tenants).to_string())]]
     );
     let most = most.load(Ordering::Relaxed);
     assert!(
