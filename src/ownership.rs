@@ -323,27 +323,8 @@ impl Ownership {
         } else {
             Vec::new()
         };
-        let mut owners = self.owners(c, schema, &wanted)?;
-        let stale = self.stale(&owners, &taken);
-        if !stale.is_empty() {
-            warn!(
-                "instance {}: holds the source of {} but kvsz_owners names another owner: \
-                 taking it again (its source restarts; what it applied under the old epoch \
-                 is fenced off)",
-                self.instance,
-                stale.join(", ")
-            );
-            let retaken = c.query(
-                store::take_owners_sql(schema).as_str(),
-                &[&self.instance, &stale],
-            )?;
-            let mut s = self.state.lock();
-            for r in &retaken {
-                s.held.insert(r.get(0), r.get(1));
-            }
-            drop(s);
-            owners = self.owners(c, schema, &wanted)?;
-        }
+        let mut owners = owners_of(c, schema, &wanted)?;
+        self.retake_stale(c, schema, &mut owners, &taken)?;
         let mut s = self.state.lock();
         s.owners = owners;
         if !taken.is_empty() {
@@ -371,20 +352,39 @@ impl Ownership {
         }
         Ok(())
     }
-}
 
-impl Ownership {
-    /// Who owns each of `slots`, as `kvsz_owners` says: (instance, epoch).
-    fn owners(
+    /// Takes again, with a new epoch, the held sources whose owner of record is not this
+    /// instance with the epoch it holds them with (see [`Ownership::stale`]); `owners`
+    /// then says what the record says now.
+    fn retake_stale(
         &self,
         c: &mut Client,
         schema: &str,
-        slots: &[String],
-    ) -> Result<BTreeMap<String, (String, i64)>, postgres::Error> {
-        Ok(c.query(store::owners_sql(schema).as_str(), &[&slots])?
-            .iter()
-            .map(|r| (r.get(0), (r.get(2), r.get(1))))
-            .collect())
+        owners: &mut BTreeMap<String, (String, i64)>,
+        taken: &[(String, i64)],
+    ) -> Result<(), postgres::Error> {
+        let stale = self.stale(owners, taken);
+        if stale.is_empty() {
+            return Ok(());
+        }
+        warn!(
+            "instance {}: holds the source of {} but kvsz_owners names another owner: \
+             taking it again (its source restarts; what it applied under the old epoch is \
+             fenced off)",
+            self.instance,
+            stale.join(", ")
+        );
+        let retaken = c.query(
+            store::take_owners_sql(schema).as_str(),
+            &[&self.instance, &stale],
+        )?;
+        let mut s = self.state.lock();
+        for r in &retaken {
+            let (slot, epoch): (String, i64) = (r.get(0), r.get(1));
+            owners.insert(slot.clone(), (self.instance.clone(), epoch));
+            s.held.insert(slot, epoch);
+        }
+        Ok(())
     }
 
     /// Held slots (and those just `taken`) whose owner of record is not this instance
@@ -402,7 +402,9 @@ impl Ownership {
             .map(|(slot, epoch)| (slot, *epoch))
             .chain(taken.iter().map(|(slot, epoch)| (slot, *epoch)))
             .filter(|(slot, _)| !s.giving_up.contains(*slot))
-            .filter(|(slot, epoch)| owners.get(*slot) != Some(&(self.instance.clone(), *epoch)))
+            .filter(|(slot, epoch)| {
+                !matches!(owners.get(*slot), Some((i, e)) if *i == self.instance && e == epoch)
+            })
             .map(|(slot, _)| slot.clone())
             .collect()
     }
@@ -468,6 +470,18 @@ fn connect_timeout(configured: Option<Duration>, failures: u32) -> Duration {
     FIRST_CONNECT_TIMEOUT
         .saturating_mul(1 << failures.min(8))
         .min(limit)
+}
+
+/// Who owns each of `slots`, as `kvsz_owners` says: (instance, epoch).
+fn owners_of(
+    c: &mut Client,
+    schema: &str,
+    slots: &[String],
+) -> Result<BTreeMap<String, (String, i64)>, postgres::Error> {
+    Ok(c.query(store::owners_sql(schema).as_str(), &[&slots])?
+        .iter()
+        .map(|r| (r.get(0), (r.get(2), r.get(1))))
+        .collect())
 }
 
 /// `ceil(sources / live)`: every source has an owner when every instance takes its
